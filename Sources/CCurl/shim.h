@@ -1,0 +1,24 @@
+// Typed, non-variadic wrappers around libcurl's variadic entry points, so Swift can call them.
+#ifndef GATEHOUSE_CCURL_SHIM_H
+#define GATEHOUSE_CCURL_SHIM_H
+#include <curl/curl.h>
+
+typedef size_t (*gh_curl_data_cb)(char *ptr, size_t size, size_t nmemb, void *userdata);
+
+static inline CURLcode gh_easy_setopt_long(CURL *h, CURLoption o, long v) { return curl_easy_setopt(h, o, v); }
+static inline CURLcode gh_easy_setopt_off(CURL *h, CURLoption o, curl_off_t v) { return curl_easy_setopt(h, o, v); }
+static inline CURLcode gh_easy_setopt_string(CURL *h, CURLoption o, const char *v) { return curl_easy_setopt(h, o, v); }
+static inline CURLcode gh_easy_setopt_pointer(CURL *h, CURLoption o, void *v) { return curl_easy_setopt(h, o, v); }
+static inline CURLcode gh_easy_setopt_slist(CURL *h, CURLoption o, struct curl_slist *v) { return curl_easy_setopt(h, o, v); }
+static inline CURLcode gh_easy_setopt_data_cb(CURL *h, CURLoption o, gh_curl_data_cb v) { return curl_easy_setopt(h, o, v); }
+static inline CURLcode gh_easy_getinfo_long(CURL *h, CURLINFO i, long *v) { return curl_easy_getinfo(h, i, v); }
+static inline CURLcode gh_easy_getinfo_off(CURL *h, CURLINFO i, curl_off_t *v) { return curl_easy_getinfo(h, i, v); }
+static inline CURLcode gh_easy_getinfo_pointer(CURL *h, CURLINFO i, void **v) { return curl_easy_getinfo(h, i, v); }
+static inline CURLMcode gh_multi_setopt_long(CURLM *m, CURLMoption o, long v) { return curl_multi_setopt(m, o, v); }
+
+static const size_t GH_CURL_WRITEFUNC_PAUSE = CURL_WRITEFUNC_PAUSE;
+static const size_t GH_CURL_READFUNC_PAUSE = CURL_READFUNC_PAUSE;
+static const size_t GH_CURL_READFUNC_ABORT = CURL_READFUNC_ABORT;
+static const int GH_CURLPAUSE_CONT = CURLPAUSE_CONT;
+
+#endif

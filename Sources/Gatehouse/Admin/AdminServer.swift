@@ -1,0 +1,158 @@
+import Foundation
+import GatehouseConfig
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// The admin listener (SPEC §5): health, readiness, metrics, the running config and reloads.
+enum AdminServer {
+    static func bind(gateway: Gateway, group: EventLoopGroup, address: ListenAddress) async throws -> Channel {
+        try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(
+                        NIOHTTPServerRequestAggregator(maxContentLength: 1 << 20))
+                    try channel.pipeline.syncOperations.addHandler(AdminHandler(gateway: gateway))
+                }
+            }
+            .bind(host: address.host, port: address.port).get()
+    }
+}
+
+/// Answers one admin request at a time.
+final class AdminHandler: ChannelInboundHandler {
+    typealias InboundIn = NIOHTTPServerRequestFull
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// An admin answer: status, content type and body.
+    struct Answer: Sendable {
+        var status: HTTPResponseStatus
+        var contentType = "application/json"
+        var body: String
+        var headers: [(String, String)] = []
+
+        static func problem(_ status: HTTPResponseStatus, _ detail: String, headers: [(String, String)] = []) -> Answer
+        {
+            let error = GatewayError(status: status, detail: detail, origin: .client)
+            return Answer(
+                status: status, contentType: "application/problem+json",
+                body: ProblemResponse.body(for: error, requestID: RequestID.make()), headers: headers)
+        }
+    }
+
+    private let gateway: Gateway
+
+    init(gateway: Gateway) { self.gateway = gateway }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let request = unwrapInboundIn(data)
+        let keepAlive = request.head.isKeepAlive
+        let loop = context.eventLoop
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        answer(request, on: loop).whenComplete { result in
+            let (handler, context) = bound.value
+            let answer = (try? result.get()) ?? .problem(.internalServerError, "The admin request failed.")
+            handler.write(answer, keepAlive: keepAlive, context: context)
+        }
+    }
+
+    private func answer(_ request: NIOHTTPServerRequestFull, on eventLoop: EventLoop) -> EventLoopFuture<Answer> {
+        let path = request.head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? "/"
+        let method = request.head.method
+        if path == "/healthz", method == .GET || method == .HEAD {
+            return eventLoop.makeSucceededFuture(Answer(status: .ok, body: "{\"status\":\"ok\"}"))
+        }
+        let config = gateway.core.runtime.config
+        if let token = config.admin.token, !Self.authorized(request.head.headers, token: token.value) {
+            return eventLoop.makeSucceededFuture(
+                .problem(
+                    .unauthorized, "This endpoint needs the admin bearer token.",
+                    headers: [("WWW-Authenticate", "Bearer realm=\"gatehouse-admin\"")]))
+        }
+        switch (method, path) {
+        case (.GET, "/readyz"):
+            if let problem = gateway.readinessProblem {
+                return eventLoop.makeSucceededFuture(
+                    Answer(
+                        status: .serviceUnavailable,
+                        body: "{\"status\":\"degraded\",\"problems\":[\(Self.quoted(problem))]}"))
+            }
+            return eventLoop.makeSucceededFuture(Answer(status: .ok, body: "{\"status\":\"ready\"}"))
+        case (.GET, "/metrics"):
+            return eventLoop.makeSucceededFuture(
+                Answer(
+                    status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
+                    body: gateway.core.metrics.render()))
+        case (.GET, "/config"):
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            let body = (try? encoder.encode(config)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+            return eventLoop.makeSucceededFuture(Answer(status: .ok, body: body))
+        case (.POST, "/reload"):
+            // Reading and checking the file is blocking work: keep it off the event loop.
+            let promise = eventLoop.makePromise(of: Answer.self)
+            let gateway = self.gateway
+            DispatchQueue.global().async {
+                do {
+                    try gateway.reload()
+                    promise.succeed(Answer(status: .ok, body: "{\"status\":\"reloaded\"}"))
+                } catch let errors as ConfigErrors {
+                    let list = errors.issues.map { Self.quoted($0.description) }.joined(separator: ",")
+                    let error = GatewayError(
+                        status: .badRequest, detail: "The config has errors; the old one is kept.", origin: .client)
+                    var body = ProblemResponse.body(for: error, requestID: RequestID.make())
+                    body.removeLast()
+                    body += ",\"errors\":[\(list)]}"
+                    promise.succeed(Answer(status: .badRequest, contentType: "application/problem+json", body: body))
+                } catch {
+                    promise.succeed(.problem(.badRequest, "Reload failed: \(error)"))
+                }
+            }
+            return promise.futureResult
+        case (.POST, "/cache/purge"):
+            return eventLoop.makeSucceededFuture(.problem(.notImplemented, "This endpoint arrives with its feature."))
+        case (.POST, _) where path.hasPrefix("/consumers/"),
+            (.DELETE, _) where path.hasPrefix("/consumers/"):
+            return eventLoop.makeSucceededFuture(.problem(.notImplemented, "This endpoint arrives with its feature."))
+        case (_, "/readyz"), (_, "/metrics"), (_, "/config"), (_, "/reload"), (_, "/cache/purge"):
+            return eventLoop.makeSucceededFuture(
+                .problem(.methodNotAllowed, "This endpoint does not accept \(method.rawValue)."))
+        default:
+            return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
+        }
+    }
+
+    private func write(_ answer: Answer, keepAlive: Bool, context: ChannelHandlerContext) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: answer.contentType)
+        headers.add(name: "Content-Length", value: String(answer.body.utf8.count))
+        for (name, value) in answer.headers { headers.add(name: name, value: value) }
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        context.write(
+            wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: answer.status, headers: headers))),
+            promise: nil)
+        context.write(
+            wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: answer.body)))), promise: nil)
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        let channel = context.channel
+        if !keepAlive { done.whenComplete { _ in channel.close(promise: nil) } }
+    }
+
+    /// Compares the bearer token in constant time.
+    static func authorized(_ headers: HTTPHeaders, token: String) -> Bool {
+        guard let value = headers.first(name: "Authorization"), value.hasPrefix("Bearer ") else { return false }
+        let given = Array(value.dropFirst(7).utf8)
+        let expected = Array(token.utf8)
+        var difference = UInt8(given.count == expected.count ? 0 : 1)
+        for index in 0..<expected.count { difference |= expected[index] ^ (index < given.count ? given[index] : 0) }
+        return difference == 0
+    }
+
+    static func quoted(_ text: String) -> String {
+        var out = ""
+        JSONText.appendString(text, to: &out)
+        return out
+    }
+}

@@ -1,0 +1,38 @@
+import GatehouseConfig
+
+/// The version printed by `gatehouse --version`.
+public enum GatehouseVersion {
+    public static let current = "0.1.0"
+}
+
+/// The one-screen summary `gatehouse check` prints for a valid config.
+public enum ConfigSummary {
+    public static func text(_ config: GatehouseConfiguration, path: String) -> String {
+        var lines = ["\(path): OK"]
+        lines.append("  listen      \(config.server.listen)\(config.server.tls != nil ? " (TLS)" : "")")
+        lines.append("  admin       \(config.admin.listen)\(config.admin.token != nil ? " (token)" : "")")
+        lines.append(
+            "  redis       \(config.redis.url.value.hasPrefix("memory:") ? "memory://" : "configured") (pool \(config.redis.poolSize))"
+        )
+        lines.append(
+            "  upstreams   \(config.upstreams.count): "
+                + config.upstreams.map { "\($0.name) (\($0.targets.count) target\($0.targets.count == 1 ? "" : "s"))" }
+                .joined(separator: ", "))
+        lines.append("  routes      \(config.routes.count)")
+        for route in config.routes {
+            let match = route.match.path ?? (route.match.pathPrefix.map { $0 + "*" } ?? "")
+            let methods = route.match.methods?.joined(separator: ",") ?? "*"
+            let target = route.upstream.map { "-> \($0)" } ?? "-> respond \(route.respond?.status ?? 200)"
+            lines.append("    \(route.id): \(route.match.host ?? "*") \(methods) \(match) \(target)")
+        }
+        lines.append(
+            "  consumers   \(config.consumers.count), rate limit policies \(config.rateLimits.count), jwt issuers \(config.auth.jwt.count)"
+        )
+        let unenforced = Runtime.unenforcedFeatures(of: config)
+        if !unenforced.isEmpty {
+            lines.append("  not enforced yet (accepted, logged at start):")
+            for feature in unenforced { lines.append("    - \(feature)") }
+        }
+        return lines.joined(separator: "\n")
+    }
+}

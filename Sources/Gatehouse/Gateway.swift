@@ -1,0 +1,145 @@
+import Foundation
+import GatehouseConfig
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import Synchronization
+import UpstreamClient
+
+/// A running gateway: the client listener, the admin listener, and what they share.
+///
+/// `start` binds both listeners; `reload` swaps the config atomically; `shutdown` drains and stops.
+public final class Gateway: Sendable {
+    /// Where the gateway reads its config, for reloads.
+    public let configPath: String?
+    let core: GatewayCore
+    private let group: MultiThreadedEventLoopGroup
+    private let ownsGroup: Bool
+    private let logger: Logger
+    private let channels = Mutex<(server: Channel?, admin: Channel?)>((nil, nil))
+    private let connections = Mutex<[ObjectIdentifier: Channel]>([:])
+    private let reloadLock = Mutex(())
+
+    /// The address the client listener is bound to (port 0 in the config picks a free one).
+    public var localAddress: SocketAddress? { channels.withLock { $0.server?.localAddress } }
+    /// The address the admin listener is bound to.
+    public var adminAddress: SocketAddress? { channels.withLock { $0.admin?.localAddress } }
+
+    /// Builds a gateway for `config`; `configPath` is re-read on reload.
+    public init(config: GatehouseConfiguration, configPath: String?, logger: Logger = Logger(label: "gatehouse")) {
+        let threads = config.server.threads ?? System.coreCount
+        self.configPath = configPath
+        self.logger = logger
+        group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+        ownsGroup = true
+        let metrics = GatewayMetrics()
+        let runtime = Runtime(config: config, metrics: metrics)
+        core = GatewayCore(
+            runtime: runtime, upstream: UpstreamClient(threads: threads, logger: logger), metrics: metrics,
+            accessLog: AccessLog.open(config.server.accessLog), logger: logger)
+    }
+
+    /// Binds the listeners and logs what is not enforced yet.
+    public func start() async throws {
+        let runtime = core.runtime
+        for feature in runtime.unenforcedFeatures {
+            logger.warning("config accepted but not enforced yet: \(feature)")
+        }
+        let config = runtime.config
+        let sslContext = try config.server.tls.map { files -> NIOSSLContext in
+            let chain = try NIOSSLCertificate.fromPEMFile(files.cert).map { NIOSSLCertificateSource.certificate($0) }
+            let key = try NIOSSLPrivateKey(file: files.key, format: .pem)
+            return try NIOSSLContext(
+                configuration: .makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)))
+        }
+        let server = try await bindServer(config: config, sslContext: sslContext)
+        let admin = try await AdminServer.bind(gateway: self, group: group, address: config.admin.listen)
+        channels.withLock { $0 = (server, admin) }
+        logger.info(
+            "gatehouse listening",
+            metadata: [
+                "listen": "\(server.localAddress?.description ?? "?")",
+                "admin": "\(admin.localAddress?.description ?? "?")",
+                "tls": "\(sslContext != nil)",
+            ])
+    }
+
+    private func bindServer(config: GatehouseConfiguration, sslContext: NIOSSLContext?) async throws -> Channel {
+        let core = self.core
+        let limits = config.server.limits
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.maxMessagesPerRead, value: 16)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 32 * 1024, high: 256 * 1024))
+            .childChannelInitializer { [weak self] channel in
+                self?.track(channel)
+                return channel.eventLoop.makeCompletedFuture {
+                    let activity = ConnectionActivity(limits: limits)
+                    if let sslContext {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(activity)
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(
+                        withPipeliningAssistance: true, withErrorHandling: false)
+                    try channel.pipeline.syncOperations.addHandler(
+                        GatewayHandler(core: core, activity: activity, tls: sslContext != nil))
+                }
+            }
+        return try await bootstrap.bind(host: config.server.listen.host, port: config.server.listen.port).get()
+    }
+
+    private func track(_ channel: Channel) {
+        let id = ObjectIdentifier(channel)
+        connections.withLock { $0[id] = channel }
+        channel.closeFuture.whenComplete { [weak self] _ in
+            _ = self?.connections.withLock { $0.removeValue(forKey: id) }
+        }
+    }
+
+    /// Re-reads the config file and swaps it in. Throws ``ConfigErrors`` and keeps the old config on failure.
+    public func reload() throws {
+        guard let configPath else { return }
+        try reloadLock.withLock { _ in
+            let config = try ConfigLoader.load(path: configPath)
+            try apply(config)
+        }
+    }
+
+    /// Swaps in a new config. Listener addresses and thread counts only change on restart.
+    public func apply(_ config: GatehouseConfiguration) throws {
+        let old = core.runtime.config
+        if old.server.listen != config.server.listen || old.admin.listen != config.admin.listen {
+            logger.warning("listen addresses change only on restart; the old ones stay bound")
+        }
+        let runtime = Runtime(config: config, metrics: core.metrics)
+        for feature in runtime.unenforcedFeatures {
+            logger.warning("config accepted but not enforced yet: \(feature)")
+        }
+        core.swap(to: runtime)
+        logger.info("config reloaded", metadata: ["routes": "\(config.routes.count)"])
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `drain_timeout`, then closes everything.
+    public func shutdown() async {
+        let (server, admin) = channels.withLock { $0 }
+        try? await server?.close()
+        let open = connections.withLock { Array($0.values) }
+        for channel in open { channel.pipeline.fireUserInboundEventTriggered(DrainEvent()) }
+        let deadline = ContinuousClock.now + .nanoseconds(core.runtime.config.server.drainTimeout.nanoseconds)
+        while ContinuousClock.now < deadline, !connections.withLock({ $0.isEmpty }) {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        for channel in connections.withLock({ Array($0.values) }) { try? await channel.close() }
+        try? await admin?.close()
+        core.upstream.shutdown()
+        core.accessLog?.close()
+        if ownsGroup { try? await group.shutdownGracefully() }
+    }
+
+    /// Readiness for `/readyz`: nil when ready, otherwise what is wrong.
+    var readinessProblem: String? { nil }
+}

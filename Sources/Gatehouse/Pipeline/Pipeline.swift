@@ -1,0 +1,291 @@
+import GatehouseConfig
+import NIOCore
+import NIOHTTP1
+import UpstreamClient
+
+/// The corridor every request walks, top to bottom. Each phase lets the request go on or answers it.
+///
+/// | phase        | job                                                        | may answer with       |
+/// |--------------|------------------------------------------------------------|-----------------------|
+/// | accept       | request id, client address, framing and size limits        | 400 413 431           |
+/// | route        | normalise the path, match host/method/path, bind params    | 404 405, `respond`    |
+/// | authenticate | API key or JWT -> consumer                  (not built yet) | 401 403               |
+/// | rate limit   | every policy that applies                   (not built yet) | 429                   |
+/// | cache lookup | fresh hit, 304, stale rules, coalescing     (not built yet) | cached answer         |
+/// | pick target  | balancer (health and breakers later)                       | 503                   |
+/// | forward      | rewrite path and headers, stream through libcurl           | 502 504               |
+/// | respond      | response headers (X-Request-ID, Via)                       |                       |
+/// | log          | access log line and metrics; always runs                   |                       |
+///
+/// The connection handler (`GatewayHandler`) runs ``beforeForward(_:runtime:)``, then streams the exchange,
+/// then ``responseHead(for:_:)`` and ``log(_:gateway:)``. Time outs (408) happen below the HTTP codec.
+enum Pipeline {
+    /// What the phases before forwarding decided.
+    enum Decision {
+        case forward(UpstreamRequest)
+        case direct(DirectAnswer)
+    }
+
+    static func beforeForward(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) -> Decision {
+        try AcceptPhase.run(&context, runtime: runtime)
+        if let direct = try RoutePhase.run(&context, runtime: runtime) { return .direct(direct) }
+        // authenticate, rate limit and cache lookup plug in here.
+        try PickTargetPhase.run(&context)
+        return .forward(ForwardPhase.upstreamRequest(for: context, runtime: runtime))
+    }
+
+    static func responseHead(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
+        RespondPhase.head(for: upstream, context)
+    }
+
+    static func log(_ context: RequestContext, gateway: GatewayCore) {
+        LogPhase.run(context, gateway: gateway)
+    }
+}
+
+/// accept: checks what the HTTP codec cannot (Host, head size, declared body size).
+enum AcceptPhase {
+    static func run(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) {
+        let head = context.head
+        let limits = runtime.config.server.limits
+        var headBytes = head.method.rawValue.utf8.count + head.uri.utf8.count + 12
+        for (name, value) in head.headers { headBytes += name.utf8.count + value.utf8.count + 4 }
+        if headBytes > limits.maxHeaderBytes { throw .headersTooLarge(limit: limits.maxHeaderBytes) }
+
+        let hosts = head.headers["Host"]
+        if hosts.count > 1 { throw .badRequest("The request has more than one Host header.") }
+        if hosts.isEmpty, head.version.minor >= 1 { throw .badRequest("The request has no Host header.") }
+        context.hostHeader = hosts.first ?? ""
+        context.host = Self.hostName(context.hostHeader)
+
+        let lengths = head.headers["Content-Length"]
+        if !lengths.isEmpty {
+            if head.headers.contains(name: "Transfer-Encoding") {
+                throw .badRequest("The request has both Content-Length and Transfer-Encoding.")
+            }
+            guard Set(lengths).count == 1, let length = Int(lengths[0]), length >= 0 else {
+                throw .badRequest("The request's Content-Length is invalid.")
+            }
+            if length > limits.maxBodyBytes { throw .bodyTooLarge(limit: limits.maxBodyBytes) }
+        }
+    }
+
+    /// The host part of a Host header, lower-cased, without port or trailing dot.
+    static func hostName(_ header: String) -> String {
+        var host = Substring(header)
+        if host.hasPrefix("[") {
+            if let close = host.firstIndex(of: "]") { host = host[...close] }
+        } else if let colon = host.lastIndex(of: ":") {
+            host = host[..<colon]
+        }
+        if host.hasSuffix(".") { host = host.dropLast() }
+        return host.lowercased()
+    }
+
+    /// The client address behind a trusted proxy: the right-most address of X-Forwarded-For that is not
+    /// itself a trusted proxy.
+    static func clientIP(behindProxy peer: String, headers: HTTPHeaders, trusted: [CIDR]) -> String {
+        let hops = headers["X-Forwarded-For"].flatMap { $0.split(separator: ",") }.map { String($0.trimmedSpaces) }
+        for hop in hops.reversed() {
+            guard let bytes = IPAddressText.parse(hop) else { return peer }
+            if !trusted.contains(where: { $0.contains(bytes) }) { return hop }
+        }
+        return hops.first ?? peer
+    }
+}
+
+/// route: normalises the path and finds the route.
+enum RoutePhase {
+    static func run(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) -> DirectAnswer? {
+        var target = Substring(context.head.uri)
+        // Absolute-form ("GET http://other.host/x"): only the path and query count; the host never picks a target.
+        if !target.hasPrefix("/") {
+            guard let scheme = target.range(of: "://") else {
+                throw .badRequest("The request target must be a path.")
+            }
+            let afterAuthority = target[scheme.upperBound...]
+            target = afterAuthority.firstIndex(where: { $0 == "/" || $0 == "?" }).map { afterAuthority[$0...] } ?? "/"
+            if target.hasPrefix("?") { target = "/" + target }
+        }
+        if let question = target.firstIndex(of: "?") {
+            context.query = target[target.index(after: question)...]
+            target = target[..<question]
+        }
+        if let hash = target.firstIndex(of: "#") { target = target[..<hash] }
+        guard let path = PathNormalizer.normalize(target) else { throw .badRequest("The request path is malformed.") }
+        context.path = path
+        switch runtime.table.match(host: context.host, path: path, method: context.head.method.rawValue) {
+        case .notFound:
+            throw .notFound()
+        case .methodNotAllowed(let allow):
+            throw .methodNotAllowed(allow: allow)
+        case .found(let index, let parameters):
+            let route = runtime.routes[index]
+            context.route = route
+            context.parameters = parameters
+            return route.direct
+        }
+    }
+}
+
+/// pick target: chooses the upstream server.
+enum PickTargetPhase {
+    static func run(_ context: inout RequestContext) throws(GatewayError) {
+        guard let pool = context.route?.pool, let target = pool.pickTarget() else {
+            throw GatewayError(
+                status: .serviceUnavailable, detail: "No upstream target is available.", origin: .gateway)
+        }
+        context.targetURL = target
+    }
+}
+
+/// forward: builds what is sent upstream (SPEC §3).
+enum ForwardPhase {
+    /// Request headers that belong to one connection and are never forwarded, plus those the gateway sets itself.
+    static let droppedRequestHeaders: Set<String> = [
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+        "proxy-authorization", "host", "content-length", "x-consumer-id", "x-forwarded-for", "x-forwarded-proto",
+        "x-forwarded-host", "x-request-id", "via", "expect",
+    ]
+
+    static func upstreamRequest(for context: RequestContext, runtime: Runtime) -> UpstreamRequest {
+        let head = context.head
+        let route = context.route
+        let upstream = route?.pool?.config
+        let path = PathRewrite.apply(route?.config.rewrite, to: context.path, parameters: context.parameters)
+        var url = (context.targetURL ?? "") + path
+        if let query = context.query { url += "?" + query }
+
+        let connectionNamed = connectionTokens(head.headers)
+        let removed = Set((upstream?.requestHeaders.remove ?? []).map { $0.lowercased() })
+        var headers: [(name: String, value: String)] = []
+        headers.reserveCapacity(head.headers.count + 6)
+        var via: String?
+        var forwardedFor: String?
+        var forwardedProto: String?
+        var forwardedHost: String?
+        for (name, value) in head.headers {
+            let lower = name.lowercased()
+            switch lower {
+            case "via": via = via.map { $0 + ", " + value } ?? value
+            case "x-forwarded-for": forwardedFor = forwardedFor.map { $0 + ", " + value } ?? value
+            case "x-forwarded-proto": forwardedProto = value
+            case "x-forwarded-host": forwardedHost = value
+            default: break
+            }
+            if droppedRequestHeaders.contains(lower) || connectionNamed.contains(lower) || removed.contains(lower) {
+                continue
+            }
+            headers.append((name, value))
+        }
+        let peerTrusted = context.peerTrusted
+        let peer = context.peerIP
+        headers.append(
+            ("X-Forwarded-For", peerTrusted && forwardedFor != nil ? "\(forwardedFor ?? ""), \(peer)" : peer))
+        headers.append(("X-Forwarded-Proto", peerTrusted ? forwardedProto ?? context.scheme : context.scheme))
+        if peerTrusted, let forwardedHost {
+            headers.append(("X-Forwarded-Host", forwardedHost))
+        } else if !context.hostHeader.isEmpty {
+            headers.append(("X-Forwarded-Host", context.hostHeader))
+        }
+        headers.append(("X-Request-ID", context.requestID))
+        headers.append(("Via", via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse"))
+        if let consumer = context.consumer { headers.append(("X-Consumer-ID", consumer)) }
+        for header in upstream?.requestHeaders.set ?? [] {
+            headers.removeAll { $0.name.lowercased() == header.name.lowercased() }
+            headers.append((header.name, header.value.value))
+        }
+
+        var bodyLength: Int64?
+        if let length = head.headers.first(name: "Content-Length").flatMap(Int64.init) {
+            bodyLength = length
+        } else if head.headers.contains(name: "Transfer-Encoding") {
+            bodyLength = -1
+        }
+        return UpstreamRequest(
+            url: url, method: head.method.rawValue, headers: headers, bodyLength: bodyLength,
+            connectTimeoutMilliseconds: route?.connectTimeoutMilliseconds ?? 1000,
+            timeoutMilliseconds: route?.timeoutMilliseconds ?? 30_000,
+            verifyTLS: upstream?.tls.verify ?? true, caFile: upstream?.tls.caFile)
+    }
+
+    /// Lower-cased header names listed in `Connection` (they are hop-by-hop too).
+    static func connectionTokens(_ headers: HTTPHeaders) -> Set<String> {
+        var out: Set<String> = []
+        for value in headers["Connection"] {
+            for token in value.split(separator: ",") { out.insert(token.trimmedSpaces.lowercased()) }
+        }
+        return out
+    }
+}
+
+/// respond: the headers the client gets on a forwarded answer.
+enum RespondPhase {
+    static let droppedResponseHeaders: Set<String> = [
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+        "proxy-authenticate", "x-request-id",
+    ]
+
+    static func head(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
+        var connectionNamed: Set<String> = []
+        for (name, value) in upstream.headers where name.lowercased() == "connection" {
+            for token in value.split(separator: ",") { connectionNamed.insert(token.trimmedSpaces.lowercased()) }
+        }
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(upstream.headers.count + 3)
+        var via: String?
+        for (name, value) in upstream.headers {
+            let lower = name.lowercased()
+            if lower == "via" {
+                via = via.map { $0 + ", " + value } ?? value
+                continue
+            }
+            if droppedResponseHeaders.contains(lower) || connectionNamed.contains(lower) { continue }
+            headers.add(name: name, value: value)
+        }
+        headers.add(name: "X-Request-ID", value: context.requestID)
+        headers.add(name: "Via", value: via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse")
+        if !context.keepAlive { headers.add(name: "Connection", value: "close") }
+        return HTTPResponseHead(
+            version: context.head.version, status: HTTPResponseStatus(statusCode: upstream.status), headers: headers)
+    }
+}
+
+/// log: one JSON access-log line and the request metrics; runs for every request, errors included.
+enum LogPhase {
+    static func run(_ context: RequestContext, gateway: GatewayCore) {
+        let elapsed = Int64(NIODeadline.now().uptimeNanoseconds &- context.startNanoseconds)
+        context.route?.metrics.record(status: context.status, nanoseconds: elapsed)
+        if context.route == nil { gateway.unroutedMetrics.record(status: context.status, nanoseconds: elapsed) }
+        guard let log = gateway.accessLog else { return }
+        var line = "{\"time\":"
+        JSONText.appendString(AccessTime.now(), to: &line)
+        line += ",\"request_id\":"
+        JSONText.appendString(context.requestID, to: &line)
+        line += ",\"client\":"
+        JSONText.appendString(context.clientIP, to: &line)
+        line += ",\"route\":"
+        if let route = context.route { JSONText.appendString(route.config.id, to: &line) } else { line += "null" }
+        line += ",\"method\":"
+        JSONText.appendString(context.head.method.rawValue, to: &line)
+        line += ",\"path\":"
+        JSONText.appendString(context.path.isEmpty ? context.head.uri : context.path, to: &line)
+        line += ",\"status\":\(context.status),\"bytes_in\":\(context.bytesIn),\"bytes_out\":\(context.bytesOut)"
+        line += ",\"duration_ms\":\(Double(elapsed / 1000) / 1000)"
+        if let upstream = context.upstreamMicroseconds {
+            line += ",\"upstream_ms\":\(Double(upstream) / 1000)"
+        } else {
+            line += ",\"upstream_ms\":null"
+        }
+        line += ",\"consumer\":"
+        if let consumer = context.consumer { JSONText.appendString(consumer, to: &line) } else { line += "null" }
+        line += ",\"cache\":"
+        if let cache = context.cacheStatus { JSONText.appendString(cache, to: &line) } else { line += "null" }
+        if let error = context.error {
+            line += ",\"error\":"
+            JSONText.appendString(error.origin.rawValue + ": " + error.detail, to: &line)
+        }
+        line += "}"
+        log.write(line)
+    }
+}

@@ -1,0 +1,104 @@
+import GatehouseConfig
+import NIOCore
+import NIOHTTP1
+import Synchronization
+
+/// Everything known about one request as it walks the pipeline; one typed value, not a dictionary.
+struct RequestContext {
+    let requestID: String
+    let head: HTTPRequestHead
+    /// When the request head arrived (monotonic nanoseconds).
+    let startNanoseconds: UInt64
+    /// The client's address after `trusted_proxies`.
+    var clientIP: String
+    /// The address of the peer that opened the connection.
+    let peerIP: String
+    /// Whether the peer is one of `trusted_proxies`, so its X-Forwarded-* headers are believed.
+    let peerTrusted: Bool
+    /// `http` or `https`, as the client reached the gateway.
+    let scheme: String
+    /// Host without port, lower-cased.
+    var host: String = ""
+    /// The Host header as the client sent it, for X-Forwarded-Host.
+    var hostHeader: String = ""
+    /// The normalised path.
+    var path: String = ""
+    var query: Substring?
+    var route: CompiledRoute?
+    var parameters: [(name: String, value: Substring)] = []
+    var targetURL: String?
+    var status = 0
+    var bytesIn = 0
+    var bytesOut = 0
+    var upstreamMicroseconds: Int64?
+    /// Set by authentication.
+    var consumer: String?
+    /// Set by the cache phases, for the access log.
+    var cacheStatus: String?
+    var error: GatewayError?
+    /// Whether the connection may serve another request after this one.
+    var keepAlive: Bool
+
+    init(requestID: String, head: HTTPRequestHead, connection: ConnectionInfo, trusted: [CIDR]) {
+        self.requestID = requestID
+        self.head = head
+        peerIP = connection.peerIP
+        scheme = connection.scheme
+        peerTrusted = connection.peerBytes.map { bytes in trusted.contains { $0.contains(bytes) } } ?? false
+        clientIP =
+            peerTrusted
+            ? AcceptPhase.clientIP(behindProxy: connection.peerIP, headers: head.headers, trusted: trusted)
+            : connection.peerIP
+        startNanoseconds = NIODeadline.now().uptimeNanoseconds
+        keepAlive = head.isKeepAlive && head.version == .http1_1
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter; unique, cheap, and sortable within a process.
+enum RequestID {
+    private static let prefix: String = {
+        let value = UInt32.random(in: 0...UInt32.max)
+        let hex = String(value, radix: 16)
+        return String(repeating: "0", count: 8 - hex.count) + hex
+    }()
+    private static let counter = Atomic<UInt64>(0)
+
+    static func make() -> String {
+        let value = counter.wrappingAdd(1, ordering: .relaxed).newValue
+        let hex = String(value, radix: 16)
+        return prefix + "-" + String(repeating: "0", count: max(0, 12 - hex.count)) + hex
+    }
+
+    /// Accepts a client-sent id of 1 to 128 visible, harmless characters.
+    static func isAcceptable(_ id: String) -> Bool {
+        (1...128).contains(id.utf8.count)
+            && id.utf8.allSatisfy { byte in
+                (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
+                    || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
+                    || byte == UInt8(ascii: ":")
+            }
+    }
+}
+
+/// What is known about a client connection once, when it opens.
+struct ConnectionInfo: Sendable {
+    let peerIP: String
+    let peerBytes: [UInt8]?
+    let scheme: String
+
+    init(remote: SocketAddress?, tls: Bool) {
+        peerIP = remote?.ipAddress ?? "unknown"
+        peerBytes = IPAddressText.parse(peerIP)
+        scheme = tls ? "https" : "http"
+    }
+}
+
+extension Substring {
+    /// Without leading and trailing spaces and tabs.
+    var trimmedSpaces: Substring {
+        var s = self
+        while let f = s.first, f == " " || f == "\t" { s = s.dropFirst() }
+        while let l = s.last, l == " " || l == "\t" { s = s.dropLast() }
+        return s
+    }
+}

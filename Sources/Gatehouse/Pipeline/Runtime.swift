@@ -1,0 +1,87 @@
+import GatehouseConfig
+import NIOCore
+import NIOHTTP1
+
+/// Everything the request path needs from one loaded config, built once per load and swapped whole on reload.
+final class Runtime: Sendable {
+    let config: GatehouseConfiguration
+    let routes: [CompiledRoute]
+    let table: RouteTable
+    let trustedProxies: [CIDR]
+
+    init(config: GatehouseConfiguration, metrics: GatewayMetrics) {
+        self.config = config
+        var pools: [String: UpstreamPool] = [:]
+        for upstream in config.upstreams { pools[upstream.name] = UpstreamPool(upstream) }
+        routes = config.routes.map { route in
+            CompiledRoute(route, pool: route.upstream.flatMap { pools[$0] }, metrics: metrics.routeMetrics(route.id))
+        }
+        table = RouteTable(config.routes)
+        trustedProxies = config.server.trustedProxies
+    }
+
+    /// The config features that are accepted but not enforced by this build, one line each.
+    var unenforcedFeatures: [String] { Self.unenforcedFeatures(of: config) }
+
+    static func unenforcedFeatures(of c: GatehouseConfiguration) -> [String] {
+        var out: [String] = []
+        if !c.consumers.isEmpty { out.append("consumers (authentication is not built yet)") }
+        if !c.auth.jwt.isEmpty { out.append("auth.jwt (authentication is not built yet)") }
+        if !c.rateLimits.isEmpty { out.append("rate_limits (rate limiting is not built yet)") }
+        for route in c.routes {
+            if route.auth != .none {
+                out.append(
+                    "routes[\(route.id)].auth: \(route.auth.rawValue) (not enforced: requests pass unauthenticated)")
+            }
+            if !route.rateLimit.isEmpty { out.append("routes[\(route.id)].rate_limit (not enforced)") }
+            if route.cache != nil { out.append("routes[\(route.id)].cache (responses are not cached yet)") }
+        }
+        for upstream in c.upstreams {
+            if upstream.balance != .roundRobin {
+                out.append("upstreams.\(upstream.name).balance (round_robin is used)")
+            }
+            if upstream.retries != nil { out.append("upstreams.\(upstream.name).retries (no retries yet)") }
+            if upstream.healthCheck != nil { out.append("upstreams.\(upstream.name).health_check (not run yet)") }
+            if upstream.circuitBreaker != nil {
+                out.append("upstreams.\(upstream.name).circuit_breaker (not enforced yet)")
+            }
+        }
+        return out
+    }
+}
+
+/// One route with what it needs at request time resolved ahead.
+struct CompiledRoute: Sendable {
+    let config: RouteConfig
+    let pool: UpstreamPool?
+    let direct: DirectAnswer?
+    let timeoutMilliseconds: Int
+    let connectTimeoutMilliseconds: Int
+    let metrics: RouteMetrics
+
+    init(_ config: RouteConfig, pool: UpstreamPool?, metrics: RouteMetrics) {
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        direct = config.respond.map(DirectAnswer.init)
+        let upstreamTimeout = pool?.config.timeout.milliseconds ?? 30_000
+        timeoutMilliseconds = Int(max(1, config.timeout?.milliseconds ?? upstreamTimeout))
+        connectTimeoutMilliseconds = Int(max(1, pool?.config.connectTimeout.milliseconds ?? 1000))
+    }
+}
+
+/// A `respond:` answer, prebuilt.
+struct DirectAnswer: Sendable {
+    let status: HTTPResponseStatus
+    let headers: HTTPHeaders
+    let body: ByteBuffer
+
+    init(_ response: DirectResponse) {
+        status = HTTPResponseStatus(statusCode: response.status)
+        var headers = HTTPHeaders()
+        for header in response.headers { headers.add(name: header.name, value: header.value) }
+        headers.replaceOrAdd(name: "Content-Length", value: String(response.body.utf8.count))
+        self.headers = headers
+        body = ByteBuffer(string: response.body)
+    }
+}

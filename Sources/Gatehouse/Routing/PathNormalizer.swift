@@ -1,0 +1,111 @@
+/// Turns a request path into the one form routes are matched against.
+///
+/// Percent-encoded unreserved characters are decoded (`%7E` -> `~`, `%2e` -> `.`), other escapes are kept with
+/// upper-case hex (so `%2F` never becomes a separator), duplicate slashes are folded and dot-segments removed.
+/// `/v1/../admin`, `/v1/%2e%2e/admin` and `//admin` all become `/admin`.
+enum PathNormalizer {
+    /// The normalised path, or nil when the path is malformed (not starting with `/`, or a bad escape).
+    static func normalize(_ raw: Substring) -> String? {
+        let bytes = Array(raw.utf8)
+        guard bytes.first == UInt8(ascii: "/") else { return nil }
+        // Fast path: nothing to decode, no dot segment, no empty segment.
+        if !bytes.contains(UInt8(ascii: "%")), !hasSpecialSegment(bytes) { return String(raw) }
+
+        var segments: [[UInt8]] = []
+        var current: [UInt8] = []
+        var index = 1
+        var endsWithSlash = false
+        func closeSegment() {
+            switch current {
+            case [UInt8(ascii: ".")]:
+                endsWithSlash = true
+            case [UInt8(ascii: "."), UInt8(ascii: ".")]:
+                if !segments.isEmpty { segments.removeLast() }
+                endsWithSlash = true
+            case []:
+                endsWithSlash = true
+            default:
+                segments.append(current)
+                endsWithSlash = false
+            }
+            current.removeAll(keepingCapacity: true)
+        }
+        while index < bytes.count {
+            let byte = bytes[index]
+            if byte == UInt8(ascii: "/") {
+                closeSegment()
+                endsWithSlash = true
+                index += 1
+                continue
+            }
+            if byte == UInt8(ascii: "%") {
+                guard index + 2 < bytes.count, let high = hexValue(bytes[index + 1]),
+                    let low = hexValue(bytes[index + 2])
+                else { return nil }
+                let decoded = high << 4 | low
+                if isUnreserved(decoded) {
+                    current.append(decoded)
+                } else {
+                    current += [UInt8(ascii: "%"), hexDigit(high), hexDigit(low)]
+                }
+                index += 3
+                continue
+            }
+            current.append(byte)
+            index += 1
+        }
+        if !current.isEmpty { closeSegment() }
+        var out: [UInt8] = [UInt8(ascii: "/")]
+        for (i, segment) in segments.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: "/")) }
+            out += segment
+        }
+        if endsWithSlash, !segments.isEmpty { out.append(UInt8(ascii: "/")) }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    private static func hasSpecialSegment(_ bytes: [UInt8]) -> Bool {
+        var previous = UInt8(ascii: "/")
+        var index = 1
+        while index < bytes.count {
+            let byte = bytes[index]
+            if byte == UInt8(ascii: "/"), previous == UInt8(ascii: "/") { return true }
+            if byte == UInt8(ascii: "."), previous == UInt8(ascii: "/") {
+                let next = index + 1 < bytes.count ? bytes[index + 1] : UInt8(ascii: "/")
+                if next == UInt8(ascii: "/") { return true }
+                if next == UInt8(ascii: ".") {
+                    let after = index + 2 < bytes.count ? bytes[index + 2] : UInt8(ascii: "/")
+                    if after == UInt8(ascii: "/") { return true }
+                }
+            }
+            previous = byte
+            index += 1
+        }
+        return false
+    }
+
+    private static func isUnreserved(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+            UInt8(ascii: "0")...UInt8(ascii: "9"):
+            return true
+        case UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+            return true
+        default:
+            return false
+        }
+    }
+
+    private static func hexValue(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+        default: return nil
+        }
+    }
+
+    private static func hexDigit(_ value: UInt8) -> UInt8 {
+        value < 10 ? UInt8(ascii: "0") + value : UInt8(ascii: "A") + value - 10
+    }
+}

@@ -1,0 +1,176 @@
+import GatehouseConfig
+
+/// The routes of one config, indexed so that matching does not grow with the number of routes.
+///
+/// Hosts are tried from the most specific (exact name, then the longest `*.suffix`, then routes without a host);
+/// within a host, an exact path wins over a template, and a template over the longest prefix; ties go to the
+/// route that comes first in the file. A route whose methods do not allow the request's is skipped; if only such
+/// routes match, the answer is 405 with their methods.
+struct RouteTable: Sendable {
+    /// The outcome of matching one request.
+    enum Match {
+        case found(routeIndex: Int, parameters: [(name: String, value: Substring)])
+        case methodNotAllowed(allow: [String])
+        case notFound
+    }
+
+    private var exactHosts: [String: PathIndex] = [:]
+    private var wildcardHosts: [String: PathIndex] = [:]
+    private var anyHost = PathIndex()
+    private var methods: [Set<String>?] = []
+
+    init(_ routes: [RouteConfig]) {
+        for (index, route) in routes.enumerated() {
+            methods.append(route.match.methods.map(Set.init))
+            if let host = route.match.host {
+                if host.hasPrefix("*.") {
+                    wildcardHosts[String(host.dropFirst(2)), default: PathIndex()].insert(route.match, index)
+                } else {
+                    exactHosts[host, default: PathIndex()].insert(route.match, index)
+                }
+            } else {
+                anyHost.insert(route.match, index)
+            }
+        }
+    }
+
+    /// Matches a lower-cased host without port, a normalised path and a method.
+    func match(host: String, path: String, method: String) -> Match {
+        var allow: Set<String> = []
+        var sawPath = false
+        func attempt(_ index: PathIndex?) -> Match? {
+            guard let index else { return nil }
+            for candidate in index.candidates(for: path) {
+                sawPath = true
+                if let allowed = methods[candidate.routeIndex], !allowed.contains(method) {
+                    allow.formUnion(allowed)
+                    if allowed.contains("GET") { allow.insert("HEAD") }
+                    if method == "HEAD", allowed.contains("GET") {
+                        return .found(routeIndex: candidate.routeIndex, parameters: candidate.parameters)
+                    }
+                    continue
+                }
+                return .found(routeIndex: candidate.routeIndex, parameters: candidate.parameters)
+            }
+            return nil
+        }
+        if let found = attempt(exactHosts[host]) { return found }
+        var suffix = Substring(host)
+        while let dot = suffix.firstIndex(of: ".") {
+            suffix = suffix[suffix.index(after: dot)...]
+            if let found = attempt(wildcardHosts[String(suffix)]) { return found }
+        }
+        if let found = attempt(anyHost) { return found }
+        return sawPath ? .methodNotAllowed(allow: allow.sorted()) : .notFound
+    }
+}
+
+/// The paths of the routes for one host: exact paths in a dictionary, templates in a segment trie,
+/// prefixes in a byte trie.
+struct PathIndex: Sendable {
+    struct Candidate {
+        var routeIndex: Int
+        var parameters: [(name: String, value: Substring)]
+    }
+
+    private var exact: [String: [Int]] = [:]
+    private var templates = TemplateNode()
+    private var prefixes = PrefixNode()
+
+    mutating func insert(_ match: RouteMatch, _ index: Int) {
+        if let path = match.path {
+            if path.contains("{") {
+                templates.insert(
+                    path.split(separator: "/", omittingEmptySubsequences: false).dropFirst(), index, names: [])
+            } else {
+                exact[path, default: []].append(index)
+            }
+        } else if let prefix = match.pathPrefix {
+            prefixes.insert(Array(prefix.utf8)[...], index)
+        }
+    }
+
+    /// Every route whose path matches, best first.
+    func candidates(for path: String) -> [Candidate] {
+        var out: [Candidate] = []
+        for index in exact[path] ?? [] { out.append(Candidate(routeIndex: index, parameters: [])) }
+        if !templates.isEmpty {
+            let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+            var bound: [Substring] = []
+            templates.collect(segments, &bound, &out)
+        }
+        if !prefixes.isEmpty {
+            var matches: [[Int]] = []
+            prefixes.collect(path.utf8[...], &matches)
+            for indices in matches.reversed() {
+                for index in indices { out.append(Candidate(routeIndex: index, parameters: [])) }
+            }
+        }
+        return out
+    }
+}
+
+/// A trie over path segments; `{name}` segments take any one segment.
+struct TemplateNode: Sendable {
+    private var literal: [Substring: TemplateNode] = [:]
+    private var parameter: [TemplateNode] = []
+    /// Routes ending here, with their parameter names in order.
+    private var routes: [(index: Int, names: [String])] = []
+
+    var isEmpty: Bool { literal.isEmpty && parameter.isEmpty && routes.isEmpty }
+
+    mutating func insert(_ segments: ArraySlice<Substring>, _ index: Int, names: [String]) {
+        guard let first = segments.first else {
+            routes.append((index, names))
+            return
+        }
+        if first.hasPrefix("{"), first.hasSuffix("}") {
+            if parameter.isEmpty { parameter.append(TemplateNode()) }
+            parameter[0].insert(segments.dropFirst(), index, names: names + [String(first.dropFirst().dropLast())])
+        } else {
+            literal[first, default: TemplateNode()].insert(segments.dropFirst(), index, names: names)
+        }
+    }
+
+    func collect(_ segments: ArraySlice<Substring>, _ bound: inout [Substring], _ out: inout [PathIndex.Candidate]) {
+        guard let first = segments.first else {
+            for route in routes.sorted(by: { $0.index < $1.index }) {
+                out.append(PathIndex.Candidate(routeIndex: route.index, parameters: Array(zip(route.names, bound))))
+            }
+            return
+        }
+        if let next = literal[first] { next.collect(segments.dropFirst(), &bound, &out) }
+        if let next = parameter.first, !first.isEmpty {
+            bound.append(first)
+            next.collect(segments.dropFirst(), &bound, &out)
+            bound.removeLast()
+        }
+    }
+}
+
+/// A trie over the bytes of path prefixes.
+struct PrefixNode: Sendable {
+    private var children: [UInt8: PrefixNode] = [:]
+    private var routes: [Int] = []
+
+    var isEmpty: Bool { children.isEmpty && routes.isEmpty }
+
+    mutating func insert(_ bytes: ArraySlice<UInt8>, _ index: Int) {
+        guard let first = bytes.first else {
+            routes.append(index)
+            return
+        }
+        children[first, default: PrefixNode()].insert(bytes.dropFirst(), index)
+    }
+
+    /// Appends the routes of every prefix of `bytes` that ends at a node, shortest first.
+    func collect(_ bytes: Substring.UTF8View.SubSequence, _ out: inout [[Int]]) {
+        var node = self
+        if !node.routes.isEmpty { out.append(node.routes) }
+        for byte in bytes {
+            guard let next = node.children[byte] else { return }
+            node = next
+            if !node.routes.isEmpty { out.append(node.routes) }
+        }
+    }
+}

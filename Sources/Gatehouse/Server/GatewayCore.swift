@@ -1,0 +1,29 @@
+import Logging
+import Synchronization
+import UpstreamClient
+
+/// What every connection shares: the current runtime (swapped whole on reload), the upstream client,
+/// metrics and the access log.
+final class GatewayCore: Sendable {
+    private let current: Mutex<Runtime>
+    let upstream: UpstreamClient
+    let metrics: GatewayMetrics
+    let accessLog: AccessLog?
+    let logger: Logger
+    /// Metrics for requests that matched no route.
+    let unroutedMetrics: RouteMetrics
+
+    init(runtime: Runtime, upstream: UpstreamClient, metrics: GatewayMetrics, accessLog: AccessLog?, logger: Logger) {
+        current = Mutex(runtime)
+        self.upstream = upstream
+        self.metrics = metrics
+        self.accessLog = accessLog
+        self.logger = logger
+        unroutedMetrics = metrics.routeMetrics("-")
+    }
+
+    /// The runtime new requests use; requests in flight keep the one they started with.
+    var runtime: Runtime { current.withLock { $0 } }
+
+    func swap(to runtime: Runtime) { current.withLock { $0 = runtime } }
+}

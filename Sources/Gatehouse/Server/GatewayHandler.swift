@@ -1,0 +1,373 @@
+import NIOCore
+import NIOHTTP1
+import UpstreamClient
+
+/// Serves the requests of one client connection, one at a time (the codec queues pipelined ones in order).
+///
+/// Runs the ``Pipeline`` phases, streams the request body to the upstream and the response back, with
+/// backpressure both ways: a full upstream queue stops reading the client, and a client that cannot take more
+/// pauses the upstream transfer.
+final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// One request in progress.
+    final class Exchange {
+        var context: RequestContext
+        let runtime: Runtime
+        var transfer: UpstreamTransfer?
+        var requestEnded = false
+        var responseStarted = false
+        var responseEnded = false
+        /// The response's end was written before the request body ended; the rest of the body is dropped.
+        var endWritten = false
+        var isHead: Bool { context.head.method == .HEAD }
+
+        init(context: RequestContext, runtime: Runtime) {
+            self.context = context
+            self.runtime = runtime
+        }
+    }
+
+    private let core: GatewayCore
+    private let activity: ConnectionActivity
+    private var connection: ConnectionInfo?
+    private let tls: Bool
+    private var exchange: Exchange?
+    private var channelContext: ChannelHandlerContext?
+    private var readBlocked = false
+    private var readPending = false
+    private var draining = false
+    private var closed = false
+
+    init(core: GatewayCore, activity: ConnectionActivity, tls: Bool) {
+        self.core = core
+        self.activity = activity
+        self.tls = tls
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        channelContext = context
+        connection = ConnectionInfo(remote: context.channel.remoteAddress, tls: tls)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        channelContext = nil
+    }
+
+    // MARK: inbound
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            activity.headComplete()
+            requestHead(head, context: context)
+        case .body(let buffer):
+            requestBody(buffer, context: context)
+        case .end:
+            requestEnd(context: context)
+        }
+    }
+
+    private func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let runtime = core.runtime
+        let connection = self.connection ?? ConnectionInfo(remote: context.channel.remoteAddress, tls: tls)
+        let clientID = head.headers.first(name: "X-Request-ID")
+        let requestID = clientID.flatMap { RequestID.isAcceptable($0) ? $0 : nil } ?? RequestID.make()
+        var requestContext = RequestContext(
+            requestID: requestID, head: head, connection: connection, trusted: runtime.trustedProxies)
+        if draining { requestContext.keepAlive = false }
+        let exchange = Exchange(context: requestContext, runtime: runtime)
+        self.exchange = exchange
+        do throws(GatewayError) {
+            switch try Pipeline.beforeForward(&exchange.context, runtime: runtime) {
+            case .direct(let answer):
+                respondDirect(answer, exchange, context: context)
+            case .forward(let request):
+                let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
+                exchange.transfer = core.upstream.start(request, delegate: bridge)
+            }
+        } catch {
+            respondError(error, exchange, context: context)
+        }
+    }
+
+    private func requestBody(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
+        guard let exchange, !exchange.requestEnded else { return }
+        exchange.context.bytesIn += buffer.readableBytes
+        let limit = exchange.runtime.config.server.limits.maxBodyBytes
+        if exchange.context.bytesIn > limit {
+            if exchange.responseStarted {
+                abort(context: context)
+            } else {
+                respondError(.bodyTooLarge(limit: limit), exchange, context: context)
+            }
+            return
+        }
+        if let transfer = exchange.transfer, !exchange.responseEnded {
+            if !transfer.sendBody(buffer) { readBlocked = true }
+        }
+    }
+
+    private func requestEnd(context: ChannelHandlerContext) {
+        guard let exchange else { return }
+        exchange.requestEnded = true
+        if exchange.responseEnded {
+            finishExchange(exchange, context: context)
+        } else {
+            exchange.transfer?.endBody()
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        if let exchange, !exchange.responseEnded {
+            exchange.transfer?.cancel()
+            exchange.transfer = nil
+            exchange.context.status = exchange.responseStarted ? exchange.context.status : 499
+            Pipeline.log(exchange.context, gateway: core)
+        }
+        exchange = nil
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let parserError = error as? HTTPParserError {
+            let answer: GatewayError
+            switch parserError {
+            case .headerOverflow:
+                answer = .headersTooLarge(limit: core.runtime.config.server.limits.maxHeaderBytes)
+            default:
+                answer = .badRequest("The request is malformed (\(parserError)).")
+            }
+            if exchange == nil || exchange?.responseStarted == false {
+                let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")
+                let requestContext = RequestContext(
+                    requestID: RequestID.make(), head: head,
+                    connection: connection ?? ConnectionInfo(remote: nil, tls: tls), trusted: [])
+                let exchange = self.exchange ?? Exchange(context: requestContext, runtime: core.runtime)
+                exchange.transfer?.cancel()
+                exchange.transfer = nil
+                self.exchange = exchange
+                respondError(answer, exchange, context: context)
+            } else {
+                abort(context: context)
+            }
+            return
+        }
+        abort(context: context)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is DrainEvent {
+            draining = true
+            if exchange == nil, activity.isIdle { context.close(promise: nil) }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        exchange?.transfer?.setResponsePaused(!context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    // MARK: outbound
+
+    func read(context: ChannelHandlerContext) {
+        if readBlocked {
+            readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    private func resumeReading(context: ChannelHandlerContext) {
+        readBlocked = false
+        if readPending {
+            readPending = false
+            context.read()
+        }
+    }
+
+    // MARK: answers made here
+
+    private func respondDirect(_ answer: DirectAnswer, _ exchange: Exchange, context: ChannelHandlerContext) {
+        var headers = answer.headers
+        headers.add(name: "X-Request-ID", value: exchange.context.requestID)
+        if !exchange.context.keepAlive { headers.add(name: "Connection", value: "close") }
+        let head = HTTPResponseHead(version: exchange.context.head.version, status: answer.status, headers: headers)
+        exchange.context.status = Int(answer.status.code)
+        sendWhole(head, body: exchange.isHead ? nil : answer.body, exchange, context: context)
+    }
+
+    private func respondError(_ error: GatewayError, _ exchange: Exchange, context: ChannelHandlerContext) {
+        exchange.context.error = error
+        exchange.context.status = Int(error.status.code)
+        if error.closeConnection { exchange.context.keepAlive = false }
+        let body = ProblemResponse.body(for: error, requestID: exchange.context.requestID)
+        let buffer = context.channel.allocator.buffer(string: body)
+        let head = ProblemResponse.head(
+            for: error, requestID: exchange.context.requestID, bodyLength: buffer.readableBytes,
+            version: exchange.context.head.version)
+        var headHeaders = head.headers
+        if !exchange.context.keepAlive, !error.closeConnection { headHeaders.add(name: "Connection", value: "close") }
+        let fullHead = HTTPResponseHead(version: head.version, status: head.status, headers: headHeaders)
+        sendWhole(fullHead, body: exchange.isHead ? nil : buffer, exchange, context: context)
+    }
+
+    /// Writes a complete answer made by the gateway; the request body, if any, is read and dropped.
+    private func sendWhole(
+        _ head: HTTPResponseHead, body: ByteBuffer?, _ exchange: Exchange, context: ChannelHandlerContext
+    ) {
+        exchange.responseStarted = true
+        exchange.context.bytesOut = body?.readableBytes ?? 0
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        if let body { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
+        exchange.transfer?.cancel()
+        exchange.transfer = nil
+        completeResponse(exchange, context: context)
+    }
+
+    /// The whole response has been produced. Finish now, or, while the request body is still coming, end the
+    /// response and drop the rest of the body; the exchange finishes at its end.
+    private func completeResponse(_ exchange: Exchange, context: ChannelHandlerContext) {
+        exchange.responseEnded = true
+        if exchange.requestEnded || !exchange.context.keepAlive {
+            finishExchange(exchange, context: context)
+        } else {
+            exchange.endWritten = true
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            resumeReading(context: context)
+        }
+    }
+
+    // MARK: upstream events (on this event loop)
+
+    func upstreamEvents(_ events: UpstreamEvents, for exchange: Exchange) {
+        guard let context = channelContext, self.exchange === exchange, !closed, !exchange.responseEnded else { return }
+        if let head = events.head {
+            exchange.responseStarted = true
+            exchange.context.status = head.status
+            context.write(wrapOutboundOut(.head(Pipeline.responseHead(for: head, exchange.context))), promise: nil)
+        }
+        for chunk in events.body {
+            exchange.context.bytesOut += chunk.readableBytes
+            context.write(wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil)
+        }
+        if let completion = events.completion {
+            exchange.context.upstreamMicroseconds = completion.totalMicroseconds
+            exchange.transfer = nil
+            if let error = completion.error {
+                upstreamFailed(error, exchange, context: context)
+                return
+            }
+            completeResponse(exchange, context: context)
+            return
+        }
+        context.flush()
+        if !context.channel.isWritable { exchange.transfer?.setResponsePaused(true) }
+    }
+
+    func upstreamWantsBody(for exchange: Exchange) {
+        guard let context = channelContext, self.exchange === exchange else { return }
+        resumeReading(context: context)
+    }
+
+    private func upstreamFailed(_ error: UpstreamError, _ exchange: Exchange, context: ChannelHandlerContext) {
+        let routeID = exchange.context.route?.config.id ?? "-"
+        let upstreamName = exchange.context.route?.pool?.config.name ?? "-"
+        exchange.context.route?.metrics.recordUpstreamError(upstream: upstreamName, kind: "\(error.kind)")
+        let answer: GatewayError
+        switch error.kind {
+        case .timeout:
+            answer = GatewayError(
+                status: .gatewayTimeout, detail: "The upstream did not answer in time.", origin: .upstream)
+        case .connectTimeout, .connect:
+            answer = GatewayError(status: .badGateway, detail: "The upstream could not be reached.", origin: .upstream)
+        case .tls:
+            answer = GatewayError(
+                status: .badGateway, detail: "The TLS handshake with the upstream failed.", origin: .upstream)
+        case .requestBody, .cancelled:
+            answer = GatewayError(
+                status: .badRequest, detail: "The request body could not be read.", origin: .client,
+                closeConnection: true)
+        case .reset, .other:
+            answer = GatewayError(status: .badGateway, detail: "The upstream connection failed.", origin: .upstream)
+        }
+        core.logger.debug("upstream failed", metadata: ["route": "\(routeID)", "error": "\(error)"])
+        if exchange.responseStarted {
+            exchange.context.error = answer
+            abort(context: context)
+        } else {
+            respondError(answer, exchange, context: context)
+        }
+    }
+
+    // MARK: finishing
+
+    /// The response is complete and the request fully read: log, then write the end (which may release a
+    /// pipelined request into this handler at once).
+    private func finishExchange(_ exchange: Exchange, context: ChannelHandlerContext) {
+        let keepAlive = exchange.context.keepAlive && !draining
+        Pipeline.log(exchange.context, gateway: core)
+        self.exchange = nil
+        readBlocked = false
+        if keepAlive {
+            activity.awaitingNextRequest()
+            if !exchange.endWritten { context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil) }
+            if readPending {
+                readPending = false
+                context.read()
+            }
+        } else if exchange.endWritten {
+            context.close(promise: nil)
+        } else {
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+
+    /// Closes a connection whose response cannot be completed.
+    private func abort(context: ChannelHandlerContext) {
+        if let exchange {
+            exchange.transfer?.cancel()
+            exchange.transfer = nil
+            if !exchange.responseEnded {
+                exchange.responseEnded = true
+                Pipeline.log(exchange.context, gateway: core)
+            }
+        }
+        exchange = nil
+        context.close(promise: nil)
+    }
+}
+
+/// Asks a connection to close once its current request is done (graceful shutdown).
+struct DrainEvent: Sendable {}
+
+/// Carries upstream events from a curl worker thread to the connection's event loop.
+final class UpstreamBridge: UpstreamTransferDelegate {
+    private let target: NIOLoopBound<(GatewayHandler, GatewayHandler.Exchange)>
+    private let eventLoop: EventLoop
+
+    init(handler: GatewayHandler, exchange: GatewayHandler.Exchange, eventLoop: EventLoop) {
+        target = NIOLoopBound((handler, exchange), eventLoop: eventLoop)
+        self.eventLoop = eventLoop
+    }
+
+    func upstreamTransfer(_ transfer: UpstreamTransfer, received events: UpstreamEvents) {
+        eventLoop.execute { [target] in
+            let (handler, exchange) = target.value
+            handler.upstreamEvents(events, for: exchange)
+        }
+    }
+
+    func upstreamTransferWantsRequestBody(_ transfer: UpstreamTransfer) {
+        eventLoop.execute { [target] in
+            let (handler, exchange) = target.value
+            handler.upstreamWantsBody(for: exchange)
+        }
+    }
+}

@@ -1,0 +1,408 @@
+/// The whole gateway configuration, as loaded and validated from the YAML file.
+public struct GatehouseConfiguration: Sendable, Encodable {
+    public var server: ServerConfig
+    public var admin: AdminConfig
+    public var redis: RedisConfig
+    public var consumers: [ConsumerConfig]
+    public var auth: AuthConfig
+    /// Named rate-limit policies, in file order.
+    public var rateLimits: [RateLimitPolicy]
+    /// Named upstreams, in file order.
+    public var upstreams: [UpstreamConfig]
+    public var routes: [RouteConfig]
+
+    enum CodingKeys: String, CodingKey {
+        case server, admin, redis, consumers, auth
+        case rateLimits = "rate_limits"
+        case upstreams, routes
+    }
+
+    public func upstream(named name: String) -> UpstreamConfig? {
+        upstreams.first { $0.name == name }
+    }
+}
+
+/// `server:` — the client-facing listener.
+public struct ServerConfig: Sendable, Encodable {
+    public var listen: ListenAddress = ListenAddress(host: "0.0.0.0", port: 8080)
+    /// Event-loop threads; nil means one per core.
+    public var threads: Int?
+    public var tls: TLSFiles?
+    public var limits = ServerLimits()
+    public var trustedProxies: [CIDR] = []
+    public var drainTimeout: ConfigDuration = .seconds(15)
+    /// Where the JSON access log goes: `stdout` (default), `off`, or a file path.
+    public var accessLog: String = "stdout"
+
+    enum CodingKeys: String, CodingKey {
+        case listen, threads, tls, limits
+        case trustedProxies = "trusted_proxies"
+        case drainTimeout = "drain_timeout"
+        case accessLog = "access_log"
+    }
+}
+
+/// A certificate chain and private key in PEM files.
+public struct TLSFiles: Sendable, Encodable {
+    public var cert: String
+    public var key: String
+}
+
+/// `server.limits:` — protection against oversized or slow requests.
+public struct ServerLimits: Sendable, Encodable {
+    public var maxHeaderBytes: Int = 16 * 1024
+    public var maxBodyBytes: Int = 10 * 1024 * 1024
+    public var headerTimeout: ConfigDuration = .seconds(10)
+    public var idleTimeout: ConfigDuration = .seconds(60)
+
+    enum CodingKeys: String, CodingKey {
+        case maxHeaderBytes = "max_header_bytes"
+        case maxBodyBytes = "max_body_bytes"
+        case headerTimeout = "header_timeout"
+        case idleTimeout = "idle_timeout"
+    }
+}
+
+/// `admin:` — the admin API listener.
+public struct AdminConfig: Sendable, Encodable {
+    public var listen: ListenAddress = ListenAddress(host: "127.0.0.1", port: 9901)
+    public var token: Secret?
+}
+
+/// `redis:` — the shared store for cache, limits and runtime keys.
+public struct RedisConfig: Sendable, Encodable {
+    /// `redis://[:password@]host:port/db`, `unix:///path.sock`, or `memory://`.
+    public var url: Secret = Secret("redis://127.0.0.1:6379/0")
+    public var poolSize: Int = 4
+    public var connectTimeout: ConfigDuration = .milliseconds(500)
+    public var commandTimeout: ConfigDuration = .milliseconds(100)
+    public var keyPrefix: String = "gatehouse:"
+
+    enum CodingKeys: String, CodingKey {
+        case url
+        case poolSize = "pool_size"
+        case connectTimeout = "connect_timeout"
+        case commandTimeout = "command_timeout"
+        case keyPrefix = "key_prefix"
+    }
+}
+
+/// One entry of `consumers:` — a known caller.
+public struct ConsumerConfig: Sendable, Encodable {
+    public var id: String
+    /// `sha256:<hex>` hashes of the consumer's API keys.
+    public var apiKeys: [String] = []
+    public var rateLimit: String?
+
+    enum CodingKeys: String, CodingKey {
+        case id
+        case apiKeys = "api_keys"
+        case rateLimit = "rate_limit"
+    }
+}
+
+/// `auth:` — how callers prove who they are.
+public struct AuthConfig: Sendable, Encodable {
+    public var apiKey = APIKeyAuthConfig()
+    public var jwt: [JWTIssuerConfig] = []
+
+    enum CodingKeys: String, CodingKey {
+        case apiKey = "api_key"
+        case jwt
+    }
+}
+
+/// `auth.api_key:` — where API keys are read from.
+public struct APIKeyAuthConfig: Sendable, Encodable {
+    public var header: String = "X-API-Key"
+    public var queryParam: String?
+
+    enum CodingKeys: String, CodingKey {
+        case header
+        case queryParam = "query_param"
+    }
+}
+
+/// One entry of `auth.jwt:` — an accepted token issuer.
+public struct JWTIssuerConfig: Sendable, Encodable {
+    public var issuer: String
+    public var audiences: [String] = []
+    public var algorithms: [String] = []
+    public var jwksFile: String?
+    public var jwksURL: String?
+    public var secret: Secret?
+    public var consumerClaim: String = "sub"
+    public var leeway: ConfigDuration = .seconds(30)
+
+    enum CodingKeys: String, CodingKey {
+        case issuer, audiences, algorithms
+        case jwksFile = "jwks_file"
+        case jwksURL = "jwks_url"
+        case secret
+        case consumerClaim = "consumer_claim"
+        case leeway
+    }
+}
+
+/// One named entry of `rate_limits:`.
+public struct RateLimitPolicy: Sendable, Encodable {
+    public enum Key: Sendable, Hashable, Encodable {
+        case consumer, ip, route
+        case header(String)
+
+        public func encode(to encoder: Encoder) throws {
+            var container = encoder.singleValueContainer()
+            switch self {
+            case .consumer: try container.encode("consumer")
+            case .ip: try container.encode("ip")
+            case .route: try container.encode("route")
+            case .header(let name): try container.encode("header:\(name)")
+            }
+        }
+    }
+
+    public enum Algorithm: String, Sendable, Encodable, CaseIterable {
+        case gcra
+        case slidingWindow = "sliding_window"
+        case fixedWindow = "fixed_window"
+    }
+
+    public enum RedisErrorMode: String, Sendable, Encodable, CaseIterable {
+        case local, allow, deny
+    }
+
+    public var name: String
+    public var requests: Int
+    public var per: ConfigDuration
+    /// How many may come at once; defaults to `requests`.
+    public var burst: Int
+    public var by: Key = .consumer
+    public var algorithm: Algorithm = .gcra
+    public var onRedisError: RedisErrorMode = .local
+
+    enum CodingKeys: String, CodingKey {
+        case name, requests, per, burst, by, algorithm
+        case onRedisError = "on_redis_error"
+    }
+}
+
+/// One named entry of `upstreams:` — a service the gateway forwards to.
+public struct UpstreamConfig: Sendable, Encodable {
+    public enum Balance: Sendable, Hashable, Encodable {
+        case roundRobin, leastRequests, random
+        case hashHeader(String)
+
+        public func encode(to encoder: Encoder) throws {
+            var container = encoder.singleValueContainer()
+            switch self {
+            case .roundRobin: try container.encode("round_robin")
+            case .leastRequests: try container.encode("least_requests")
+            case .random: try container.encode("random")
+            case .hashHeader(let name): try container.encode("hash:header:\(name)")
+            }
+        }
+    }
+
+    public var name: String
+    public var targets: [UpstreamTarget] = []
+    public var balance: Balance = .roundRobin
+    public var connectTimeout: ConfigDuration = .seconds(1)
+    public var timeout: ConfigDuration = .seconds(30)
+    public var retries: RetryPolicy?
+    public var healthCheck: HealthCheckConfig?
+    public var circuitBreaker: CircuitBreakerConfig?
+    public var tls = UpstreamTLS()
+    public var requestHeaders = HeaderRewrite()
+
+    enum CodingKeys: String, CodingKey {
+        case name, targets, balance
+        case connectTimeout = "connect_timeout"
+        case timeout, retries
+        case healthCheck = "health_check"
+        case circuitBreaker = "circuit_breaker"
+        case tls
+        case requestHeaders = "request_headers"
+    }
+}
+
+/// One server of an upstream.
+public struct UpstreamTarget: Sendable, Encodable {
+    /// Base URL, `http://host:port` or `https://host:port`, without a path.
+    public var url: String
+    public var weight: Int = 1
+}
+
+/// `retries:` of an upstream.
+public struct RetryPolicy: Sendable, Encodable {
+    public enum Condition: Sendable, Hashable, Encodable {
+        case connectFailure
+        case status(Int)
+
+        public func encode(to encoder: Encoder) throws {
+            var container = encoder.singleValueContainer()
+            switch self {
+            case .connectFailure: try container.encode("connect_failure")
+            case .status(let code): try container.encode(code)
+            }
+        }
+    }
+
+    /// Every try, the first included.
+    public var attempts: Int = 1
+    public var on: [Condition] = [.connectFailure]
+}
+
+/// `health_check:` of an upstream.
+public struct HealthCheckConfig: Sendable, Encodable {
+    public var path: String = "/healthz"
+    public var interval: ConfigDuration = .seconds(5)
+    public var unhealthyAfter: Int = 3
+    public var healthyAfter: Int = 2
+
+    enum CodingKeys: String, CodingKey {
+        case path, interval
+        case unhealthyAfter = "unhealthy_after"
+        case healthyAfter = "healthy_after"
+    }
+}
+
+/// `circuit_breaker:` of an upstream.
+public struct CircuitBreakerConfig: Sendable, Encodable {
+    public var failureRatio: Double = 0.5
+    public var minRequests: Int = 20
+    public var openFor: ConfigDuration = .seconds(30)
+
+    enum CodingKeys: String, CodingKey {
+        case failureRatio = "failure_ratio"
+        case minRequests = "min_requests"
+        case openFor = "open_for"
+    }
+}
+
+/// `tls:` of an upstream — how the gateway verifies it.
+public struct UpstreamTLS: Sendable, Encodable {
+    public var verify: Bool = true
+    public var caFile: String?
+
+    enum CodingKeys: String, CodingKey {
+        case verify
+        case caFile = "ca_file"
+    }
+}
+
+/// Header edits applied to requests (`set` replaces, `remove` deletes).
+public struct HeaderRewrite: Sendable, Encodable {
+    /// Header name and value, in file order; values are treated as secrets.
+    public var set: [HeaderValue] = []
+    public var remove: [String] = []
+
+    public var isEmpty: Bool { self.set.isEmpty && remove.isEmpty }
+}
+
+/// A header name with a value that may hold a credential.
+public struct HeaderValue: Sendable, Encodable {
+    public var name: String
+    public var value: Secret
+}
+
+/// One entry of `routes:`.
+public struct RouteConfig: Sendable, Encodable {
+    public var id: String
+    public var match: RouteMatch
+    public var upstream: String?
+    public var rewrite: RouteRewrite?
+    public var auth: AuthRequirement = .none
+    public var authMethods: [AuthMethod]?
+    public var rateLimit: [String] = []
+    public var cache: RouteCache?
+    public var timeout: ConfigDuration?
+    public var respond: DirectResponse?
+    /// The line of the route in the config file, for messages.
+    public var line: Int = 0
+
+    enum CodingKeys: String, CodingKey {
+        case id, match, upstream, rewrite, auth
+        case authMethods = "auth_methods"
+        case rateLimit = "rate_limit"
+        case cache, timeout, respond
+    }
+}
+
+/// `auth:` of a route.
+public enum AuthRequirement: String, Sendable, Encodable, CaseIterable {
+    case required, optional, none
+}
+
+/// A way of authenticating, as named in `auth_methods`.
+public enum AuthMethod: String, Sendable, Encodable, CaseIterable {
+    case apiKey = "api_key"
+    case jwt
+}
+
+/// `match:` of a route.
+public struct RouteMatch: Sendable, Encodable {
+    /// Exact host or `*.suffix`; nil matches any host.
+    public var host: String?
+    /// Upper-case methods; nil allows every method.
+    public var methods: [String]?
+    /// Exact path or template with `{name}` segments.
+    public var path: String?
+    public var pathPrefix: String?
+
+    enum CodingKeys: String, CodingKey {
+        case host, methods, path
+        case pathPrefix = "path_prefix"
+    }
+}
+
+/// `rewrite:` of a route.
+public struct RouteRewrite: Sendable, Encodable {
+    public var stripPrefix: String?
+    public var addPrefix: String?
+    /// A path template using the route's `{name}` parameters.
+    public var path: String?
+
+    enum CodingKeys: String, CodingKey {
+        case stripPrefix = "strip_prefix"
+        case addPrefix = "add_prefix"
+        case path
+    }
+}
+
+/// `cache:` of a route.
+public struct RouteCache: Sendable, Encodable {
+    public var ttl: ConfigDuration = .seconds(30)
+    public var maxTTL: ConfigDuration = .seconds(3600)
+    public var staleWhileRevalidate: ConfigDuration = .seconds(0)
+    public var staleIfError: ConfigDuration = .seconds(0)
+    public var keyHeaders: [String] = []
+    public var shared: Bool = false
+    public var maxObjectBytes: Int = 1 << 20
+    /// Whether responses with `Set-Cookie` may be stored.
+    public var storeSetCookie: Bool = false
+
+    enum CodingKeys: String, CodingKey {
+        case ttl
+        case maxTTL = "max_ttl"
+        case staleWhileRevalidate = "stale_while_revalidate"
+        case staleIfError = "stale_if_error"
+        case keyHeaders = "key_headers"
+        case shared
+        case maxObjectBytes = "max_object_bytes"
+        case storeSetCookie = "store_set_cookie"
+    }
+}
+
+/// `respond:` of a route — an answer made by the gateway itself.
+public struct DirectResponse: Sendable, Encodable {
+    public var status: Int = 200
+    public var body: String = ""
+    /// Header name and value, in file order.
+    public var headers: [DirectHeader] = []
+}
+
+/// A header of a direct response.
+public struct DirectHeader: Sendable, Encodable {
+    public var name: String
+    public var value: String
+}

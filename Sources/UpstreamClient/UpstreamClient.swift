@@ -1,0 +1,36 @@
+import CCurl
+import Logging
+import Synchronization
+
+/// Forwards requests to upstreams through libcurl's multi interface on a few dedicated threads.
+///
+/// Knows nothing of routes: it takes an absolute URL, headers and a body stream, and reports
+/// the response head, body chunks and completion to a delegate.
+public final class UpstreamClient: Sendable {
+    private let workers: [UpstreamWorker]
+    private let next = Atomic<Int>(0)
+
+    private static let globalInit: Void = {
+        curl_global_init(Int(CURL_GLOBAL_ALL))
+    }()
+
+    /// Starts `threads` worker threads (at least one).
+    public init(threads: Int, logger: Logger = Logger(label: "gatehouse.upstream")) {
+        _ = Self.globalInit
+        workers = (0..<max(1, threads)).map { UpstreamWorker(index: $0, logger: logger) }
+    }
+
+    /// Begins an exchange. Events arrive at `delegate` on a worker thread.
+    public func start(_ request: UpstreamRequest, delegate: UpstreamTransferDelegate) -> UpstreamTransfer {
+        let index = next.wrappingAdd(1, ordering: .relaxed).oldValue
+        let worker = workers[index % workers.count]
+        let transfer = UpstreamTransfer(request: request, delegate: delegate, worker: worker)
+        worker.submit(.start(transfer))
+        return transfer
+    }
+
+    /// Cancels running exchanges and stops the threads.
+    public func shutdown() {
+        for worker in workers { worker.shutdown() }
+    }
+}

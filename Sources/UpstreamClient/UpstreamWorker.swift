@@ -1,0 +1,266 @@
+import CCurl
+import Foundation
+import Logging
+import NIOCore
+import Synchronization
+
+/// One thread that owns one libcurl multi handle and drives every transfer given to it.
+///
+/// Other threads talk to it only through ``submit(_:)``; the curl handles never leave this thread.
+final class UpstreamWorker: @unchecked Sendable {
+    enum Command {
+        case start(UpstreamTransfer)
+        case unpause(UpstreamTransfer)
+        case cancel(UpstreamTransfer)
+    }
+
+    private let multi: UnsafeMutableRawPointer
+    private let commands = Mutex<(queue: [Command], stopping: Bool)>(([], false))
+    private let logger: Logger
+    private let stopped = DispatchSemaphore(value: 0)
+
+    // Worker-thread state.
+    private var idleHandles: [UnsafeMutableRawPointer] = []
+    private var ready: [UpstreamTransfer] = []
+    private var active: [ObjectIdentifier: UpstreamTransfer] = [:]
+
+    init(index: Int, logger: Logger) {
+        // curl_multi_init only fails on out-of-memory.
+        guard let multi = curl_multi_init() else { fatalError("curl_multi_init failed") }
+        self.multi = multi
+        self.logger = logger
+        _ = gh_multi_setopt_long(multi, CURLMOPT_MAXCONNECTS, 1024)
+        let thread = Thread { [self] in run() }
+        thread.name = "gatehouse-upstream-\(index)"
+        thread.start()
+    }
+
+    /// Queues a command for the worker thread and wakes it if it sleeps.
+    func submit(_ command: Command) {
+        let wasEmpty = commands.withLock { state -> Bool in
+            state.queue.append(command)
+            return state.queue.count == 1
+        }
+        if wasEmpty { curl_multi_wakeup(multi) }
+    }
+
+    /// Stops the thread after cancelling what is still running; waits for it.
+    func shutdown() {
+        commands.withLock { $0.stopping = true }
+        curl_multi_wakeup(multi)
+        stopped.wait()
+    }
+
+    /// Called from callbacks on this thread: the transfer has events to hand over after this round.
+    func markReady(_ transfer: UpstreamTransfer) {
+        if transfer.hasEvents, !ready.contains(where: { $0 === transfer }) { ready.append(transfer) }
+    }
+
+    private func run() {
+        var running: Int32 = 0
+        var batch: [Command] = []
+        while true {
+            let stopping = commands.withLock { state -> Bool in
+                swap(&batch, &state.queue)
+                return state.stopping
+            }
+            for command in batch { apply(command) }
+            batch.removeAll(keepingCapacity: true)
+            if stopping { break }
+            curl_multi_perform(multi, &running)
+            collectFinished()
+            flushReady()
+            curl_multi_poll(multi, nil, 0, 1000, nil)
+        }
+        cancelAll()
+        for handle in idleHandles { curl_easy_cleanup(handle) }
+        curl_multi_cleanup(multi)
+        stopped.signal()
+    }
+
+    private func apply(_ command: Command) {
+        switch command {
+        case .start(let transfer):
+            start(transfer)
+        case .unpause(let transfer):
+            guard let handle = transfer.handle, !transfer.finished else { return }
+            transfer.writePaused = false
+            curl_easy_pause(handle, GH_CURLPAUSE_CONT)
+            flushReady()
+        case .cancel(let transfer):
+            guard transfer.handle != nil, !transfer.finished else { return }
+            finish(
+                transfer,
+                UpstreamCompletion(error: UpstreamError(kind: .cancelled, detail: "cancelled"), totalMicroseconds: 0))
+        }
+    }
+
+    private func start(_ transfer: UpstreamTransfer) {
+        let handle: UnsafeMutableRawPointer
+        if let reused = idleHandles.popLast() {
+            curl_easy_reset(reused)
+            handle = reused
+        } else if let fresh = curl_easy_init() {
+            handle = fresh
+        } else {
+            transfer.complete(
+                UpstreamCompletion(
+                    error: UpstreamError(kind: .other, detail: "curl_easy_init failed"), totalMicroseconds: 0))
+            return
+        }
+        transfer.handle = handle
+        configure(handle, for: transfer)
+        active[ObjectIdentifier(transfer)] = transfer
+        let code = curl_multi_add_handle(multi, handle)
+        if code != CURLM_OK {
+            finish(
+                transfer,
+                UpstreamCompletion(
+                    error: UpstreamError(kind: .other, detail: String(cString: curl_multi_strerror(code))),
+                    totalMicroseconds: 0))
+        }
+    }
+
+    private func configure(_ handle: UnsafeMutableRawPointer, for transfer: UpstreamTransfer) {
+        let request = transfer.request
+        let context = Unmanaged.passRetained(transfer).toOpaque()
+        _ = gh_easy_setopt_string(handle, CURLOPT_URL, request.url)
+        _ = gh_easy_setopt_pointer(handle, CURLOPT_PRIVATE, context)
+        _ = gh_easy_setopt_long(handle, CURLOPT_NOSIGNAL, 1)
+        _ = gh_easy_setopt_long(handle, CURLOPT_CONNECTTIMEOUT_MS, request.connectTimeoutMilliseconds)
+        _ = gh_easy_setopt_long(handle, CURLOPT_TIMEOUT_MS, request.timeoutMilliseconds)
+        _ = gh_easy_setopt_long(handle, CURLOPT_TCP_NODELAY, 1)
+        _ = gh_easy_setopt_string(handle, CURLOPT_PROTOCOLS_STR, "http,https")
+        _ = gh_easy_setopt_long(handle, CURLOPT_FOLLOWLOCATION, 0)
+        _ = gh_easy_setopt_long(handle, CURLOPT_PATH_AS_IS, 1)
+        _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_CONTENT_DECODING, 0)
+        _ = gh_easy_setopt_long(handle, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1)
+        if request.url.hasPrefix("https:") {
+            _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
+            _ = gh_easy_setopt_long(handle, CURLOPT_PIPEWAIT, 1)
+            _ = gh_easy_setopt_long(handle, CURLOPT_SSL_VERIFYPEER, request.verifyTLS ? 1 : 0)
+            _ = gh_easy_setopt_long(handle, CURLOPT_SSL_VERIFYHOST, request.verifyTLS ? 2 : 0)
+            if let caFile = request.caFile { _ = gh_easy_setopt_string(handle, CURLOPT_CAINFO, caFile) }
+        } else {
+            _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_1_1)
+        }
+
+        _ = gh_easy_setopt_pointer(handle, CURLOPT_HEADERDATA, context)
+        _ = gh_easy_setopt_data_cb(handle, CURLOPT_HEADERFUNCTION) { pointer, size, count, context in
+            guard let pointer, let context else { return 0 }
+            let transfer = Unmanaged<UpstreamTransfer>.fromOpaque(context).takeUnretainedValue()
+            return transfer.headerLine(pointer, count: size * count)
+        }
+        _ = gh_easy_setopt_pointer(handle, CURLOPT_WRITEDATA, context)
+        _ = gh_easy_setopt_data_cb(handle, CURLOPT_WRITEFUNCTION) { pointer, size, count, context in
+            guard let pointer, let context else { return 0 }
+            let transfer = Unmanaged<UpstreamTransfer>.fromOpaque(context).takeUnretainedValue()
+            return transfer.writeBody(pointer, count: size * count)
+        }
+
+        switch (request.method, request.bodyLength) {
+        case ("HEAD", _):
+            _ = gh_easy_setopt_long(handle, CURLOPT_NOBODY, 1)
+        case ("GET", nil):
+            _ = gh_easy_setopt_long(handle, CURLOPT_HTTPGET, 1)
+        case (let method, nil):
+            _ = gh_easy_setopt_string(handle, CURLOPT_CUSTOMREQUEST, method)
+        case (let method, .some(let length)):
+            _ = gh_easy_setopt_long(handle, CURLOPT_UPLOAD, 1)
+            _ = gh_easy_setopt_string(handle, CURLOPT_CUSTOMREQUEST, method)
+            _ = gh_easy_setopt_off(handle, CURLOPT_INFILESIZE_LARGE, curl_off_t(length))
+            _ = gh_easy_setopt_pointer(handle, CURLOPT_READDATA, context)
+            _ = gh_easy_setopt_data_cb(handle, CURLOPT_READFUNCTION) { pointer, size, count, context in
+                guard let pointer, let context else { return 0 }
+                let transfer = Unmanaged<UpstreamTransfer>.fromOpaque(context).takeUnretainedValue()
+                return transfer.readBody(into: pointer, capacity: size * count)
+            }
+        }
+
+        var list: UnsafeMutablePointer<curl_slist>?
+        var sawAccept = false
+        for (name, value) in request.headers {
+            if name.caseInsensitiveEquals("accept") { sawAccept = true }
+            list = curl_slist_append(list, value.isEmpty ? "\(name);" : "\(name): \(value)")
+        }
+        // Stop curl from adding headers the client did not send.
+        list = curl_slist_append(list, "Expect:")
+        if !sawAccept { list = curl_slist_append(list, "Accept:") }
+        if request.bodyLength == -1 { list = curl_slist_append(list, "Transfer-Encoding: chunked") }
+        transfer.headerList = list
+        _ = gh_easy_setopt_slist(handle, CURLOPT_HTTPHEADER, list)
+    }
+
+    private func collectFinished() {
+        var remaining: Int32 = 0
+        while let message = curl_multi_info_read(multi, &remaining) {
+            guard message.pointee.msg == CURLMSG_DONE, let handle = message.pointee.easy_handle else { continue }
+            let code = message.pointee.data.result
+            var contextPointer: UnsafeMutableRawPointer?
+            _ = gh_easy_getinfo_pointer(handle, CURLINFO_PRIVATE, &contextPointer)
+            guard let contextPointer else { continue }
+            let transfer = Unmanaged<UpstreamTransfer>.fromOpaque(contextPointer).takeUnretainedValue()
+            var total: curl_off_t = 0
+            _ = gh_easy_getinfo_off(handle, CURLINFO_TOTAL_TIME_T, &total)
+            let error = code == CURLE_OK ? nil : Self.error(for: code, handle: handle)
+            finish(transfer, UpstreamCompletion(error: error, totalMicroseconds: Int64(total)))
+        }
+    }
+
+    private static func error(for code: CURLcode, handle: UnsafeMutableRawPointer) -> UpstreamError {
+        let detail = String(cString: curl_easy_strerror(code))
+        switch code {
+        case CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_HOST, CURLE_COULDNT_RESOLVE_PROXY:
+            return UpstreamError(kind: .connect, detail: detail)
+        case CURLE_OPERATION_TIMEDOUT:
+            var connectTime: curl_off_t = 0
+            _ = gh_easy_getinfo_off(handle, CURLINFO_CONNECT_TIME_T, &connectTime)
+            return UpstreamError(kind: connectTime == 0 ? .connectTimeout : .timeout, detail: detail)
+        case CURLE_SSL_CONNECT_ERROR, CURLE_PEER_FAILED_VERIFICATION, CURLE_SSL_CERTPROBLEM, CURLE_SSL_CIPHER,
+            CURLE_SSL_CACERT_BADFILE, CURLE_SSL_ISSUER_ERROR, CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+            return UpstreamError(kind: .tls, detail: detail)
+        case CURLE_ABORTED_BY_CALLBACK, CURLE_READ_ERROR:
+            return UpstreamError(kind: .requestBody, detail: detail)
+        case CURLE_GOT_NOTHING, CURLE_RECV_ERROR, CURLE_SEND_ERROR, CURLE_PARTIAL_FILE, CURLE_WEIRD_SERVER_REPLY,
+            CURLE_HTTP2, CURLE_HTTP2_STREAM:
+            return UpstreamError(kind: .reset, detail: detail)
+        default:
+            return UpstreamError(kind: .other, detail: detail)
+        }
+    }
+
+    private func finish(_ transfer: UpstreamTransfer, _ completion: UpstreamCompletion) {
+        guard let handle = transfer.handle else { return }
+        curl_multi_remove_handle(multi, handle)
+        curl_slist_free_all(transfer.headerList)
+        transfer.headerList = nil
+        transfer.handle = nil
+        idleHandles.append(handle)
+        active[ObjectIdentifier(transfer)] = nil
+        ready.removeAll { $0 === transfer }
+        transfer.complete(completion)
+        Unmanaged.passUnretained(transfer).release()
+    }
+
+    private func flushReady() {
+        guard !ready.isEmpty else { return }
+        let transfers = ready
+        ready.removeAll(keepingCapacity: true)
+        for transfer in transfers { transfer.flushEvents() }
+    }
+
+    private func cancelAll() {
+        for transfer in Array(active.values) {
+            finish(
+                transfer,
+                UpstreamCompletion(
+                    error: UpstreamError(kind: .cancelled, detail: "shutting down"), totalMicroseconds: 0))
+        }
+    }
+}
+
+extension String {
+    func caseInsensitiveEquals(_ other: String) -> Bool {
+        utf8.count == other.utf8.count && lowercased() == other.lowercased()
+    }
+}
