@@ -5,7 +5,8 @@ let package = Package(
     name: "gatehouse",
     platforms: [.macOS(.v15)],
     products: [
-        .executable(name: "gatehouse", targets: ["gatehouse"])
+        .executable(name: "gatehouse", targets: ["gatehouse"]),
+        .executable(name: "gatehouse-demo-upstream", targets: ["gatehouse-demo-upstream"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -64,12 +65,25 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .target(
+            name: "DemoUpstream",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        .executableTarget(
+            name: "gatehouse-demo-upstream",
+            dependencies: ["DemoUpstream"]
+        ),
         .testTarget(
             name: "GatehouseTests",
             dependencies: [
                 "Gatehouse",
                 "GatehouseConfig",
                 "UpstreamClient",
+                "DemoUpstream",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -35,7 +35,9 @@ public enum ConfigLoader {
         }
         let reader = NodeReader(file: file, environment: environment)
         let config = ConfigBuilder(reader: reader).build(root ?? Node.mapping(Node.Mapping([])))
-        if !reader.issues.isEmpty { throw ConfigErrors(issues: reader.issues) }
+        if !reader.issues.isEmpty {
+            throw ConfigErrors(issues: reader.issues.sorted { ($0.line, $0.path) < ($1.line, $1.path) })
+        }
         return config
     }
 

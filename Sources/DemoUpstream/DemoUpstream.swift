@@ -1,0 +1,215 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+
+/// A small HTTP/1.1 server to put behind the gateway: used by `Scripts/serve` as the demo service and by the
+/// tests as a real upstream.
+///
+/// | path                | answer                                                          |
+/// |---------------------|-----------------------------------------------------------------|
+/// | `/bytes/{n}`        | n bytes with Content-Length, written as the client takes them   |
+/// | `/chunked/{n}`      | n bytes, chunked                                                |
+/// | `/count` (POST/PUT) | `{"bytes":N}` after reading the whole body as it streams        |
+/// | `/echo-body`        | the request body streamed back, chunked                         |
+/// | `/delay/{ms}`       | an answer after ms milliseconds                                 |
+/// | `/status/{code}`    | an empty answer with that status                                |
+/// | `/truncate/{n}`     | promises n bytes, sends half, closes                            |
+/// | `/drop`             | closes the connection without answering                         |
+/// | anything else       | JSON echo of method, path, query and headers                    |
+public final class DemoUpstream: Sendable {
+    public let channel: Channel
+    private let counter: RequestCounter
+
+    /// The port the server listens on.
+    public var port: Int { channel.localAddress?.port ?? 0 }
+    /// Requests received so far.
+    public var requestCount: Int { counter.value.load(ordering: .relaxed) }
+
+    private init(channel: Channel, counter: RequestCounter) {
+        self.channel = channel
+        self.counter = counter
+    }
+
+    /// Starts listening on `host:port` (port 0 picks a free port).
+    public static func start(
+        host: String = "127.0.0.1", port: Int = 0, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) async throws -> DemoUpstream {
+        let stats = RequestCounter()
+        let channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.backlog, value: 1024)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(DemoHandler(stats: stats))
+                }
+            }
+            .bind(host: host, port: port).get()
+        return DemoUpstream(channel: channel, counter: stats)
+    }
+
+    public func stop() async {
+        try? await channel.close()
+    }
+}
+
+/// Counts the requests a server received.
+final class RequestCounter: Sendable {
+    let value = Atomic<Int>(0)
+    func increment() { value.wrappingAdd(1, ordering: .relaxed) }
+}
+
+final class DemoHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private enum Mode {
+        case echo
+        case count
+        case echoBody
+    }
+
+    private let stats: RequestCounter
+    private var head: HTTPRequestHead?
+    private var mode = Mode.echo
+    private var received = 0
+    private var remaining = 0
+    private var chunk = ByteBuffer()
+    private var streaming = false
+
+    init(stats: RequestCounter) { self.stats = stats }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            stats.increment()
+            self.head = head
+            received = 0
+            let path = head.uri.split(separator: "?").first.map(String.init) ?? "/"
+            mode = path == "/count" ? .count : (path == "/echo-body" ? .echoBody : .echo)
+            if mode == .echoBody {
+                var headers = HTTPHeaders()
+                headers.add(name: "Content-Type", value: "application/octet-stream")
+                headers.add(name: "Transfer-Encoding", value: "chunked")
+                context.writeAndFlush(
+                    wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))),
+                    promise: nil)
+            }
+        case .body(let buffer):
+            received += buffer.readableBytes
+            if mode == .echoBody {
+                context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+            }
+        case .end:
+            guard let head else { return }
+            respond(head, context: context)
+        }
+    }
+
+    private func respond(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let parts = head.uri.split(separator: "?", maxSplits: 1)
+        let path = parts.first.map(String.init) ?? "/"
+        let segments = path.split(separator: "/").map(String.init)
+        switch (segments.first, segments.count) {
+        case ("count", _):
+            send(status: .ok, body: "{\"bytes\":\(received)}", head: head, context: context)
+        case ("echo-body", _):
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        case ("bytes", 2), ("chunked", 2):
+            let total = Int(segments[1]) ?? 0
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Type", value: "application/octet-stream")
+            if segments[0] == "bytes" { headers.add(name: "Content-Length", value: String(total)) }
+            context.write(
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))), promise: nil)
+            remaining = total
+            chunk = context.channel.allocator.buffer(repeating: UInt8(ascii: "x"), count: 64 * 1024)
+            streaming = true
+            pump(context: context)
+        case ("delay", 2):
+            let milliseconds = Int64(segments[1]) ?? 0
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            context.eventLoop.scheduleTask(in: .milliseconds(milliseconds)) {
+                let (handler, context) = bound.value
+                handler.send(status: .ok, body: "{\"delayed_ms\":\(milliseconds)}", head: head, context: context)
+            }
+        case ("status", 2):
+            let code = Int(segments[1]) ?? 500
+            send(status: HTTPResponseStatus(statusCode: code), body: "", head: head, context: context)
+        case ("truncate", 2):
+            let total = Int(segments[1]) ?? 0
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Length", value: String(total))
+            context.write(
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))), promise: nil)
+            let half = context.channel.allocator.buffer(repeating: UInt8(ascii: "x"), count: total / 2)
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(half)))).whenComplete { _ in
+                channel.close(promise: nil)
+            }
+        case ("drop", _):
+            context.close(promise: nil)
+        default:
+            send(status: .ok, body: echo(head, path: path, query: parts.count > 1 ? String(parts[1]) : nil), head: head, context: context)
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if streaming, context.channel.isWritable { pump(context: context) }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Writes the streamed body while the client keeps up.
+    private func pump(context: ChannelHandlerContext) {
+        while remaining > 0, context.channel.isWritable {
+            let size = min(remaining, chunk.readableBytes)
+            remaining -= size
+            context.write(wrapOutboundOut(.body(.byteBuffer(chunk.getSlice(at: chunk.readerIndex, length: size) ?? chunk))), promise: nil)
+            context.flush()
+        }
+        if remaining == 0 {
+            streaming = false
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        }
+    }
+
+    private func send(status: HTTPResponseStatus, body: String, head: HTTPRequestHead, context: ChannelHandlerContext) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Length", value: String(body.utf8.count))
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        if !body.isEmpty {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        }
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+
+    private func echo(_ head: HTTPRequestHead, path: String, query: String?) -> String {
+        func quoted(_ text: String) -> String {
+            var out = "\""
+            for scalar in text.unicodeScalars {
+                switch scalar {
+                case "\"": out += "\\\""
+                case "\\": out += "\\\\"
+                default: out.unicodeScalars.append(scalar.value < 0x20 ? " " : scalar)
+                }
+            }
+            return out + "\""
+        }
+        var headers: [String] = []
+        var seen: [String: Int] = [:]
+        for (name, value) in head.headers {
+            let lower = name.lowercased()
+            if let index = seen[lower] {
+                headers[index] = headers[index].dropLast() + ", " + quoted(value).dropFirst()
+            } else {
+                seen[lower] = headers.count
+                headers.append("\(quoted(lower)):\(quoted(value))")
+            }
+        }
+        return "{\"method\":\(quoted(head.method.rawValue)),\"path\":\(quoted(path)),\"query\":"
+            + (query.map(quoted) ?? "null") + ",\"body_bytes\":\(received),\"headers\":{\(headers.joined(separator: ","))}}"
+    }
+}
