@@ -84,6 +84,7 @@ let package = Package(
                 "GatehouseConfig",
                 "UpstreamClient",
                 "DemoUpstream",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -78,6 +78,7 @@ final class DemoHandler: ChannelInboundHandler {
     private var remaining = 0
     private var chunk = ByteBuffer()
     private var streaming = false
+    private var pumping = false
 
     init(stats: RequestCounter) { self.stats = stats }
 
@@ -123,7 +124,8 @@ final class DemoHandler: ChannelInboundHandler {
             headers.add(name: "Content-Type", value: "application/octet-stream")
             if segments[0] == "bytes" { headers.add(name: "Content-Length", value: String(total)) }
             context.write(
-                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))), promise: nil)
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))),
+                promise: nil)
             remaining = total
             chunk = context.channel.allocator.buffer(repeating: UInt8(ascii: "x"), count: 64 * 1024)
             streaming = true
@@ -143,7 +145,8 @@ final class DemoHandler: ChannelInboundHandler {
             var headers = HTTPHeaders()
             headers.add(name: "Content-Length", value: String(total))
             context.write(
-                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))), promise: nil)
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))),
+                promise: nil)
             let half = context.channel.allocator.buffer(repeating: UInt8(ascii: "x"), count: total / 2)
             let channel = context.channel
             context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(half)))).whenComplete { _ in
@@ -152,7 +155,9 @@ final class DemoHandler: ChannelInboundHandler {
         case ("drop", _):
             context.close(promise: nil)
         default:
-            send(status: .ok, body: echo(head, path: path, query: parts.count > 1 ? String(parts[1]) : nil), head: head, context: context)
+            send(
+                status: .ok, body: echo(head, path: path, query: parts.count > 1 ? String(parts[1]) : nil), head: head,
+                context: context)
         }
     }
 
@@ -163,10 +168,16 @@ final class DemoHandler: ChannelInboundHandler {
 
     /// Writes the streamed body while the client keeps up.
     private func pump(context: ChannelHandlerContext) {
+        // A flush can report writability again from inside this loop: never run it twice at once.
+        guard streaming, !pumping else { return }
+        pumping = true
+        defer { pumping = false }
         while remaining > 0, context.channel.isWritable {
             let size = min(remaining, chunk.readableBytes)
             remaining -= size
-            context.write(wrapOutboundOut(.body(.byteBuffer(chunk.getSlice(at: chunk.readerIndex, length: size) ?? chunk))), promise: nil)
+            context.write(
+                wrapOutboundOut(.body(.byteBuffer(chunk.getSlice(at: chunk.readerIndex, length: size) ?? chunk))),
+                promise: nil)
             context.flush()
         }
         if remaining == 0 {
@@ -179,9 +190,12 @@ final class DemoHandler: ChannelInboundHandler {
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "application/json")
         headers.add(name: "Content-Length", value: String(body.utf8.count))
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        context.write(
+            wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))),
+            promise: nil)
         if !body.isEmpty {
-            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+            context.write(
+                wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         }
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
     }
@@ -210,6 +224,7 @@ final class DemoHandler: ChannelInboundHandler {
             }
         }
         return "{\"method\":\(quoted(head.method.rawValue)),\"path\":\(quoted(path)),\"query\":"
-            + (query.map(quoted) ?? "null") + ",\"body_bytes\":\(received),\"headers\":{\(headers.joined(separator: ","))}}"
+            + (query.map(quoted) ?? "null")
+            + ",\"body_bytes\":\(received),\"headers\":{\(headers.joined(separator: ","))}}"
     }
 }

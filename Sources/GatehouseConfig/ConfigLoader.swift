@@ -266,7 +266,8 @@ struct ConfigBuilder {
         if let leeway = f.duration("leeway") { jwt.leeway = leeway }
         if jwt.jwksFile != nil, jwt.jwksURL != nil { f.fail("jwks_url", "give jwks_file or jwks_url, not both") }
         let usesHMAC = jwt.algorithms.contains { $0.hasPrefix("HS") }
-        let usesKeys = jwt.algorithms.contains { !$0.hasPrefix("HS") }
+        let keyAlgorithms = jwt.algorithms.filter { !$0.hasPrefix("HS") && Self.jwtAlgorithms.contains($0) }
+        let usesKeys = !keyAlgorithms.isEmpty
         if usesHMAC, jwt.secret == nil { f.fail("secret", "required for HS algorithms") }
         if usesKeys, jwt.jwksFile == nil, jwt.jwksURL == nil {
             f.fail(
@@ -284,26 +285,30 @@ struct ConfigBuilder {
         let path = "rate_limits.\(name)"
         guard
             let f = reader.fields(
-                node, path, allowed: ["requests", "per", "burst", "by", "algorithm", "on_redis_error"]),
-            let requests = f.require("requests").flatMap({ reader.int($0, f.path("requests"), min: 1) }),
-            let per = f.require("per").flatMap({ reader.duration($0, f.path("per")) })
+                node, path, allowed: ["requests", "per", "burst", "by", "algorithm", "on_redis_error"])
         else { return nil }
-        if per.nanoseconds < 1_000_000 { f.fail("per", "must be at least 1ms") }
-        var policy = RateLimitPolicy(
-            name: name, requests: requests, per: per, burst: f.int("burst", min: 1) ?? requests)
-        if let by = f.string("by") {
-            switch by {
-            case "consumer": policy.by = .consumer
-            case "ip": policy.by = .ip
-            case "route": policy.by = .route
+        // Read every field before giving up, so that all of its errors are reported at once.
+        let requests = f.require("requests").flatMap { reader.int($0, f.path("requests"), min: 1) }
+        let per = f.require("per").flatMap { reader.duration($0, f.path("per")) }
+        let burst = f.int("burst", min: 1)
+        var by = RateLimitPolicy.Key.consumer
+        if let text = f.string("by") {
+            switch text {
+            case "consumer": by = .consumer
+            case "ip": by = .ip
+            case "route": by = .route
             default:
-                if by.hasPrefix("header:"), by.count > 7 {
-                    policy.by = .header(String(by.dropFirst(7)))
+                if text.hasPrefix("header:"), text.count > 7 {
+                    by = .header(String(text.dropFirst(7)))
                 } else {
-                    f.fail("by", "expected consumer | ip | route | header:<Name>, found \"\(by)\"")
+                    f.fail("by", "expected consumer | ip | route | header:<Name>, found \"\(text)\"")
                 }
             }
         }
+        guard let requests, let per else { return nil }
+        if per.nanoseconds < 1_000_000 { f.fail("per", "must be at least 1ms") }
+        var policy = RateLimitPolicy(name: name, requests: requests, per: per, burst: burst ?? requests)
+        policy.by = by
         if let v = f.choice("algorithm", as: RateLimitPolicy.Algorithm.self) { policy.algorithm = v }
         if let v = f.choice("on_redis_error", as: RateLimitPolicy.RedisErrorMode.self) { policy.onRedisError = v }
         return policy

@@ -362,6 +362,12 @@ public struct RouteRewrite: Sendable, Encodable {
     /// A path template using the route's `{name}` parameters.
     public var path: String?
 
+    public init(stripPrefix: String? = nil, addPrefix: String? = nil, path: String? = nil) {
+        self.stripPrefix = stripPrefix
+        self.addPrefix = addPrefix
+        self.path = path
+    }
+
     enum CodingKeys: String, CodingKey {
         case stripPrefix = "strip_prefix"
         case addPrefix = "add_prefix"

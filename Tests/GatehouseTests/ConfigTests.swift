@@ -1,1 +1,155 @@
+import Foundation
+import GatehouseConfig
 import Testing
+
+/// Config loading: every kind of error names file, line and key path; `${ENV}`, durations and sizes.
+@Suite struct ConfigTests {
+    static let minimal = """
+        upstreams:
+          users:
+            targets: [{ url: "http://127.0.0.1:9001" }]
+        routes:
+          - id: users
+            match: { path: "/v1/users/{id}" }
+            upstream: users
+        """
+
+    func errors(_ yaml: String, environment: [String: String] = [:]) -> [String] {
+        do {
+            _ = try ConfigLoader.parse(yaml: yaml, file: "g.yaml", environment: environment)
+            return []
+        } catch let errors as ConfigErrors {
+            return errors.issues.map(\.description)
+        } catch {
+            return ["unexpected \(error)"]
+        }
+    }
+
+    @Test func minimalConfigLoadsWithDefaults() throws {
+        let config = try ConfigLoader.parse(yaml: Self.minimal, environment: [:])
+        #expect(config.server.listen.port == 8080)
+        #expect(config.server.limits.maxBodyBytes == 10 * 1024 * 1024)
+        #expect(config.server.limits.headerTimeout.milliseconds == 10_000)
+        #expect(config.routes[0].upstream == "users")
+        #expect(config.upstreams[0].timeout.milliseconds == 30_000)
+    }
+
+    @Test func theShippedConfigsAreValid() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        // Relative paths inside the configs (jwks_file) resolve against the package root, where `swift test` runs.
+        _ = try ConfigLoader.load(path: root.appendingPathComponent("config/gatehouse.yaml").path, environment: [:])
+        let reference = try ConfigLoader.load(
+            path: root.appendingPathComponent("config/examples/reference.yaml").path,
+            environment: ["GATEHOUSE_ADMIN_TOKEN": "t", "JWT_SECRET": "s", "PARTNER_TOKEN": "p"])
+        #expect(reference.upstreams[0].requestHeaders.set[0].value.value == "Bearer p")
+    }
+
+    @Test func unknownKeyIsAnErrorWithLineAndSuggestion() {
+        let found = errors(Self.minimal + "\n    timeuot: 5s")
+        #expect(found == ["g.yaml:8: routes[0].timeuot: unknown key \"timeuot\"; did you mean \"timeout\"?"])
+    }
+
+    @Test func unknownUpstreamIsNamedWithItsLine() {
+        let yaml = Self.minimal.replacingOccurrences(of: "upstream: users", with: "upstream: userz")
+        #expect(errors(yaml) == ["g.yaml:7: routes[0].upstream: unknown upstream \"userz\""])
+    }
+
+    @Test func environmentInterpolation() throws {
+        let yaml = Self.minimal + "\nadmin:\n  token: \"tok-${ADMIN_SECRET}\""
+        let config = try ConfigLoader.parse(yaml: yaml, environment: ["ADMIN_SECRET": "abc"])
+        #expect(config.admin.token?.value == "tok-abc")
+        #expect(errors(yaml) == ["g.yaml:9: admin.token: environment variable ADMIN_SECRET is not set"])
+    }
+
+    @Test func durationsAndSizes() throws {
+        let yaml =
+            Self.minimal + "\nserver:\n  limits: { max_body_bytes: 64KiB, header_timeout: 250ms, idle_timeout: 5m }"
+        let config = try ConfigLoader.parse(yaml: yaml, environment: [:])
+        #expect(config.server.limits.maxBodyBytes == 65536)
+        #expect(config.server.limits.headerTimeout.milliseconds == 250)
+        #expect(config.server.limits.idleTimeout.milliseconds == 300_000)
+        let bad = Self.minimal + "\nserver:\n  limits: { max_body_bytes: lots, header_timeout: 10 }"
+        let found = errors(bad)
+        #expect(found.count == 2)
+        #expect(found.contains { $0.contains("server.limits.max_body_bytes: expected a size") })
+        #expect(found.contains { $0.contains("server.limits.header_timeout: expected a duration") })
+    }
+
+    @Test func wrongTypesAndMissingRequiredKeys() {
+        let yaml = """
+            upstreams:
+              users: { targets: "http://x" }
+            routes:
+              - match: { path: "/a" }
+                upstream: users
+              - id: b
+                upstream: users
+            """
+        let found = errors(yaml)
+        #expect(found.contains("g.yaml:2: upstreams.users.targets: expected a list, found \"http://x\""))
+        #expect(found.contains("g.yaml:4: routes[0].id: required"))
+        #expect(found.contains("g.yaml:6: routes[1].match: required"))
+    }
+
+    @Test func everyErrorIsReportedAtOnceInLineOrder() {
+        let yaml = """
+            server: { listen: "nope", threads: many }
+            redis: { url: "http://wrong" }
+            rate_limits:
+              gold: { requests: 0, per: 1m, by: planet }
+            consumers:
+              - { id: acme, api_keys: ["plaintext-key"], rate_limit: silver }
+            auth:
+              jwt:
+                - { issuer: "https://i", algorithms: [none, HS256] }
+            upstreams:
+              u: { targets: [{ url: "ftp://x" }], balance: fastest }
+            routes:
+              - { id: r, match: { path: "/a/{id" }, upstream: u, auth: maybe }
+              - { id: r, match: { path: "/b", path_prefix: "/b" }, respond: { status: 200 }, upstream: u }
+            admin: { listen: "0.0.0.0:9901" }
+            """
+        let found = errors(yaml)
+        let lines = found.compactMap { Int($0.split(separator: ":")[1]) }
+        #expect(lines == lines.sorted())
+        for fragment in [
+            "server.listen: expected host:port", "server.threads: expected auto", "redis.url: expected redis://",
+            "rate_limits.gold.requests: must be at least 1", "rate_limits.gold.by: expected consumer",
+            "consumers[0].api_keys[0]: expected sha256:", "consumers[0].rate_limit: unknown rate limit policy",
+            "\"none\" is never accepted", "auth.jwt[0].secret: required for HS algorithms",
+            "upstreams.u.targets[0].url: expected http://", "upstreams.u.balance: expected round_robin",
+            "routes[0].match.path: a parameter must be a whole segment", "routes[0].auth: expected one of",
+            "routes[1].id: route id \"r\" is used twice", "routes[1].match.path_prefix: give path or path_prefix",
+            "routes[1].respond: give upstream or respond", "admin.token: required when admin.listen",
+        ] {
+            #expect(found.contains { $0.contains(fragment) }, "missing: \(fragment)")
+        }
+    }
+
+    @Test func invalidYAMLNamesTheLine() {
+        let found = errors("routes:\n  - id: a\n    match: [unclosed\n")
+        #expect(found.count == 1)
+        #expect(found.first?.hasPrefix("g.yaml:") == true)
+        #expect(found.first?.contains("invalid YAML") == true)
+    }
+
+    @Test func rewriteMayOnlyUseKnownParameters() {
+        let yaml = Self.minimal + "\n    rewrite: { path: \"/u/{user}\" }"
+        #expect(errors(yaml) == ["g.yaml:8: routes[0].rewrite.path: parameter {user} is not in the route's match.path"])
+    }
+
+    @Test func secretsAreRedactedWhenEncoded() throws {
+        let yaml =
+            Self.minimal + """
+
+                admin: { token: "admin-secret" }
+                redis: { url: "redis://:pw@127.0.0.1:6379/0" }
+                """
+        let config = try ConfigLoader.parse(yaml: yaml, environment: [:])
+        let json = String(decoding: try JSONEncoder().encode(config), as: UTF8.self)
+        #expect(!json.contains("admin-secret"))
+        #expect(!json.contains(":pw@"))
+        #expect(json.contains("<redacted>"))
+    }
+}

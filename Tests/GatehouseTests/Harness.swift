@@ -1,0 +1,271 @@
+import DemoUpstream
+import Foundation
+import GatehouseConfig
+import Logging
+import NIOCore
+import NIOPosix
+
+@testable import Gatehouse
+
+/// A real gateway in front of a real upstream, both in this process, on free loopback ports.
+struct Harness {
+    let gateway: Gateway
+    let upstream: DemoUpstream
+    /// The config file the gateway reloads from.
+    let configPath: String
+    var port: Int { gateway.localAddress?.port ?? 0 }
+    var adminPort: Int { gateway.adminAddress?.port ?? 0 }
+
+    /// Starts the demo upstream and a gateway whose config is `yaml(upstreamPort)`, runs `body`, stops both.
+    static func run(
+        _ yaml: (Int) -> String, environment: [String: String] = [:], _ body: (Harness) async throws -> Void
+    ) async throws {
+        let upstream = try await DemoUpstream.start()
+        do {
+            let path = FileManager.default.temporaryDirectory.appendingPathComponent(
+                "gatehouse-\(UUID().uuidString).yaml"
+            ).path
+            try yaml(upstream.port).write(toFile: path, atomically: true, encoding: .utf8)
+            defer { try? FileManager.default.removeItem(atPath: path) }
+            let config = try ConfigLoader.load(path: path, environment: environment)
+            var logger = Logger(label: "test")
+            logger.logLevel = .critical
+            let gateway = Gateway(config: config, configPath: path, logger: logger)
+            try await gateway.start()
+            let harness = Harness(gateway: gateway, upstream: upstream, configPath: path)
+            do {
+                try await body(harness)
+            } catch {
+                await gateway.shutdown()
+                throw error
+            }
+            await gateway.shutdown()
+        } catch {
+            await upstream.stop()
+            throw error
+        }
+        await upstream.stop()
+    }
+
+    /// A config with one upstream `demo` and the given routes; extra YAML may override `server` settings.
+    static func config(upstreamPort: Int, server: String = "", upstream: String = "", routes: String) -> String {
+        """
+        server:
+          listen: "127.0.0.1:0"
+          threads: 1
+          access_log: "off"
+        \(server)
+        admin:
+          listen: "127.0.0.1:0"
+        upstreams:
+          demo:
+            targets: [{ url: "http://127.0.0.1:\(upstreamPort)" }]
+        \(upstream)
+        routes:
+        \(routes)
+        """
+    }
+
+    /// The common test config: `/status` answered directly, everything else to the demo upstream.
+    static func basic(_ upstreamPort: Int) -> String {
+        config(
+            upstreamPort: upstreamPort,
+            routes: """
+                  - id: status
+                    match: { path: "/status" }
+                    respond: { status: 200, body: "ok", headers: { Content-Type: text/plain } }
+                  - id: demo
+                    match: { path_prefix: "/" }
+                    upstream: demo
+                """)
+    }
+}
+
+/// One parsed HTTP/1.1 response.
+struct RawResponse {
+    var status: Int
+    var headers: [(String, String)]
+    var body: [UInt8]
+
+    func header(_ name: String) -> String? {
+        headers.first { $0.0.lowercased() == name.lowercased() }?.1
+    }
+
+    var text: String { String(decoding: body, as: UTF8.self) }
+
+    /// The body as a JSON object.
+    var json: [String: Any] {
+        (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any] ?? [:]
+    }
+}
+
+/// A raw TCP client that sends exactly the bytes it is given, for requests a polite client would refuse to send.
+final class RawConnection {
+    private var iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
+    private let outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>
+    private var pending: [UInt8] = []
+    private(set) var closed = false
+
+    private init(inbound: NIOAsyncChannelInboundStream<ByteBuffer>, outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>)
+    {
+        iterator = inbound.makeAsyncIterator()
+        self.outbound = outbound
+    }
+
+    /// Connects to 127.0.0.1:`port`, runs `body`, closes.
+    static func with<T>(port: Int, _ body: (RawConnection) async throws -> T) async throws -> T {
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+        return try await channel.executeThenClose { inbound, outbound in
+            try await body(RawConnection(inbound: inbound, outbound: outbound))
+        }
+    }
+
+    func send(_ text: String) async throws {
+        try await outbound.write(ByteBuffer(string: text))
+    }
+
+    func send(bytes: [UInt8]) async throws {
+        try await outbound.write(ByteBuffer(bytes: bytes))
+    }
+
+    /// Reads more bytes; false at end of stream.
+    private func fill() async throws -> Bool {
+        guard !closed else { return false }
+        do {
+            guard let buffer = try await iterator.next() else {
+                closed = true
+                return false
+            }
+            pending += buffer.readableBytesView
+            return true
+        } catch {
+            closed = true
+            return false
+        }
+    }
+
+    /// Reads the status line and headers of a response, leaving its body unread.
+    func readHead() async throws -> RawResponse {
+        try await readResponse(headRequest: true)
+    }
+
+    /// Reads one whole response. `headRequest` means no body follows the head.
+    func readResponse(headRequest: Bool = false) async throws -> RawResponse {
+        var headEnd: Int?
+        while headEnd == nil {
+            headEnd = Self.find([13, 10, 13, 10], in: pending)
+            if headEnd == nil, !(try await fill()) { throw RawError.closed(String(decoding: pending, as: UTF8.self)) }
+        }
+        let headText = String(decoding: pending[..<(headEnd ?? 0)], as: UTF8.self)
+        pending.removeFirst((headEnd ?? 0) + 4)
+        var lines = headText.components(separatedBy: "\r\n")
+        let statusLine = lines.removeFirst().split(separator: " ")
+        let status = statusLine.count > 1 ? Int(statusLine[1]) ?? 0 : 0
+        let headers = lines.compactMap { line -> (String, String)? in
+            guard let colon = line.firstIndex(of: ":") else { return nil }
+            return (String(line[..<colon]), line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces))
+        }
+        var response = RawResponse(status: status, headers: headers, body: [])
+        if headRequest || status == 204 || status == 304 || (100..<200).contains(status) { return response }
+        if let length = response.header("Content-Length").flatMap(Int.init) {
+            while pending.count < length {
+                if !(try await fill()) { throw RawError.truncated(pending.count, length) }
+            }
+            response.body = Array(pending[..<length])
+            pending.removeFirst(length)
+        } else if response.header("Transfer-Encoding")?.lowercased() == "chunked" {
+            while true {
+                var lineEnd = Self.find([13, 10], in: pending)
+                while lineEnd == nil {
+                    if !(try await fill()) { throw RawError.truncated(response.body.count, -1) }
+                    lineEnd = Self.find([13, 10], in: pending)
+                }
+                let sizeText = String(decoding: pending[..<(lineEnd ?? 0)], as: UTF8.self)
+                let size = Int(sizeText.split(separator: ";").first ?? "", radix: 16) ?? 0
+                pending.removeFirst((lineEnd ?? 0) + 2)
+                while pending.count < size + 2 {
+                    if !(try await fill()) { throw RawError.truncated(response.body.count, -1) }
+                }
+                response.body += pending[..<size]
+                pending.removeFirst(size + 2)
+                if size == 0 { break }
+            }
+        } else {
+            while try await fill() {}
+            response.body = pending
+            pending = []
+        }
+        return response
+    }
+
+    /// Reads and counts body bytes of a response without keeping them, pausing `pause` every `every` bytes.
+    func drainBody(length: Int, every: Int = 256 * 1024, pause: Duration = .zero, onProgress: (Int) -> Void = { _ in })
+        async throws -> Int
+    {
+        var count = min(pending.count, length)
+        pending.removeFirst(count)
+        var sincePause = 0
+        while count < length {
+            guard let buffer = try await iterator.next() else { break }
+            count += buffer.readableBytes
+            sincePause += buffer.readableBytes
+            if sincePause >= every {
+                sincePause = 0
+                onProgress(count)
+                if pause > .zero { try await Task.sleep(for: pause) }
+            }
+        }
+        return count
+    }
+
+    /// True when the server closes the connection within `timeout`.
+    func waitForClose(timeout: Duration = .seconds(5)) async throws -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if !(try await fill()) { return true }
+        }
+        return false
+    }
+
+    private static func find(_ needle: [UInt8], in haystack: [UInt8]) -> Int? {
+        guard haystack.count >= needle.count else { return nil }
+        for index in 0...(haystack.count - needle.count) where haystack[index] == needle[0] {
+            if Array(haystack[index..<(index + needle.count)]) == needle { return index }
+        }
+        return nil
+    }
+}
+
+enum RawError: Error {
+    case closed(String)
+    case truncated(Int, Int)
+}
+
+/// Sends one request on a fresh connection and reads the response.
+func request(
+    port: Int, _ path: String, method: String = "GET", headers: [(String, String)] = [], body: String? = nil
+) async throws -> RawResponse {
+    try await RawConnection.with(port: port) { connection in
+        var text = "\(method) \(path) HTTP/1.1\r\nHost: test.local\r\n"
+        for (name, value) in headers { text += "\(name): \(value)\r\n" }
+        if let body { text += "Content-Length: \(body.utf8.count)\r\n" }
+        text += "Connection: close\r\n\r\n" + (body ?? "")
+        try await connection.send(text)
+        return try await connection.readResponse(headRequest: method == "HEAD")
+    }
+}
+
+/// The resident set size of this process in bytes.
+func residentBytes() -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return 0 }
+    for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+        let digits = line.split(separator: " ").dropFirst().first ?? "0"
+        return (Int(digits) ?? 0) * 1024
+    }
+    return 0
+}
