@@ -32,6 +32,11 @@ public struct UpstreamRequest: Sendable {
 public struct UpstreamResponseHead: Sendable {
     public var status: Int
     public var headers: [(name: String, value: String)]
+
+    public init(status: Int, headers: [(name: String, value: String)]) {
+        self.status = status
+        self.headers = headers
+    }
 }
 
 /// Why an upstream exchange failed.

@@ -87,7 +87,11 @@ struct ConnectionInfo: Sendable {
     let scheme: String
 
     init(remote: SocketAddress?, tls: Bool) {
-        peerIP = remote?.ipAddress ?? "unknown"
+        self.init(peerIP: remote?.ipAddress ?? "unknown", tls: tls)
+    }
+
+    init(peerIP: String, tls: Bool) {
+        self.peerIP = peerIP
         peerBytes = IPAddressText.parse(peerIP)
         scheme = tls ? "https" : "http"
     }

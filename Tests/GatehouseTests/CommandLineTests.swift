@@ -1,0 +1,139 @@
+import DemoUpstream
+import Foundation
+import Synchronization
+import Testing
+
+/// The real `gatehouse` binary: `check`, `hash-key`, `--version`, and `serve` with SIGHUP and SIGTERM.
+@Suite struct CommandLineTests {
+    static let binary = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent(".build/debug/gatehouse").path
+
+    /// Runs the binary to completion; returns exit status, stdout and stderr.
+    static func run(_ arguments: [String]) throws -> (Int32, String, String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        let out = Pipe()
+        let err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let output = out.fileHandleForReading.readDataToEndOfFile()
+        let error = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (
+            process.terminationStatus, String(decoding: output, as: UTF8.self), String(decoding: error, as: UTF8.self)
+        )
+    }
+
+    static func temporaryFile(_ text: String) throws -> String {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gh-\(UUID().uuidString).yaml").path
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    @Test func hashKeyAndVersion() throws {
+        let (status, output, _) = try Self.run(["hash-key", "test"])
+        #expect(status == 0)
+        #expect(output == "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n")
+        let (_, version, _) = try Self.run(["--version"])
+        #expect(version.trimmingCharacters(in: .whitespacesAndNewlines) == "0.1.0")
+    }
+
+    @Test func checkPrintsASummaryOrEveryError() throws {
+        let good = try Self.temporaryFile(
+            "routes:\n  - { id: status, match: { path: \"/status\" }, respond: { status: 200, body: ok } }\n")
+        let (status, output, _) = try Self.run(["check", "--config", good])
+        #expect(status == 0)
+        #expect(output.contains("OK"))
+        #expect(output.contains("status: * * /status -> respond 200"))
+
+        let bad = try Self.temporaryFile(
+            "server:\n  listen: nope\nroutes:\n  - { id: a, match: { path: \"/a\" }, upstream: ghost }\n")
+        let (badStatus, _, errors) = try Self.run(["check", "--config", bad])
+        #expect(badStatus == 1)
+        #expect(errors.contains("\(bad):2: server.listen: expected host:port"))
+        #expect(errors.contains("\(bad):4: routes[0].upstream: unknown upstream \"ghost\""))
+    }
+
+    @Test func serveReloadsOnSIGHUPAndDrainsOnSIGTERM() async throws {
+        let upstream = try await DemoUpstream.start()
+        defer { Task { await upstream.stop() } }
+        let yaml = """
+            server: { listen: "127.0.0.1:0", access_log: "off", drain_timeout: 5s }
+            admin: { listen: "127.0.0.1:0" }
+            upstreams:
+              demo: { targets: [{ url: "http://127.0.0.1:\(upstream.port)" }] }
+            routes:
+              - { id: status, match: { path: "/status" }, respond: { status: 200, body: "one" } }
+              - { id: demo, match: { path_prefix: "/" }, upstream: demo }
+            """
+        let path = try Self.temporaryFile(yaml)
+        let server = try ServeProcess(config: path)
+        let port = try await server.port()
+        #expect(try await request(port: port, "/status").text == "one")
+
+        try yaml.replacingOccurrences(of: "body: \"one\"", with: "body: \"two\"").write(
+            toFile: path, atomically: true, encoding: .utf8)
+        kill(server.process.processIdentifier, SIGHUP)
+        _ = try await server.waitFor("config reloaded")
+        #expect(try await request(port: port, "/status").text == "two")
+
+        try "routes: [".write(toFile: path, atomically: true, encoding: .utf8)
+        kill(server.process.processIdentifier, SIGHUP)
+        _ = try await server.waitFor("reload rejected")
+        #expect(try await request(port: port, "/status").text == "two")
+
+        async let slow = request(port: port, "/delay/700")
+        try await Task.sleep(for: .milliseconds(200))
+        kill(server.process.processIdentifier, SIGTERM)
+        #expect(try await slow.status == 200)
+        server.process.waitUntilExit()
+        #expect(server.process.terminationStatus == 0)
+    }
+}
+
+/// A running `gatehouse serve` whose stderr is collected.
+final class ServeProcess: Sendable {
+    let process: Process
+    let log = LogBuffer()
+
+    init(config: String) throws {
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: CommandLineTests.binary)
+        process.arguments = ["serve", "--config", config]
+        let err = Pipe()
+        process.standardError = err
+        process.standardOutput = FileHandle.nullDevice
+        let log = self.log
+        err.fileHandleForReading.readabilityHandler = { handle in
+            let text = String(decoding: handle.availableData, as: UTF8.self)
+            log.text.withLock { $0 += text }
+        }
+        try process.run()
+    }
+
+    /// Waits for a log line containing `text`; returns the whole log.
+    func waitFor(_ text: String, timeout: Duration = .seconds(20)) async throws -> String {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            let current = log.text.withLock { $0 }
+            if current.contains(text) { return current }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        Issue.record("no log line with \(text): \(log.text.withLock { $0 })")
+        return ""
+    }
+
+    /// The client port from the "gatehouse listening" line.
+    func port() async throws -> Int {
+        let log = try await waitFor("gatehouse listening")
+        guard let range = log.range(of: #"listen=\S*?:(\d+)"#, options: .regularExpression) else { return 0 }
+        return Int(log[range].split(separator: ":").last ?? "") ?? 0
+    }
+}
+
+/// Text collected from another thread.
+final class LogBuffer: Sendable {
+    let text = Mutex("")
+}
