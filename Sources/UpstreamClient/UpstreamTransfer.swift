@@ -37,6 +37,8 @@ public final class UpstreamTransfer: @unchecked Sendable {
     var hasEvents = false
     var writePaused = false
     var finished = false
+    /// Listed in the worker's hand-over for this round.
+    var queuedForHandOver = false
 
     init(request: UpstreamRequest, delegate: UpstreamTransferDelegate, worker: UpstreamWorker) {
         self.request = request
@@ -122,7 +124,10 @@ public final class UpstreamTransfer: @unchecked Sendable {
             }
             return written
         }
-        if wantsMore { delegate.upstreamTransferWantsRequestBody(self) }
+        if wantsMore {
+            let delegate = self.delegate
+            delegate.eventLoop.execute { delegate.upstreamTransferWantsRequestBody(self) }
+        }
         return result
     }
 
@@ -139,59 +144,76 @@ public final class UpstreamTransfer: @unchecked Sendable {
         return count
     }
 
-    /// curl's header callback: one header line at a time, ending with an empty line.
+    /// curl's header callback: one header line at a time, ending with an empty line. Parsed as bytes.
     func headerLine(_ source: UnsafeMutablePointer<CChar>, count: Int) -> Int {
-        // Strip the line ending as bytes: in Swift "\r\n" is a single Character.
-        var length = count
-        while length > 0, source[length - 1] == 0x0A || source[length - 1] == 0x0D { length -= 1 }
-        let line = Substring(decoding: UnsafeRawBufferPointer(start: source, count: length), as: UTF8.self)
-        if line.hasPrefix("HTTP/") {
-            let parts = line.split(separator: " ", maxSplits: 2)
-            let status = parts.count > 1 ? Int(parts[1]) ?? 0 : 0
-            pendingHead = (status, [])
-        } else if line.isEmpty {
+        let bytes = UnsafeRawBufferPointer(start: source, count: count)
+        var end = count
+        while end > 0, bytes[end - 1] == 0x0A || bytes[end - 1] == 0x0D { end -= 1 }
+        if end == 0 {
             if let head = pendingHead, head.status >= 200 {
                 events.head = UpstreamResponseHead(status: head.status, headers: head.headers)
                 hasEvents = true
                 worker.markReady(self)
             }
             pendingHead = nil
-        } else if let colon = line.firstIndex(of: ":"), pendingHead != nil {
-            let name = line[..<colon].trimmingSpaces
-            let value = line[line.index(after: colon)...].trimmingSpaces
-            pendingHead?.headers.append((String(name), String(value)))
-        } else if let first = line.first, first == " " || first == "\t", let count = pendingHead?.headers.count,
-            count > 0
-        {
-            // Obsolete line folding: join to the previous value.
-            pendingHead?.headers[count - 1].value += " " + line.trimmingSpaces
+            return count
         }
+        if end > 5, bytes[0] == UInt8(ascii: "H"), bytes[1] == UInt8(ascii: "T"), bytes[2] == UInt8(ascii: "T"),
+            bytes[3] == UInt8(ascii: "P"), bytes[4] == UInt8(ascii: "/")
+        {
+            // "HTTP/1.1 200 OK" or "HTTP/2 200": the three digits after the first space.
+            var index = 5
+            while index < end, bytes[index] != UInt8(ascii: " ") { index += 1 }
+            var status = 0
+            index += 1
+            while index < end, bytes[index] >= UInt8(ascii: "0"), bytes[index] <= UInt8(ascii: "9") {
+                status = status * 10 + Int(bytes[index] - UInt8(ascii: "0"))
+                index += 1
+            }
+            pendingHead = (status, [])
+            pendingHead?.headers.reserveCapacity(12)
+            return count
+        }
+        guard pendingHead != nil else { return count }
+        if bytes[0] == UInt8(ascii: " ") || bytes[0] == UInt8(ascii: "\t") {
+            // Obsolete line folding: join to the previous value.
+            if let last = pendingHead?.headers.count, last > 0 {
+                let more = Self.trimmed(bytes, 0, end)
+                pendingHead?.headers[last - 1].value += " " + String(decoding: more, as: UTF8.self)
+            }
+            return count
+        }
+        var colon = 0
+        while colon < end, bytes[colon] != UInt8(ascii: ":") { colon += 1 }
+        guard colon < end else { return count }
+        let name = String(decoding: Self.trimmed(bytes, 0, colon), as: UTF8.self)
+        let value = String(decoding: Self.trimmed(bytes, colon + 1, end), as: UTF8.self)
+        pendingHead?.headers.append((name, value))
         return count
     }
 
-    /// Hands everything gathered since the last flush to the delegate.
-    func flushEvents() {
-        guard hasEvents else { return }
+    private static func trimmed(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> UnsafeRawBufferPointer.SubSequence {
+        var start = start
+        var end = end
+        while start < end, bytes[start] == UInt8(ascii: " ") || bytes[start] == UInt8(ascii: "\t") { start += 1 }
+        while end > start, bytes[end - 1] == UInt8(ascii: " ") || bytes[end - 1] == UInt8(ascii: "\t") { end -= 1 }
+        return bytes[start..<end]
+    }
+
+    /// Takes everything gathered since the last hand-over.
+    func takeEvents() -> UpstreamEvents {
         let batch = events
         events = UpstreamEvents()
         hasEvents = false
-        delegate.upstreamTransfer(self, received: batch)
+        return batch
     }
 
+    /// Records how the exchange ended; the worker hands it over with the other events of this round.
     func complete(_ completion: UpstreamCompletion) {
         guard !finished else { return }
         finished = true
         events.completion = completion
         hasEvents = true
-        flushEvents()
-    }
-}
-
-extension Substring {
-    var trimmingSpaces: Substring {
-        var s = self
-        while let f = s.first, f == " " || f == "\t" { s = s.dropFirst() }
-        while let l = s.last, l == " " || l == "\t" { s = s.dropLast() }
-        return s
+        worker.markReady(self)
     }
 }

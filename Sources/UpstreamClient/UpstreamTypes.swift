@@ -86,8 +86,13 @@ public struct UpstreamEvents: Sendable {
     public var completion: UpstreamCompletion?
 }
 
-/// Receives a transfer's events. Called on an upstream worker thread: hop to your own thread before touching state.
+/// Receives a transfer's events, always on its ``eventLoop``.
+///
+/// A worker hands the events of all transfers that share an event loop over in one task per round, so the
+/// cost of waking the loop is shared by every transfer it serves.
 public protocol UpstreamTransferDelegate: AnyObject, Sendable {
+    /// The event loop the delegate's methods are called on.
+    var eventLoop: EventLoop { get }
     /// The response head, body chunks and completion since the last call, in order.
     func upstreamTransfer(_ transfer: UpstreamTransfer, received events: UpstreamEvents)
     /// The queued request body fell below the low-water mark: the client may be read again.

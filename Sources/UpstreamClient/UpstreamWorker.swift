@@ -51,9 +51,11 @@ final class UpstreamWorker: @unchecked Sendable {
         stopped.wait()
     }
 
-    /// Called from callbacks on this thread: the transfer has events to hand over after this round.
+    /// Called on this thread: the transfer has events to hand over at the end of this round.
     func markReady(_ transfer: UpstreamTransfer) {
-        if transfer.hasEvents, !ready.contains(where: { $0 === transfer }) { ready.append(transfer) }
+        guard !transfer.queuedForHandOver else { return }
+        transfer.queuedForHandOver = true
+        ready.append(transfer)
     }
 
     private func run() {
@@ -73,6 +75,7 @@ final class UpstreamWorker: @unchecked Sendable {
             curl_multi_poll(multi, nil, 0, 1000, nil)
         }
         cancelAll()
+        flushReady()
         for handle in idleHandles { curl_easy_cleanup(handle) }
         curl_multi_cleanup(multi)
         stopped.signal()
@@ -133,6 +136,8 @@ final class UpstreamWorker: @unchecked Sendable {
         _ = gh_easy_setopt_string(handle, CURLOPT_PROTOCOLS_STR, "http,https")
         _ = gh_easy_setopt_long(handle, CURLOPT_FOLLOWLOCATION, 0)
         _ = gh_easy_setopt_long(handle, CURLOPT_PATH_AS_IS, 1)
+        // Targets come from the config only: no proxy from the environment (and no getenv per request).
+        _ = gh_easy_setopt_string(handle, CURLOPT_PROXY, "")
         _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_CONTENT_DECODING, 0)
         _ = gh_easy_setopt_long(handle, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1)
         if request.url.hasPrefix("https:") {
@@ -237,16 +242,26 @@ final class UpstreamWorker: @unchecked Sendable {
         transfer.handle = nil
         idleHandles.append(handle)
         active[ObjectIdentifier(transfer)] = nil
-        ready.removeAll { $0 === transfer }
         transfer.complete(completion)
         Unmanaged.passUnretained(transfer).release()
     }
 
+    /// Hands the events of this round over: one task per event loop, carrying every transfer that loop serves.
     private func flushReady() {
         guard !ready.isEmpty else { return }
-        let transfers = ready
+        var batches: [ObjectIdentifier: (EventLoop, [(UpstreamTransfer, UpstreamEvents)])] = [:]
+        for transfer in ready {
+            transfer.queuedForHandOver = false
+            guard transfer.hasEvents else { continue }
+            let loop = transfer.delegate.eventLoop
+            batches[ObjectIdentifier(loop), default: (loop, [])].1.append((transfer, transfer.takeEvents()))
+        }
         ready.removeAll(keepingCapacity: true)
-        for transfer in transfers { transfer.flushEvents() }
+        for (loop, batch) in batches.values {
+            loop.execute {
+                for (transfer, events) in batch { transfer.delegate.upstreamTransfer(transfer, received: events) }
+            }
+        }
     }
 
     private func cancelAll() {

@@ -106,6 +106,20 @@ import Testing
         }
     }
 
+    @Test func expectContinueIsAnsweredBeforeTheBodyIsSent() async throws {
+        try await Harness.run(Harness.basic) { h in
+            try await RawConnection.with(port: h.port) { connection in
+                try await connection.send(
+                    "POST /count HTTP/1.1\r\nHost: test.local\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+                let interim = try await connection.readHead()
+                #expect(interim.status == 100)
+                try await connection.send("abcd")
+                let response = try await connection.readResponse()
+                #expect(response.json["bytes"] as? Int == 4)
+            }
+        }
+    }
+
     @Test func absoluteFormNeverChoosesTheUpstreamHost() async throws {
         try await Harness.run(Harness.basic) { h in
             try await RawConnection.with(port: h.port) { connection in

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import NIOPosix
 import Synchronization
 import Testing
 import UpstreamClient
@@ -78,6 +79,7 @@ extension UpstreamClient {
     }
 
     private final class Collector: UpstreamTransferDelegate {
+        let eventLoop: EventLoop = MultiThreadedEventLoopGroup.singleton.next()
         let continuation = Mutex<CheckedContinuation<FetchedResponse, Error>?>(nil)
         let response = Mutex(FetchedResponse())
 

@@ -22,6 +22,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var responseEnded = false
         /// The response's end was written before the request body ended; the rest of the body is dropped.
         var endWritten = false
+        /// The access-log line and metrics were written; they are written once.
+        var logged = false
         var isHead: Bool { context.head.method == .HEAD }
 
         init(context: RequestContext, runtime: Runtime) {
@@ -85,6 +87,10 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             case .direct(let answer):
                 respondDirect(answer, exchange, context: context)
             case .forward(let request):
+                if head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
+                    context.writeAndFlush(
+                        wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+                }
                 let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
                 exchange.transfer = core.upstream.start(request, delegate: bridge)
             }
@@ -122,11 +128,12 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
-        if let exchange, !exchange.responseEnded {
+        if let exchange {
             exchange.transfer?.cancel()
             exchange.transfer = nil
-            exchange.context.status = exchange.responseStarted ? exchange.context.status : 499
-            Pipeline.log(exchange.context, gateway: core)
+            // 499: the client went away before an answer started (nginx's convention).
+            if !exchange.responseStarted { exchange.context.status = 499 }
+            log(exchange)
         }
         exchange = nil
         context.fireChannelInactive()
@@ -311,7 +318,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// pipelined request into this handler at once).
     private func finishExchange(_ exchange: Exchange, context: ChannelHandlerContext) {
         let keepAlive = exchange.context.keepAlive && !draining
-        Pipeline.log(exchange.context, gateway: core)
+        log(exchange)
         self.exchange = nil
         readBlocked = false
         if keepAlive {
@@ -334,23 +341,28 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if let exchange {
             exchange.transfer?.cancel()
             exchange.transfer = nil
-            if !exchange.responseEnded {
-                exchange.responseEnded = true
-                Pipeline.log(exchange.context, gateway: core)
-            }
+            exchange.responseEnded = true
+            log(exchange)
         }
         exchange = nil
         context.close(promise: nil)
+    }
+
+    /// The log phase: runs once per exchange, however it ended.
+    private func log(_ exchange: Exchange) {
+        guard !exchange.logged else { return }
+        exchange.logged = true
+        Pipeline.log(exchange.context, gateway: core)
     }
 }
 
 /// Asks a connection to close once its current request is done (graceful shutdown).
 struct DrainEvent: Sendable {}
 
-/// Carries upstream events from a curl worker thread to the connection's event loop.
+/// Receives a transfer's events on the connection's event loop and passes them to its handler.
 final class UpstreamBridge: UpstreamTransferDelegate {
     private let target: NIOLoopBound<(GatewayHandler, GatewayHandler.Exchange)>
-    private let eventLoop: EventLoop
+    let eventLoop: EventLoop
 
     init(handler: GatewayHandler, exchange: GatewayHandler.Exchange, eventLoop: EventLoop) {
         target = NIOLoopBound((handler, exchange), eventLoop: eventLoop)
@@ -358,16 +370,12 @@ final class UpstreamBridge: UpstreamTransferDelegate {
     }
 
     func upstreamTransfer(_ transfer: UpstreamTransfer, received events: UpstreamEvents) {
-        eventLoop.execute { [target] in
-            let (handler, exchange) = target.value
-            handler.upstreamEvents(events, for: exchange)
-        }
+        let (handler, exchange) = target.value
+        handler.upstreamEvents(events, for: exchange)
     }
 
     func upstreamTransferWantsRequestBody(_ transfer: UpstreamTransfer) {
-        eventLoop.execute { [target] in
-            let (handler, exchange) = target.value
-            handler.upstreamWantsBody(for: exchange)
-        }
+        let (handler, exchange) = target.value
+        handler.upstreamWantsBody(for: exchange)
     }
 }
