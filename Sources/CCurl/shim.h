@@ -2,6 +2,8 @@
 #ifndef GATEHOUSE_CCURL_SHIM_H
 #define GATEHOUSE_CCURL_SHIM_H
 #include <curl/curl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 
 typedef size_t (*gh_curl_data_cb)(char *ptr, size_t size, size_t nmemb, void *userdata);
 
@@ -15,10 +17,14 @@ static inline CURLcode gh_easy_getinfo_long(CURL *h, CURLINFO i, long *v) { retu
 static inline CURLcode gh_easy_getinfo_off(CURL *h, CURLINFO i, curl_off_t *v) { return curl_easy_getinfo(h, i, v); }
 static inline CURLcode gh_easy_getinfo_pointer(CURL *h, CURLINFO i, void **v) { return curl_easy_getinfo(h, i, v); }
 static inline CURLMcode gh_multi_setopt_long(CURLM *m, CURLMoption o, long v) { return curl_multi_setopt(m, o, v); }
+static inline CURLMcode gh_multi_setopt_pointer(CURLM *m, CURLMoption o, void *v) { return curl_multi_setopt(m, o, v); }
+static inline CURLMcode gh_multi_setopt_socket_cb(CURLM *m, curl_socket_callback v) { return curl_multi_setopt(m, CURLMOPT_SOCKETFUNCTION, v); }
+static inline CURLMcode gh_multi_setopt_timer_cb(CURLM *m, curl_multi_timer_callback v) { return curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, v); }
 
 static const size_t GH_CURL_WRITEFUNC_PAUSE = CURL_WRITEFUNC_PAUSE;
 static const size_t GH_CURL_READFUNC_PAUSE = CURL_READFUNC_PAUSE;
 static const size_t GH_CURL_READFUNC_ABORT = CURL_READFUNC_ABORT;
 static const int GH_CURLPAUSE_CONT = CURLPAUSE_CONT;
+static const curl_socket_t GH_CURL_SOCKET_TIMEOUT = CURL_SOCKET_TIMEOUT;
 
 #endif

@@ -192,7 +192,9 @@ public final class UpstreamTransfer: @unchecked Sendable {
         return count
     }
 
-    private static func trimmed(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> UnsafeRawBufferPointer.SubSequence {
+    private static func trimmed(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ end: Int)
+        -> UnsafeRawBufferPointer.SubSequence
+    {
         var start = start
         var end = end
         while start < end, bytes[start] == UInt8(ascii: " ") || bytes[start] == UInt8(ascii: "\t") { start += 1 }

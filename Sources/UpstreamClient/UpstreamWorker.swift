@@ -6,7 +6,9 @@ import Synchronization
 
 /// One thread that owns one libcurl multi handle and drives every transfer given to it.
 ///
-/// Other threads talk to it only through ``submit(_:)``; the curl handles never leave this thread.
+/// The thread waits in `epoll_wait` on the sockets curl asks it to watch (`curl_multi_socket_action`), so each
+/// round costs only what is active, not what is open. Other threads talk to it only through ``submit(_:)``,
+/// which queues a command and wakes it through an eventfd; the curl handles never leave this thread.
 final class UpstreamWorker: @unchecked Sendable {
     enum Command {
         case start(UpstreamTransfer)
@@ -15,6 +17,8 @@ final class UpstreamWorker: @unchecked Sendable {
     }
 
     private let multi: UnsafeMutableRawPointer
+    private let epollFD: Int32
+    private let wakeFD: Int32
     private let commands = Mutex<(queue: [Command], stopping: Bool)>(([], false))
     private let logger: Logger
     private let stopped = DispatchSemaphore(value: 0)
@@ -23,13 +27,37 @@ final class UpstreamWorker: @unchecked Sendable {
     private var idleHandles: [UnsafeMutableRawPointer] = []
     private var ready: [UpstreamTransfer] = []
     private var active: [ObjectIdentifier: UpstreamTransfer] = [:]
+    private var watched: Set<Int32> = []
+    /// When curl wants `CURL_SOCKET_TIMEOUT` (monotonic nanoseconds); nil when it wants none.
+    private var timerDeadline: UInt64?
 
     init(index: Int, logger: Logger) {
         // curl_multi_init only fails on out-of-memory.
         guard let multi = curl_multi_init() else { fatalError("curl_multi_init failed") }
         self.multi = multi
         self.logger = logger
+        epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
+        wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
+        precondition(epollFD >= 0 && wakeFD >= 0, "epoll_create1/eventfd failed: \(errno)")
+        var event = epoll_event()
+        event.events = EPOLLIN.rawValue
+        event.data.fd = wakeFD
+        epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &event)
+
         _ = gh_multi_setopt_long(multi, CURLMOPT_MAXCONNECTS, 1024)
+        let context = Unmanaged.passUnretained(self).toOpaque()
+        _ = gh_multi_setopt_pointer(multi, CURLMOPT_SOCKETDATA, context)
+        _ = gh_multi_setopt_socket_cb(multi) { _, socket, what, context, _ in
+            guard let context else { return 0 }
+            Unmanaged<UpstreamWorker>.fromOpaque(context).takeUnretainedValue().watch(socket, what)
+            return 0
+        }
+        _ = gh_multi_setopt_pointer(multi, CURLMOPT_TIMERDATA, context)
+        _ = gh_multi_setopt_timer_cb(multi) { _, milliseconds, context in
+            guard let context else { return 0 }
+            Unmanaged<UpstreamWorker>.fromOpaque(context).takeUnretainedValue().setTimer(milliseconds)
+            return 0
+        }
         let thread = Thread { [self] in run() }
         thread.name = "gatehouse-upstream-\(index)"
         thread.start()
@@ -41,13 +69,18 @@ final class UpstreamWorker: @unchecked Sendable {
             state.queue.append(command)
             return state.queue.count == 1
         }
-        if wasEmpty { curl_multi_wakeup(multi) }
+        if wasEmpty { wake() }
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = Glibc.write(wakeFD, &one, 8)
     }
 
     /// Stops the thread after cancelling what is still running; waits for it.
     func shutdown() {
         commands.withLock { $0.stopping = true }
-        curl_multi_wakeup(multi)
+        wake()
         stopped.wait()
     }
 
@@ -58,9 +91,37 @@ final class UpstreamWorker: @unchecked Sendable {
         ready.append(transfer)
     }
 
+    /// curl's socket callback: watch `socket` for what curl asks, or stop watching it.
+    private func watch(_ socket: curl_socket_t, _ what: Int32) {
+        if what == CURL_POLL_REMOVE {
+            if watched.remove(socket) != nil { epoll_ctl(epollFD, EPOLL_CTL_DEL, socket, nil) }
+            return
+        }
+        var event = epoll_event()
+        event.events =
+            (what & CURL_POLL_IN != 0 ? EPOLLIN.rawValue : 0) | (what & CURL_POLL_OUT != 0 ? EPOLLOUT.rawValue : 0)
+        event.data.fd = socket
+        let operation = watched.insert(socket).inserted ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
+        if epoll_ctl(epollFD, operation, socket, &event) != 0, operation == EPOLL_CTL_MOD {
+            epoll_ctl(epollFD, EPOLL_CTL_ADD, socket, &event)
+        }
+    }
+
+    /// curl's timer callback: call back with `CURL_SOCKET_TIMEOUT` in `milliseconds` (-1: no timer).
+    private func setTimer(_ milliseconds: Int) {
+        timerDeadline = milliseconds < 0 ? nil : Self.now() + UInt64(milliseconds) * 1_000_000
+    }
+
+    private static func now() -> UInt64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
+    }
+
     private func run() {
         var running: Int32 = 0
         var batch: [Command] = []
+        var events = [epoll_event](repeating: epoll_event(), count: 256)
         while true {
             let stopping = commands.withLock { state -> Bool in
                 swap(&batch, &state.queue)
@@ -69,15 +130,43 @@ final class UpstreamWorker: @unchecked Sendable {
             for command in batch { apply(command) }
             batch.removeAll(keepingCapacity: true)
             if stopping { break }
-            curl_multi_perform(multi, &running)
+            if let deadline = timerDeadline, deadline <= Self.now() {
+                timerDeadline = nil
+                curl_multi_socket_action(multi, GH_CURL_SOCKET_TIMEOUT, 0, &running)
+            }
             collectFinished()
             flushReady()
-            curl_multi_poll(multi, nil, 0, 1000, nil)
+
+            var timeout: Int32 = 1000
+            if let deadline = timerDeadline {
+                let now = Self.now()
+                timeout = deadline <= now ? 0 : Int32(min(1000, (deadline - now + 999_999) / 1_000_000))
+            }
+            let count = epoll_wait(epollFD, &events, Int32(events.count), timeout)
+            guard count > 0 else { continue }
+            for index in 0..<Int(count) {
+                let fd = events[index].data.fd
+                let flags = events[index].events
+                if fd == wakeFD {
+                    var value: UInt64 = 0
+                    _ = Glibc.read(wakeFD, &value, 8)
+                    continue
+                }
+                var mask: Int32 = 0
+                if flags & EPOLLIN.rawValue != 0 { mask |= CURL_CSELECT_IN }
+                if flags & EPOLLOUT.rawValue != 0 { mask |= CURL_CSELECT_OUT }
+                if flags & (EPOLLERR.rawValue | EPOLLHUP.rawValue) != 0 { mask |= CURL_CSELECT_ERR }
+                curl_multi_socket_action(multi, fd, mask, &running)
+            }
+            collectFinished()
+            flushReady()
         }
         cancelAll()
         flushReady()
         for handle in idleHandles { curl_easy_cleanup(handle) }
         curl_multi_cleanup(multi)
+        close(epollFD)
+        close(wakeFD)
         stopped.signal()
     }
 

@@ -56,6 +56,59 @@ import Testing
         #expect(errors.contains("\(bad):4: routes[0].upstream: unknown upstream \"ghost\""))
     }
 
+    /// Resident and peak resident memory of a process, in bytes (VmRSS, VmHWM).
+    static func memory(of pid: Int32) -> (resident: Int, peak: Int) {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return (0, 0) }
+        func field(_ name: String) -> Int {
+            for line in status.split(separator: "\n") where line.hasPrefix(name) {
+                return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) * 1024
+            }
+            return 0
+        }
+        return (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// 50 MiB each way through a separate gateway process, with a slow client on the download: the gateway's
+    /// peak memory must stay far below the body size (it streams with backpressure, never buffers whole).
+    @Test func fiftyMebibytesEachWayKeepTheGatewaysMemoryFlat() async throws {
+        let upstream = try await DemoUpstream.start()
+        defer { Task { await upstream.stop() } }
+        let path = try Self.temporaryFile(
+            """
+            server: { listen: "127.0.0.1:0", access_log: "off", threads: 1, limits: { max_body_bytes: 100MiB } }
+            admin: { listen: "127.0.0.1:0" }
+            upstreams:
+              demo: { targets: [{ url: "http://127.0.0.1:\(upstream.port)" }] }
+            routes:
+              - { id: demo, match: { path_prefix: "/" }, upstream: demo }
+            """)
+        let server = try ServeProcess(config: path)
+        defer { server.process.terminate() }
+        let port = try await server.port()
+        #expect(try await request(port: port, "/bytes/100000").body.count == 100_000)
+        let baseline = Self.memory(of: server.process.processIdentifier).resident
+        let size = 50 * 1024 * 1024
+
+        let downloaded = try await RawConnection.with(port: port) { connection in
+            try await connection.send("GET /bytes/\(size) HTTP/1.1\r\nHost: test.local\r\n\r\n")
+            let head = try await connection.readHead()
+            #expect(head.header("Content-Length") == String(size))
+            return try await connection.drainBody(length: size, every: 512 * 1024, pause: .milliseconds(5))
+        }
+        #expect(downloaded == size)
+
+        let uploaded = try await RawConnection.with(port: port) { connection in
+            try await connection.send("POST /count HTTP/1.1\r\nHost: test.local\r\nContent-Length: \(size)\r\n\r\n")
+            let chunk = [UInt8](repeating: 0x61, count: 256 * 1024)
+            for _ in 0..<(size / chunk.count) { try await connection.send(bytes: chunk) }
+            return try await connection.readResponse()
+        }
+        #expect(uploaded.json["bytes"] as? Int == size)
+
+        let peak = Self.memory(of: server.process.processIdentifier).peak
+        #expect(peak - baseline < 24 * 1024 * 1024, "gateway peak RSS grew by \((peak - baseline) >> 20) MiB")
+    }
+
     @Test func serveReloadsOnSIGHUPAndDrainsOnSIGTERM() async throws {
         let upstream = try await DemoUpstream.start()
         defer { Task { await upstream.stop() } }

@@ -204,9 +204,7 @@ final class RawConnection {
     }
 
     /// Reads and counts body bytes of a response without keeping them, pausing `pause` every `every` bytes.
-    func drainBody(length: Int, every: Int = 256 * 1024, pause: Duration = .zero, onProgress: (Int) -> Void = { _ in })
-        async throws -> Int
-    {
+    func drainBody(length: Int, every: Int = 256 * 1024, pause: Duration = .zero) async throws -> Int {
         var count = min(pending.count, length)
         pending.removeFirst(count)
         var sincePause = 0
@@ -216,7 +214,6 @@ final class RawConnection {
             sincePause += buffer.readableBytes
             if sincePause >= every {
                 sincePause = 0
-                onProgress(count)
                 if pause > .zero { try await Task.sleep(for: pause) }
             }
         }
@@ -258,14 +255,4 @@ func request(
         try await connection.send(text)
         return try await connection.readResponse(headRequest: method == "HEAD")
     }
-}
-
-/// The resident set size of this process in bytes.
-func residentBytes() -> Int {
-    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return 0 }
-    for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
-        let digits = line.split(separator: " ").dropFirst().first ?? "0"
-        return (Int(digits) ?? 0) * 1024
-    }
-    return 0
 }

@@ -89,7 +89,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             case .forward(let request):
                 if head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
                     context.writeAndFlush(
-                        wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+                        wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil
+                    )
                 }
                 let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
                 exchange.transfer = core.upstream.start(request, delegate: bridge)
