@@ -36,9 +36,13 @@ public final class Gateway: Sendable {
         ownsGroup = true
         let metrics = GatewayMetrics()
         let runtime = Runtime(config: config, metrics: metrics)
+        let accessLog = AccessLog.open(config.server.accessLog)
+        if accessLog == nil, config.server.accessLog != "off" {
+            logger.error("cannot open the access log; requests are not logged", metadata: ["path": "\(config.server.accessLog)"])
+        }
         core = GatewayCore(
             runtime: runtime, upstream: UpstreamClient(threads: threads, logger: logger), metrics: metrics,
-            accessLog: AccessLog.open(config.server.accessLog), logger: logger)
+            accessLog: accessLog, logger: logger)
     }
 
     /// Binds the listeners and logs what is not enforced yet.

@@ -35,7 +35,6 @@ public final class UpstreamTransfer: @unchecked Sendable {
     var pendingHead: (status: Int, headers: [(name: String, value: String)])?
     var events = UpstreamEvents()
     var hasEvents = false
-    var writePaused = false
     var finished = false
     /// Listed in the worker's hand-over for this round.
     var queuedForHandOver = false
@@ -134,7 +133,6 @@ public final class UpstreamTransfer: @unchecked Sendable {
     /// curl's write callback: queues a body chunk, or pauses while the client is slow.
     func writeBody(_ source: UnsafeMutablePointer<CChar>, count: Int) -> Int {
         if shared.withLock({ $0.responsePaused }) {
-            writePaused = true
             return Int(GH_CURL_WRITEFUNC_PAUSE)
         }
         let buffer = ByteBuffer(bytes: UnsafeRawBufferPointer(start: source, count: count))

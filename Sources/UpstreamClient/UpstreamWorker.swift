@@ -176,7 +176,6 @@ final class UpstreamWorker: @unchecked Sendable {
             start(transfer)
         case .unpause(let transfer):
             guard let handle = transfer.handle, !transfer.finished else { return }
-            transfer.writePaused = false
             curl_easy_pause(handle, GH_CURLPAUSE_CONT)
             flushReady()
         case .cancel(let transfer):
