@@ -38,7 +38,8 @@ public final class Gateway: Sendable {
         let runtime = Runtime(config: config, metrics: metrics)
         let accessLog = AccessLog.open(config.server.accessLog)
         if accessLog == nil, config.server.accessLog != "off" {
-            logger.error("cannot open the access log; requests are not logged", metadata: ["path": "\(config.server.accessLog)"])
+            logger.error(
+                "cannot open the access log; requests are not logged", metadata: ["path": "\(config.server.accessLog)"])
         }
         core = GatewayCore(
             runtime: runtime, upstream: UpstreamClient(threads: threads, logger: logger), metrics: metrics,

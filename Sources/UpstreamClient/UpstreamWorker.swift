@@ -19,7 +19,14 @@ final class UpstreamWorker: @unchecked Sendable {
     private let multi: UnsafeMutableRawPointer
     private let epollFD: Int32
     private let wakeFD: Int32
-    private let commands = Mutex<(queue: [Command], stopping: Bool)>(([], false))
+    /// Commands for the worker thread, and whether it sleeps (so that only then is it woken).
+    private struct Inbox {
+        var queue: [Command] = []
+        var stopping = false
+        var sleeping = false
+    }
+
+    private let commands = Mutex(Inbox())
     private let logger: Logger
     private let stopped = DispatchSemaphore(value: 0)
 
@@ -65,11 +72,12 @@ final class UpstreamWorker: @unchecked Sendable {
 
     /// Queues a command for the worker thread and wakes it if it sleeps.
     func submit(_ command: Command) {
-        let wasEmpty = commands.withLock { state -> Bool in
-            state.queue.append(command)
-            return state.queue.count == 1
+        let mustWake = commands.withLock { inbox -> Bool in
+            inbox.queue.append(command)
+            defer { inbox.sleeping = false }
+            return inbox.sleeping
         }
-        if wasEmpty { wake() }
+        if mustWake { wake() }
     }
 
     private func wake() {
@@ -142,7 +150,19 @@ final class UpstreamWorker: @unchecked Sendable {
                 let now = Self.now()
                 timeout = deadline <= now ? 0 : Int32(min(1000, (deadline - now + 999_999) / 1_000_000))
             }
-            let count = epoll_wait(epollFD, &events, Int32(events.count), timeout)
+            // Look without sleeping first: under load the next event is usually there already. Only a thread
+            // that found nothing to do, not even a queued command, marks itself sleeping and blocks.
+            var count = epoll_wait(epollFD, &events, Int32(events.count), 0)
+            if count == 0, timeout != 0 {
+                let sleep = commands.withLock { inbox -> Bool in
+                    guard inbox.queue.isEmpty, !inbox.stopping else { return false }
+                    inbox.sleeping = true
+                    return true
+                }
+                guard sleep else { continue }
+                count = epoll_wait(epollFD, &events, Int32(events.count), timeout)
+                commands.withLock { $0.sleeping = false }
+            }
             guard count > 0 else { continue }
             for index in 0..<Int(count) {
                 let fd = events[index].data.fd
