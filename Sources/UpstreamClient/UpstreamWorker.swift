@@ -34,7 +34,11 @@ final class UpstreamWorker: @unchecked Sendable {
     private var idleHandles: [UnsafeMutableRawPointer] = []
     private var ready: [UpstreamTransfer] = []
     private var active: [ObjectIdentifier: UpstreamTransfer] = [:]
-    private var watched: Set<Int32> = []
+    /// Sockets registered with epoll, with the events registered. A pooled connection stays registered while
+    /// curl does not watch it (it is usually wanted again at once), which saves two `epoll_ctl` per request;
+    /// curl's own interest is `interested`. Entries leave when curl closes the socket.
+    private var registered: [Int32: UInt32] = [:]
+    private var interested: Set<Int32> = []
     /// When curl wants `CURL_SOCKET_TIMEOUT` (monotonic nanoseconds); nil when it wants none.
     private var timerDeadline: UInt64?
 
@@ -102,17 +106,35 @@ final class UpstreamWorker: @unchecked Sendable {
     /// curl's socket callback: watch `socket` for what curl asks, or stop watching it.
     private func watch(_ socket: curl_socket_t, _ what: Int32) {
         if what == CURL_POLL_REMOVE {
-            if watched.remove(socket) != nil { epoll_ctl(epollFD, EPOLL_CTL_DEL, socket, nil) }
+            interested.remove(socket)
             return
         }
-        var event = epoll_event()
-        event.events =
+        interested.insert(socket)
+        let wanted =
             (what & CURL_POLL_IN != 0 ? EPOLLIN.rawValue : 0) | (what & CURL_POLL_OUT != 0 ? EPOLLOUT.rawValue : 0)
+        if registered[socket] == wanted { return }
+        var event = epoll_event()
+        event.events = wanted
         event.data.fd = socket
-        let operation = watched.insert(socket).inserted ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
-        if epoll_ctl(epollFD, operation, socket, &event) != 0, operation == EPOLL_CTL_MOD {
-            epoll_ctl(epollFD, EPOLL_CTL_ADD, socket, &event)
+        let operation = registered[socket] == nil ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
+        if epoll_ctl(epollFD, operation, socket, &event) != 0 {
+            epoll_ctl(epollFD, operation == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, socket, &event)
         }
+        registered[socket] = wanted
+    }
+
+    /// curl's close-socket callback: forget the socket, then close it.
+    fileprivate func closeSocket(_ socket: curl_socket_t) -> Int32 {
+        if registered.removeValue(forKey: socket) != nil { epoll_ctl(epollFD, EPOLL_CTL_DEL, socket, nil) }
+        interested.remove(socket)
+        return close(socket)
+    }
+
+    /// An event on a registered socket curl does not watch: an idle pooled connection the peer closed.
+    /// Stop watching it; curl finds it dead when it next looks.
+    private func unwatchIdle(_ socket: curl_socket_t) {
+        registered.removeValue(forKey: socket)
+        epoll_ctl(epollFD, EPOLL_CTL_DEL, socket, nil)
     }
 
     /// curl's timer callback: call back with `CURL_SOCKET_TIMEOUT` in `milliseconds` (-1: no timer).
@@ -170,6 +192,10 @@ final class UpstreamWorker: @unchecked Sendable {
                 if fd == wakeFD {
                     var value: UInt64 = 0
                     _ = Glibc.read(wakeFD, &value, 8)
+                    continue
+                }
+                guard interested.contains(fd) else {
+                    unwatchIdle(fd)
                     continue
                 }
                 var mask: Int32 = 0
@@ -258,6 +284,11 @@ final class UpstreamWorker: @unchecked Sendable {
             _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_1_1)
         }
 
+        _ = gh_easy_setopt_pointer(handle, CURLOPT_CLOSESOCKETDATA, Unmanaged.passUnretained(self).toOpaque())
+        _ = gh_easy_setopt_closesocket_cb(handle) { worker, socket in
+            guard let worker else { return close(socket) }
+            return Unmanaged<UpstreamWorker>.fromOpaque(worker).takeUnretainedValue().closeSocket(socket)
+        }
         _ = gh_easy_setopt_pointer(handle, CURLOPT_HEADERDATA, context)
         _ = gh_easy_setopt_data_cb(handle, CURLOPT_HEADERFUNCTION) { pointer, size, count, context in
             guard let pointer, let context else { return 0 }
