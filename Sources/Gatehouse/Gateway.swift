@@ -88,8 +88,9 @@ public final class Gateway: Sendable {
                         try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
                     }
                     try channel.pipeline.syncOperations.addHandler(activity)
+                    // GatewayHandler orders pipelined requests itself (see its queue).
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(
-                        withPipeliningAssistance: true, withErrorHandling: false)
+                        withPipeliningAssistance: false, withErrorHandling: false)
                     try channel.pipeline.syncOperations.addHandler(
                         GatewayHandler(core: core, activity: activity, tls: sslContext != nil))
                 }

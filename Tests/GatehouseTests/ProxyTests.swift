@@ -92,6 +92,36 @@ import Testing
         }
     }
 
+    @Test func deepPipelinesWithBodiesAnswerInOrder() async throws {
+        try await Harness.run(Harness.basic) { h in
+            try await RawConnection.with(port: h.port) { connection in
+                // ~150 KiB of pipelined requests: more than the gateway queues before it stops reading.
+                let padding = String(repeating: "p", count: 400)
+                var batch = ""
+                for index in 0..<300 {
+                    if index % 3 == 0 {
+                        batch += "POST /count?n=\(index) HTTP/1.1\r\nHost: t\r\nX-Pad: \(padding)\r\nContent-Length: \(index)\r\n\r\n"
+                        batch += String(repeating: "b", count: index)
+                    } else if index % 3 == 1 {
+                        batch += "GET /status HTTP/1.1\r\nHost: t\r\nX-Pad: \(padding)\r\n\r\n"
+                    } else {
+                        batch += "GET /echo?n=\(index) HTTP/1.1\r\nHost: t\r\nX-Pad: \(padding)\r\n\r\n"
+                    }
+                }
+                try await connection.send(batch)
+                for index in 0..<300 {
+                    let response = try await connection.readResponse()
+                    #expect(response.status == 200)
+                    switch index % 3 {
+                    case 0: #expect(response.json["bytes"] as? Int == index)
+                    case 1: #expect(response.text == "ok")
+                    default: #expect(response.json["query"] as? String == "n=\(index)")
+                    }
+                }
+            }
+        }
+    }
+
     @Test func chunkedAndHeadResponsesPassThrough() async throws {
         try await Harness.run(Harness.basic) { h in
             let chunked = try await request(port: h.port, "/chunked/300000")

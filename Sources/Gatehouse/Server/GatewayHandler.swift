@@ -2,11 +2,12 @@ import NIOCore
 import NIOHTTP1
 import UpstreamClient
 
-/// Serves the requests of one client connection, one at a time (the codec queues pipelined ones in order).
+/// Serves the requests of one client connection, one at a time, answering pipelined requests in order.
 ///
 /// Runs the ``Pipeline`` phases, streams the request body to the upstream and the response back, with
 /// backpressure both ways: a full upstream queue stops reading the client, and a client that cannot take more
-/// pauses the upstream transfer.
+/// pauses the upstream transfer. Requests that arrive while one is being answered wait in a small queue; reading
+/// stops only when that queue is full, so a connection without pipelining never toggles its read interest.
 final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
@@ -42,6 +43,12 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var readPending = false
     private var draining = false
     private var closed = false
+    /// Parts of pipelined requests that arrived while the current one is answered.
+    private var queued = CircularBuffer<HTTPServerRequestPart>()
+    private var queuedBytes = 0
+    private var servingQueue = false
+    /// Queued pipelined bytes past which the client is not read until the queue drains.
+    private static let queueLimit = 64 * 1024
 
     init(core: GatewayCore, activity: ConnectionActivity, tls: Bool) {
         self.core = core
@@ -61,7 +68,19 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     // MARK: inbound
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch unwrapInboundIn(data) {
+        let part = unwrapInboundIn(data)
+        if !queued.isEmpty || exchange?.requestEnded == true {
+            // A pipelined request: it is answered after the current one.
+            queued.append(part)
+            queuedBytes += Self.size(of: part)
+            if queuedBytes > Self.queueLimit { readBlocked = true }
+            return
+        }
+        serve(part, context: context)
+    }
+
+    private func serve(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+        switch part {
         case .head(let head):
             activity.headComplete()
             requestHead(head, context: context)
@@ -69,6 +88,25 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             requestBody(buffer, context: context)
         case .end:
             requestEnd(context: context)
+        }
+    }
+
+    private static func size(of part: HTTPServerRequestPart) -> Int {
+        switch part {
+        case .head(let head): return head.uri.utf8.count + head.headers.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count }
+        case .body(let buffer): return buffer.readableBytes
+        case .end: return 0
+        }
+    }
+
+    /// Serves queued pipelined parts until one of them starts an exchange that is still being answered.
+    private func serveQueue(context: ChannelHandlerContext) {
+        guard !servingQueue else { return }
+        servingQueue = true
+        defer { servingQueue = false }
+        while !closed, exchange?.requestEnded != true, let part = queued.popFirst() {
+            queuedBytes -= Self.size(of: part)
+            serve(part, context: context)
         }
     }
 
@@ -315,8 +353,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     // MARK: finishing
 
-    /// The response is complete and the request fully read: log, then write the end (which may release a
-    /// pipelined request into this handler at once).
+    /// The response is complete and the request fully read: log, write the end, then serve any pipelined
+    /// request that waited, and read on.
     private func finishExchange(_ exchange: Exchange, context: ChannelHandlerContext) {
         let keepAlive = exchange.context.keepAlive && !draining
         log(exchange)
@@ -325,7 +363,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if keepAlive {
             activity.awaitingNextRequest()
             if !exchange.endWritten { context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil) }
-            if readPending {
+            serveQueue(context: context)
+            if queuedBytes > Self.queueLimit { readBlocked = true }
+            if readPending, !readBlocked {
                 readPending = false
                 context.read()
             }
