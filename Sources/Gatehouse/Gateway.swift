@@ -73,7 +73,6 @@ public final class Gateway: Sendable {
 
     private func bindServer(config: GatehouseConfiguration, sslContext: NIOSSLContext?) async throws -> Channel {
         let core = self.core
-        let limits = config.server.limits
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -83,7 +82,8 @@ public final class Gateway: Sendable {
             .childChannelInitializer { [weak self] channel in
                 self?.track(channel)
                 return channel.eventLoop.makeCompletedFuture {
-                    let activity = ConnectionActivity(limits: limits)
+                    // Limits come from the config of the moment, so a reload applies to new connections.
+                    let activity = ConnectionActivity(limits: core.runtime.config.server.limits)
                     if let sslContext {
                         try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
                     }
@@ -120,6 +120,11 @@ public final class Gateway: Sendable {
         let old = core.runtime.config
         if old.server.listen != config.server.listen || old.admin.listen != config.admin.listen {
             logger.warning("listen addresses change only on restart; the old ones stay bound")
+        }
+        if old.server.tls?.cert != config.server.tls?.cert || old.server.tls?.key != config.server.tls?.key
+            || old.server.threads != config.server.threads || old.server.accessLog != config.server.accessLog
+        {
+            logger.warning("server.tls, server.threads and server.access_log change only on restart")
         }
         let runtime = Runtime(config: config, metrics: core.metrics)
         for feature in runtime.unenforcedFeatures {

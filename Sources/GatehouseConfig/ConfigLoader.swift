@@ -582,6 +582,9 @@ struct ConfigBuilder {
         var response = DirectResponse()
         if let v = f.int("status", min: 200, max: 599) { response.status = v }
         if let v = f.string("body") { response.body = v }
+        if [204, 304].contains(response.status), !response.body.isEmpty {
+            f.fail("body", "a \(response.status) answer has no body")
+        }
         if let headers = f["headers"] {
             response.headers = reader.pairs(headers, f.path("headers")).compactMap { pair in
                 guard Self.isToken(pair.key) else {

@@ -38,6 +38,8 @@ public final class UpstreamTransfer: @unchecked Sendable {
     var finished = false
     /// Listed in the worker's hand-over for this round.
     var queuedForHandOver = false
+    /// The final (non-1xx) head was handed over; later header lines are trailers.
+    var headDelivered = false
 
     init(request: UpstreamRequest, delegate: UpstreamTransferDelegate, worker: UpstreamWorker) {
         self.request = request
@@ -147,8 +149,11 @@ public final class UpstreamTransfer: @unchecked Sendable {
         let bytes = UnsafeRawBufferPointer(start: source, count: count)
         var end = count
         while end > 0, bytes[end - 1] == 0x0A || bytes[end - 1] == 0x0D { end -= 1 }
+        // After the final head, header lines are trailers: not forwarded.
+        if headDelivered { return count }
         if end == 0 {
-            if let head = pendingHead, head.status >= 200 {
+            if let head = pendingHead, head.status >= 200 || head.status == 0 {
+                headDelivered = true
                 events.head = UpstreamResponseHead(status: head.status, headers: head.headers)
                 hasEvents = true
                 worker.markReady(self)
@@ -156,23 +161,25 @@ public final class UpstreamTransfer: @unchecked Sendable {
             pendingHead = nil
             return count
         }
-        if end > 5, bytes[0] == UInt8(ascii: "H"), bytes[1] == UInt8(ascii: "T"), bytes[2] == UInt8(ascii: "T"),
-            bytes[3] == UInt8(ascii: "P"), bytes[4] == UInt8(ascii: "/")
-        {
-            // "HTTP/1.1 200 OK" or "HTTP/2 200": the three digits after the first space.
-            var index = 5
+        if pendingHead == nil {
+            // The first line of a header block is the status line, "HTTP/1.1 200 OK" or "HTTP/2 200":
+            // exactly three digits after the first space. Anything else leaves status 0, which the gateway
+            // treats as a broken upstream.
+            var index = 0
             while index < end, bytes[index] != UInt8(ascii: " ") { index += 1 }
             var status = 0
+            var digits = 0
             index += 1
-            while index < end, bytes[index] >= UInt8(ascii: "0"), bytes[index] <= UInt8(ascii: "9") {
+            while index < end, digits < 4, bytes[index] >= UInt8(ascii: "0"), bytes[index] <= UInt8(ascii: "9") {
                 status = status * 10 + Int(bytes[index] - UInt8(ascii: "0"))
+                digits += 1
                 index += 1
             }
+            if digits != 3 || status < 100 { status = 0 }
             pendingHead = (status, [])
             pendingHead?.headers.reserveCapacity(12)
             return count
         }
-        guard pendingHead != nil else { return count }
         if bytes[0] == UInt8(ascii: " ") || bytes[0] == UInt8(ascii: "\t") {
             // Obsolete line folding: join to the previous value.
             if let last = pendingHead?.headers.count, last > 0 {

@@ -139,7 +139,8 @@ final class UpstreamWorker: @unchecked Sendable {
 
     /// curl's timer callback: call back with `CURL_SOCKET_TIMEOUT` in `milliseconds` (-1: no timer).
     private func setTimer(_ milliseconds: Int) {
-        timerDeadline = milliseconds < 0 ? nil : Self.now() + UInt64(milliseconds) * 1_000_000
+        // Capped at a day: curl never asks for more, and a huge value must not overflow.
+        timerDeadline = milliseconds < 0 ? nil : Self.now() + UInt64(min(milliseconds, 86_400_000)) * 1_000_000
     }
 
     private static func now() -> UInt64 {

@@ -127,6 +127,11 @@ import Testing
         }
     }
 
+    @Test func noContentAnswersHaveNoBody() {
+        let yaml = "routes:\n  - { id: r, match: { path: \"/r\" }, respond: { status: 204, body: \"x\" } }"
+        #expect(errors(yaml) == ["g.yaml:2: routes[0].respond.body: a 204 answer has no body"])
+    }
+
     @Test func invalidYAMLNamesTheLine() {
         let found = errors("routes:\n  - id: a\n    match: [unclosed\n")
         #expect(found.count == 1)

@@ -220,6 +220,9 @@ final class RawConnection {
         return count
     }
 
+    /// Bytes received but not read as part of a response.
+    var unreadBytes: Int { pending.count }
+
     /// True when the server closes the connection within `timeout`.
     func waitForClose(timeout: Duration = .seconds(5)) async throws -> Bool {
         let deadline = ContinuousClock.now + timeout

@@ -35,6 +35,18 @@ import UpstreamClient
         #expect(head.headers["Set-Cookie"] == ["a=1", "b=2"])
     }
 
+    @Test func contentLengthIsDroppedWhenTheUpstreamAlsoSentTransferEncoding() {
+        let both = UpstreamResponseHead(
+            status: 200, headers: [("Content-Length", "10"), ("Transfer-Encoding", "chunked")])
+        #expect(Pipeline.responseHead(for: both, Self.context([("Host", "a")])).headers["Content-Length"].isEmpty)
+        let conflicting = UpstreamResponseHead(
+            status: 200, headers: [("Content-Length", "10"), ("Content-Length", "12")])
+        #expect(
+            Pipeline.responseHead(for: conflicting, Self.context([("Host", "a")])).headers["Content-Length"].isEmpty)
+        let one = UpstreamResponseHead(status: 200, headers: [("content-length", "10")])
+        #expect(Pipeline.responseHead(for: one, Self.context([("Host", "a")])).headers["Content-Length"] == ["10"])
+    }
+
     @Test func clientAddressBehindTrustedProxies() {
         let direct = Self.context([("X-Forwarded-For", "1.1.1.1")], peer: "10.1.2.3")
         #expect(direct.clientIP == "10.1.2.3")

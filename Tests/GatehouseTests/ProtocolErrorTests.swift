@@ -136,6 +136,32 @@ import Testing
         }
     }
 
+    @Test func anEarlyAnswerDoesNotWaitForeverForTheRestOfTheBody() async throws {
+        try await Harness.run(Self.limited) { h in
+            try await RawConnection.with(port: h.port) { connection in
+                try await connection.send("POST /nowhere HTTP/1.1\r\nHost: a\r\nContent-Length: 900\r\n\r\n0123456789")
+                #expect(try await connection.readResponse().status == 404)
+                let started = ContinuousClock.now
+                #expect(try await connection.waitForClose(timeout: .seconds(3)))
+                #expect(ContinuousClock.now - started < .seconds(2))
+            }
+        }
+    }
+
+    @Test func aBodyInItsOwnReadDoesNotTurnTheIdleConnectionInto408() async throws {
+        try await Harness.run(Self.limited) { h in
+            try await RawConnection.with(port: h.port) { connection in
+                try await connection.send("POST /api/count HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+                try await Task.sleep(for: .milliseconds(50))
+                try await connection.send("hello")
+                #expect(try await connection.readResponse().json["body_bytes"] as? Int == 5)
+                // Idle now: closed quietly at idle_timeout, with no unasked-for 408.
+                #expect(try await connection.waitForClose(timeout: .seconds(3)))
+                #expect(connection.unreadBytes == 0)
+            }
+        }
+    }
+
     @Test func traversalCannotEscapeTheRoute() async throws {
         try await Harness.run(Self.limited) { h in
             for path in ["/api/../admin", "/api/%2e%2e/admin", "/api/%2E%2E/%2e%2e/admin", "/api/..%2Fadmin/../../x"] {
@@ -149,6 +175,9 @@ import Testing
             }
             let encodedSlash = try await request(port: h.port, "/api/a%2fb")
             #expect(encodedSlash.json["path"] as? String == "/api/a%2Fb")
+            let encodedTraversal = try await request(port: h.port, "/api/..%2F..%2Fadmin")
+            #expect(encodedTraversal.status == 400)
+            #expect(h.upstream.requestCount == 1)
         }
     }
 }

@@ -24,6 +24,28 @@ import Testing
         }
     }
 
+    @Test func apiKeysAreNeverForwardedAndRequiredAuthFailsClosed() async throws {
+        let yaml = { (port: Int) in
+            Harness.config(
+                upstreamPort: port,
+                routes: """
+                      - { id: private, match: { path_prefix: "/private/" }, upstream: demo, auth: required }
+                      - { id: demo, match: { path_prefix: "/" }, upstream: demo }
+                    auth:
+                      api_key: { header: X-Api-Token, query_param: api_key }
+                    """)
+        }
+        try await Harness.run(yaml) { h in
+            let echo = try await request(port: h.port, "/x?api_key=secret&keep=1", headers: [("X-Api-Token", "secret")])
+            let headers = echo.json["headers"] as? [String: String] ?? [:]
+            #expect(headers["x-api-token"] == nil)
+            #expect(echo.json["query"] as? String == "keep=1")
+            let closed = try await request(port: h.port, "/private/data")
+            #expect(closed.status == 503)
+            #expect(h.upstream.requestCount == 1)
+        }
+    }
+
     @Test func directResponseRoute() async throws {
         try await Harness.run(Harness.basic) { h in
             let response = try await request(port: h.port, "/status")
@@ -100,7 +122,8 @@ import Testing
                 var batch = ""
                 for index in 0..<300 {
                     if index % 3 == 0 {
-                        batch += "POST /count?n=\(index) HTTP/1.1\r\nHost: t\r\nX-Pad: \(padding)\r\nContent-Length: \(index)\r\n\r\n"
+                        batch +=
+                            "POST /count?n=\(index) HTTP/1.1\r\nHost: t\r\nX-Pad: \(padding)\r\nContent-Length: \(index)\r\n\r\n"
                         batch += String(repeating: "b", count: index)
                     } else if index % 3 == 1 {
                         batch += "GET /status HTTP/1.1\r\nHost: t\r\nX-Pad: \(padding)\r\n\r\n"

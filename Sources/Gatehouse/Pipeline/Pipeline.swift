@@ -29,7 +29,8 @@ enum Pipeline {
     static func beforeForward(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) -> Decision {
         try AcceptPhase.run(&context, runtime: runtime)
         if let direct = try RoutePhase.run(&context, runtime: runtime) { return .direct(direct) }
-        // authenticate, rate limit and cache lookup plug in here.
+        try AuthenticatePhase.run(&context)
+        // rate limit and cache lookup plug in here.
         try PickTargetPhase.run(&context)
         return .forward(ForwardPhase.upstreamRequest(for: context, runtime: runtime))
     }
@@ -128,6 +129,18 @@ enum RoutePhase {
     }
 }
 
+/// authenticate: not built yet, so it fails closed: a route that requires authentication answers 503
+/// rather than serving anonymous callers. `optional` routes pass as anonymous.
+enum AuthenticatePhase {
+    static func run(_ context: inout RequestContext) throws(GatewayError) {
+        guard context.route?.config.auth == .required else { return }
+        throw GatewayError(
+            status: .serviceUnavailable,
+            detail: "This route requires authentication, which this build of the gateway does not provide yet.",
+            origin: .gateway)
+    }
+}
+
 /// pick target: chooses the upstream server.
 enum PickTargetPhase {
     static func run(_ context: inout RequestContext) throws(GatewayError) {
@@ -154,10 +167,15 @@ enum ForwardPhase {
         let upstream = route?.pool?.config
         let path = PathRewrite.apply(route?.config.rewrite, to: context.path, parameters: context.parameters)
         var url = (context.targetURL ?? "") + path
-        if let query = context.query { url += "?" + query }
+        if let query = context.query {
+            let kept = runtime.apiKeyQueryParameter.map { stripParameter($0, from: query) } ?? query
+            if !kept.isEmpty { url += "?" + kept }
+        }
 
         let connectionNamed = connectionTokens(head.headers)
-        let removed = Set((upstream?.requestHeaders.remove ?? []).map { $0.lowercased() })
+        var removed = Set((upstream?.requestHeaders.remove ?? []).map { $0.lowercased() })
+        // The client's API key is never forwarded.
+        removed.insert(runtime.apiKeyHeader)
         var headers: [(name: String, value: String)] = []
         headers.reserveCapacity(head.headers.count + 6)
         var via: String?
@@ -209,6 +227,16 @@ enum ForwardPhase {
             verifyTLS: upstream?.tls.verify ?? true, caFile: upstream?.tls.caFile)
     }
 
+    /// The query without `name=...` pairs (the API key's query parameter).
+    static func stripParameter(_ name: String, from query: Substring) -> Substring {
+        guard query.contains(name) else { return query }
+        let kept = query.split(separator: "&", omittingEmptySubsequences: false).filter { pair in
+            let key = pair.split(separator: "=", maxSplits: 1).first ?? ""
+            return key != name
+        }
+        return Substring(kept.joined(separator: "&"))
+    }
+
     /// Lower-cased header names listed in `Connection` (they are hop-by-hop too).
     static func connectionTokens(_ headers: HTTPHeaders) -> Set<String> {
         var out: Set<String> = []
@@ -234,14 +262,29 @@ enum RespondPhase {
         var headers = HTTPHeaders()
         headers.reserveCapacity(upstream.headers.count + 3)
         var via: String?
+        var lengths: Set<String> = []
+        var chunked = false
         for (name, value) in upstream.headers {
             let lower = name.lowercased()
-            if lower == "via" {
+            switch lower {
+            case "via":
                 via = via.map { $0 + ", " + value } ?? value
                 continue
+            case "content-length":
+                lengths.insert(value)
+                continue
+            case "transfer-encoding":
+                chunked = true
+            default:
+                break
             }
             if droppedResponseHeaders.contains(lower) || connectionNamed.contains(lower) { continue }
             headers.add(name: name, value: value)
+        }
+        // libcurl de-chunks the body: with Transfer-Encoding, or with conflicting lengths, no Content-Length
+        // is sent on and the body is framed afresh; otherwise the one length passes.
+        if !chunked, lengths.count == 1, let length = lengths.first, Int(length) != nil {
+            headers.add(name: "Content-Length", value: length)
         }
         headers.add(name: "X-Request-ID", value: context.requestID)
         headers.add(name: "Via", value: via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse")

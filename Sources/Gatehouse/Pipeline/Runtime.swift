@@ -8,6 +8,10 @@ final class Runtime: Sendable {
     let routes: [CompiledRoute]
     let table: RouteTable
     let trustedProxies: [CIDR]
+    /// The API-key header, lower-cased; never forwarded upstream.
+    let apiKeyHeader: String
+    /// The API-key query parameter, if configured; never forwarded upstream.
+    let apiKeyQueryParameter: String?
 
     init(config: GatehouseConfiguration, metrics: GatewayMetrics) {
         self.config = config
@@ -18,6 +22,8 @@ final class Runtime: Sendable {
         }
         table = RouteTable(config.routes)
         trustedProxies = config.server.trustedProxies
+        apiKeyHeader = config.auth.apiKey.header.lowercased()
+        apiKeyQueryParameter = config.auth.apiKey.queryParam
     }
 
     /// The config features that are accepted but not enforced by this build, one line each.

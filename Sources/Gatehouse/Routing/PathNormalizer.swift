@@ -2,14 +2,17 @@
 ///
 /// Percent-encoded unreserved characters are decoded (`%7E` -> `~`, `%2e` -> `.`), other escapes are kept with
 /// upper-case hex (so `%2F` never becomes a separator), duplicate slashes are folded and dot-segments removed.
-/// `/v1/../admin`, `/v1/%2e%2e/admin` and `//admin` all become `/admin`.
+/// `/v1/../admin`, `/v1/%2e%2e/admin` and `//admin` all become `/admin`. A segment whose encoded slashes
+/// would make a dot-segment for an upstream that decodes them (`..%2F..%2Fadmin`, `..%5Cadmin`) is refused.
 enum PathNormalizer {
     /// The normalised path, or nil when the path is malformed (not starting with `/`, or a bad escape).
     static func normalize(_ raw: Substring) -> String? {
         let bytes = Array(raw.utf8)
         guard bytes.first == UInt8(ascii: "/") else { return nil }
         // Fast path: nothing to decode, no dot segment, no empty segment.
-        if !bytes.contains(UInt8(ascii: "%")), !hasSpecialSegment(bytes) { return String(raw) }
+        if !bytes.contains(UInt8(ascii: "%")), !bytes.contains(UInt8(ascii: "\\")), !hasSpecialSegment(bytes) {
+            return String(raw)
+        }
 
         var segments: [[UInt8]] = []
         var current: [UInt8] = []
@@ -55,6 +58,7 @@ enum PathNormalizer {
             index += 1
         }
         if !current.isEmpty { closeSegment() }
+        for segment in segments where hasEncodedDotSegment(segment) { return nil }
         var out: [UInt8] = [UInt8(ascii: "/")]
         for (i, segment) in segments.enumerated() {
             if i > 0 { out.append(UInt8(ascii: "/")) }
@@ -62,6 +66,40 @@ enum PathNormalizer {
         }
         if endsWithSlash, !segments.isEmpty { out.append(UInt8(ascii: "/")) }
         return String(decoding: out, as: UTF8.self)
+    }
+
+    /// True when splitting `segment` at `%2F`, `%5C` or `\` would leave a `.` or `..` piece.
+    private static func hasEncodedDotSegment(_ segment: [UInt8]) -> Bool {
+        guard segment.count >= 2, segment.contains(UInt8(ascii: ".")) else { return false }
+        var pieces: [[UInt8]] = [[]]
+        var index = 0
+        var sawSeparator = false
+        while index < segment.count {
+            if segment[index] == UInt8(ascii: "%"), index + 2 < segment.count,
+                segment[index + 1] == UInt8(ascii: "2")
+                    || segment[index + 1] == UInt8(ascii: "5"),
+                [UInt8(ascii: "F"), UInt8(ascii: "C")].contains(segment[index + 2])
+            {
+                let isSlash = segment[index + 1] == UInt8(ascii: "2") && segment[index + 2] == UInt8(ascii: "F")
+                let isBackslash = segment[index + 1] == UInt8(ascii: "5") && segment[index + 2] == UInt8(ascii: "C")
+                if isSlash || isBackslash {
+                    pieces.append([])
+                    sawSeparator = true
+                    index += 3
+                    continue
+                }
+            }
+            if segment[index] == UInt8(ascii: "\\") {
+                pieces.append([])
+                sawSeparator = true
+                index += 1
+                continue
+            }
+            pieces[pieces.count - 1].append(segment[index])
+            index += 1
+        }
+        return sawSeparator
+            && pieces.contains { $0 == [UInt8(ascii: ".")] || $0 == [UInt8(ascii: "."), UInt8(ascii: ".")] }
     }
 
     private static func hasSpecialSegment(_ bytes: [UInt8]) -> Bool {

@@ -97,7 +97,10 @@ struct PathIndex: Sendable {
         if !templates.isEmpty {
             let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
             var bound: [Substring] = []
-            templates.collect(segments, &bound, &out)
+            var matches: [Candidate] = []
+            templates.collect(segments, &bound, &matches)
+            // Among templates, the first in the file wins (SPEC §2), however specific the others are.
+            out += matches.sorted { $0.routeIndex < $1.routeIndex }
         }
         if !prefixes.isEmpty {
             var matches: [[Int]] = []
@@ -134,7 +137,7 @@ struct TemplateNode: Sendable {
 
     func collect(_ segments: ArraySlice<Substring>, _ bound: inout [Substring], _ out: inout [PathIndex.Candidate]) {
         guard let first = segments.first else {
-            for route in routes.sorted(by: { $0.index < $1.index }) {
+            for route in routes {
                 out.append(PathIndex.Candidate(routeIndex: route.index, parameters: Array(zip(route.names, bound))))
             }
             return

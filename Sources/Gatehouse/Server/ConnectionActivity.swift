@@ -43,8 +43,10 @@ final class ConnectionActivity: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if waitingForHead, !bytesSinceHead { startHeadClock() }
-        bytesSinceHead = true
+        if waitingForHead, !bytesSinceHead {
+            bytesSinceHead = true
+            startHeadClock()
+        }
         context.fireChannelRead(data)
     }
 

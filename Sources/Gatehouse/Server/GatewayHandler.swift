@@ -25,6 +25,10 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var endWritten = false
         /// The access-log line and metrics were written; they are written once.
         var logged = false
+        /// The Content-Length sent to the client, if any; the body may not exceed it.
+        var declaredLength: Int?
+        /// Closes the connection if the rest of a request body does not come after an early answer.
+        var lingerTimer: Scheduled<Void>?
         var isHead: Bool { context.head.method == .HEAD }
 
         init(context: RequestContext, runtime: Runtime) {
@@ -93,7 +97,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private static func size(of part: HTTPServerRequestPart) -> Int {
         switch part {
-        case .head(let head): return head.uri.utf8.count + head.headers.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count }
+        case .head(let head):
+            return head.uri.utf8.count + head.headers.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count }
         case .body(let buffer): return buffer.readableBytes
         case .end: return 0
         }
@@ -283,8 +288,15 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if exchange.requestEnded || !exchange.context.keepAlive {
             finishExchange(exchange, context: context)
         } else {
+            // Answered before the request body ended: read and drop the rest, but not forever.
             exchange.endWritten = true
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            let bound = NIOLoopBound((self, context, exchange), eventLoop: context.eventLoop)
+            let limit = exchange.runtime.config.server.limits.headerTimeout.nanoseconds
+            exchange.lingerTimer = context.eventLoop.scheduleTask(in: .nanoseconds(limit)) {
+                let (handler, context, exchange) = bound.value
+                if handler.exchange === exchange { handler.abort(context: context) }
+            }
             resumeReading(context: context)
         }
     }
@@ -294,12 +306,32 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func upstreamEvents(_ events: UpstreamEvents, for exchange: Exchange) {
         guard let context = channelContext, self.exchange === exchange, !closed, !exchange.responseEnded else { return }
         if let head = events.head {
+            guard (200...599).contains(head.status), !exchange.responseStarted else {
+                exchange.transfer?.cancel()
+                upstreamFailed(UpstreamError(kind: .reset, detail: "invalid status line"), exchange, context: context)
+                return
+            }
             exchange.responseStarted = true
             exchange.context.status = head.status
-            context.write(wrapOutboundOut(.head(Pipeline.responseHead(for: head, exchange.context))), promise: nil)
+            let responseHead = Pipeline.responseHead(for: head, exchange.context)
+            exchange.declaredLength = responseHead.headers.first(name: "Content-Length").flatMap(Int.init)
+            context.write(wrapOutboundOut(.head(responseHead)), promise: nil)
+        }
+        if !events.body.isEmpty, !exchange.responseStarted {
+            exchange.transfer?.cancel()
+            upstreamFailed(
+                UpstreamError(kind: .reset, detail: "body without a status line"), exchange, context: context)
+            return
         }
         for chunk in events.body {
             exchange.context.bytesOut += chunk.readableBytes
+            if let declared = exchange.declaredLength, exchange.context.bytesOut > declared {
+                // More than the upstream announced: never let the excess pass as the next response.
+                exchange.context.error = GatewayError(
+                    status: .badGateway, detail: "The upstream sent more than its Content-Length.", origin: .upstream)
+                abort(context: context)
+                return
+            }
             context.write(wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil)
         }
         if let completion = events.completion {
@@ -335,10 +367,13 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .tls:
             answer = GatewayError(
                 status: .badGateway, detail: "The TLS handshake with the upstream failed.", origin: .upstream)
-        case .requestBody, .cancelled:
+        case .requestBody:
             answer = GatewayError(
                 status: .badRequest, detail: "The request body could not be read.", origin: .client,
                 closeConnection: true)
+        case .cancelled:
+            answer = GatewayError(
+                status: .serviceUnavailable, detail: "The gateway is shutting down.", origin: .gateway)
         case .reset, .other:
             answer = GatewayError(status: .badGateway, detail: "The upstream connection failed.", origin: .upstream)
         }
@@ -357,6 +392,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// request that waited, and read on.
     private func finishExchange(_ exchange: Exchange, context: ChannelHandlerContext) {
         let keepAlive = exchange.context.keepAlive && !draining
+        exchange.lingerTimer?.cancel()
         log(exchange)
         self.exchange = nil
         readBlocked = false
@@ -380,6 +416,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Closes a connection whose response cannot be completed.
     private func abort(context: ChannelHandlerContext) {
         if let exchange {
+            exchange.lingerTimer?.cancel()
             exchange.transfer?.cancel()
             exchange.transfer = nil
             exchange.responseEnded = true
