@@ -173,9 +173,8 @@ enum ForwardPhase {
         }
 
         let connectionNamed = connectionTokens(head.headers)
-        var removed = Set((upstream?.requestHeaders.remove ?? []).map { $0.lowercased() })
-        // The client's API key is never forwarded.
-        removed.insert(runtime.apiKeyHeader)
+        // request_headers.remove and the client's API key, which is never forwarded.
+        let removed = route?.pool?.droppedHeaders ?? []
         var headers: [(name: String, value: String)] = []
         headers.reserveCapacity(head.headers.count + 6)
         var via: String?

@@ -8,21 +8,20 @@ final class Runtime: Sendable {
     let routes: [CompiledRoute]
     let table: RouteTable
     let trustedProxies: [CIDR]
-    /// The API-key header, lower-cased; never forwarded upstream.
-    let apiKeyHeader: String
     /// The API-key query parameter, if configured; never forwarded upstream.
     let apiKeyQueryParameter: String?
 
     init(config: GatehouseConfiguration, metrics: GatewayMetrics) {
         self.config = config
         var pools: [String: UpstreamPool] = [:]
-        for upstream in config.upstreams { pools[upstream.name] = UpstreamPool(upstream) }
+        for upstream in config.upstreams {
+            pools[upstream.name] = UpstreamPool(upstream, apiKeyHeader: config.auth.apiKey.header)
+        }
         routes = config.routes.map { route in
             CompiledRoute(route, pool: route.upstream.flatMap { pools[$0] }, metrics: metrics.routeMetrics(route.id))
         }
         table = RouteTable(config.routes)
         trustedProxies = config.server.trustedProxies
-        apiKeyHeader = config.auth.apiKey.header.lowercased()
         apiKeyQueryParameter = config.auth.apiKey.queryParam
     }
 
