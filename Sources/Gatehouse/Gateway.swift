@@ -42,8 +42,8 @@ public final class Gateway: Sendable {
                 "cannot open the access log; requests are not logged", metadata: ["path": "\(config.server.accessLog)"])
         }
         core = GatewayCore(
-            runtime: runtime, upstream: UpstreamClient(threads: threads, logger: logger), metrics: metrics,
-            accessLog: accessLog, logger: logger)
+            runtime: runtime, upstream: UpstreamClient(threads: threads, logger: logger),
+            loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, logger: logger)
     }
 
     /// Binds the listeners and logs what is not enforced yet.

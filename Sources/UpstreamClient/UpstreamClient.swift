@@ -20,9 +20,15 @@ public final class UpstreamClient: Sendable {
         workers = (0..<max(1, threads)).map { UpstreamWorker(index: $0, logger: logger) }
     }
 
-    /// Begins an exchange. Events arrive at `delegate` on a worker thread.
-    public func start(_ request: UpstreamRequest, delegate: UpstreamTransferDelegate) -> UpstreamTransfer {
-        let index = next.wrappingAdd(1, ordering: .relaxed).oldValue
+    /// Begins an exchange; events arrive at `delegate` on its event loop.
+    ///
+    /// `worker` pins the exchange to one worker thread (modulo their number): giving every exchange of one
+    /// event loop the same worker lets that worker hand each round's events to one loop in one task.
+    /// Without it, workers take turns.
+    public func start(_ request: UpstreamRequest, delegate: UpstreamTransferDelegate, worker: Int? = nil)
+        -> UpstreamTransfer
+    {
+        let index = worker ?? next.wrappingAdd(1, ordering: .relaxed).oldValue
         let worker = workers[index % workers.count]
         let transfer = UpstreamTransfer(request: request, delegate: delegate, worker: worker)
         worker.submit(.start(transfer))

@@ -1,4 +1,5 @@
 import Logging
+import NIOCore
 import Synchronization
 import UpstreamClient
 
@@ -12,8 +13,16 @@ final class GatewayCore: Sendable {
     let logger: Logger
     /// Metrics for requests that matched no route.
     let unroutedMetrics: RouteMetrics
+    /// Each event loop's index, which picks its upstream worker.
+    private let loopIndices: [ObjectIdentifier: Int]
 
-    init(runtime: Runtime, upstream: UpstreamClient, metrics: GatewayMetrics, accessLog: AccessLog?, logger: Logger) {
+    init(
+        runtime: Runtime, upstream: UpstreamClient, loops: [EventLoop], metrics: GatewayMetrics, accessLog: AccessLog?,
+        logger: Logger
+    ) {
+        var indices: [ObjectIdentifier: Int] = [:]
+        for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }
+        loopIndices = indices
         current = Mutex(runtime)
         self.upstream = upstream
         self.metrics = metrics
@@ -26,4 +35,7 @@ final class GatewayCore: Sendable {
     var runtime: Runtime { current.withLock { $0 } }
 
     func swap(to runtime: Runtime) { current.withLock { $0 = runtime } }
+
+    /// The upstream worker for connections on `loop`.
+    func workerIndex(for loop: EventLoop) -> Int? { loopIndices[ObjectIdentifier(loop)] }
 }

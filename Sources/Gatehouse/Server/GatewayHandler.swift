@@ -40,6 +40,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private let core: GatewayCore
     private let activity: ConnectionActivity
     private var connection: ConnectionInfo?
+    /// The upstream worker paired with this connection's event loop.
+    private var workerIndex: Int?
     private let tls: Bool
     private var exchange: Exchange?
     private var channelContext: ChannelHandlerContext?
@@ -63,6 +65,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         channelContext = context
         connection = ConnectionInfo(remote: context.channel.remoteAddress, tls: tls)
+        workerIndex = core.workerIndex(for: context.eventLoop)
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -136,7 +139,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
                     )
                 }
                 let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
-                exchange.transfer = core.upstream.start(request, delegate: bridge)
+                exchange.transfer = core.upstream.start(request, delegate: bridge, worker: workerIndex)
             }
         } catch {
             respondError(error, exchange, context: context)
