@@ -83,14 +83,20 @@ public final class Gateway: Sendable {
                 self?.track(channel)
                 return channel.eventLoop.makeCompletedFuture {
                     // Limits come from the config of the moment, so a reload applies to new connections.
-                    let activity = ConnectionActivity(limits: core.runtime.config.server.limits)
+                    let limits = core.runtime.config.server.limits
+                    let activity = ConnectionActivity(limits: limits)
                     if let sslContext {
                         try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
                     }
                     try channel.pipeline.syncOperations.addHandler(activity)
-                    // GatewayHandler orders pipelined requests itself (see its queue).
+                    // GatewayHandler orders pipelined requests itself (see its queue). Response headers are
+                    // checked where they are made (upstream header lines are validated as they are parsed, the
+                    // gateway's own come from the checked config), so NIO's per-response validator is left out.
+                    var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+                    decoderLimits.maxHeaderListSize = limits.maxHeaderBytes
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(
-                        withPipeliningAssistance: false, withErrorHandling: false)
+                        withPipeliningAssistance: false, withErrorHandling: false, withOutboundHeaderValidation: false,
+                        withEncoderConfiguration: .init(), withDecoderLimitConfiguration: decoderLimits)
                     try channel.pipeline.syncOperations.addHandler(
                         GatewayHandler(core: core, activity: activity, tls: sslContext != nil))
                 }

@@ -592,6 +592,12 @@ struct ConfigBuilder {
                     return nil
                 }
                 guard let value = reader.string(pair.value, "\(path).headers.\(pair.key)") else { return nil }
+                guard !value.unicodeScalars.contains(where: { $0.value < 0x20 && $0 != "\t" || $0.value == 0x7F })
+                else {
+                    reader.fail(
+                        pair.value, "\(path).headers.\(pair.key)", "header values may not contain control characters")
+                    return nil
+                }
                 return DirectHeader(name: pair.key, value: value)
             }
         }

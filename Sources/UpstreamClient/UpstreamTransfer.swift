@@ -190,11 +190,44 @@ public final class UpstreamTransfer: @unchecked Sendable {
         }
         var colon = 0
         while colon < end, bytes[colon] != UInt8(ascii: ":") { colon += 1 }
-        guard colon < end else { return count }
-        let name = String(decoding: Self.trimmed(bytes, 0, colon), as: UTF8.self)
+        // A line without a colon, a name that is not a token or a value with control characters makes the
+        // whole answer invalid (status 0): it is never relayed, so no header can split the client's response.
+        guard colon > 0, colon < end, Self.isToken(bytes, 0, colon), Self.isFieldValue(bytes, colon + 1, end) else {
+            pendingHead?.status = 0
+            return count
+        }
+        let name = String(decoding: bytes[0..<colon], as: UTF8.self)
         let value = String(decoding: Self.trimmed(bytes, colon + 1, end), as: UTF8.self)
         pendingHead?.headers.append((name, value))
         return count
+    }
+
+    private static func isToken(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> Bool {
+        for index in start..<end {
+            let byte = bytes[index]
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                UInt8(ascii: "0")...UInt8(ascii: "9"):
+                continue
+            case UInt8(ascii: "!"), UInt8(ascii: "#"), UInt8(ascii: "$"), UInt8(ascii: "%"), UInt8(ascii: "&"),
+                UInt8(ascii: "'"), UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."),
+                UInt8(ascii: "^"), UInt8(ascii: "_"), UInt8(ascii: "`"), UInt8(ascii: "|"), UInt8(ascii: "~"):
+                continue
+            default:
+                return false
+            }
+        }
+        return true
+    }
+
+    /// Visible characters, spaces, tabs and obs-text (RFC 9110 field-value); no CR, LF, NUL or other controls.
+    private static func isFieldValue(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> Bool {
+        for index in start..<end {
+            let byte = bytes[index]
+            if byte < 0x20, byte != 0x09 { return false }
+            if byte == 0x7F { return false }
+        }
+        return true
     }
 
     private static func trimmed(_ bytes: UnsafeRawBufferPointer, _ start: Int, _ end: Int)
