@@ -26,12 +26,21 @@ let package = Package(
         ),
         .systemLibrary(
             name: "CHiredis",
-            pkgConfig: "hiredis",
             providers: [.apt(["libhiredis-dev"])]
         ),
         .target(
             name: "GatehouseConfig",
             dependencies: [.product(name: "Yams", package: "Yams")]
+        ),
+        .target(
+            name: "RedisClient",
+            dependencies: [
+                "CHiredis",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
         ),
         .target(
             name: "UpstreamClient",
@@ -46,6 +55,7 @@ let package = Package(
             dependencies: [
                 "GatehouseConfig",
                 "UpstreamClient",
+                "RedisClient",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -83,6 +93,7 @@ let package = Package(
                 "Gatehouse",
                 "GatehouseConfig",
                 "UpstreamClient",
+                "RedisClient",
                 "DemoUpstream",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -43,6 +43,7 @@ public final class Gateway: Sendable {
         }
         core = GatewayCore(
             runtime: runtime, upstream: UpstreamClient(threads: threads, logger: logger),
+            store: SharedStores.make(config.redis, group: group, logger: logger),
             loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, logger: logger)
     }
 
@@ -132,6 +133,11 @@ public final class Gateway: Sendable {
         {
             logger.warning("server.tls, server.threads and server.access_log change only on restart")
         }
+        if old.redis.url != config.redis.url || old.redis.poolSize != config.redis.poolSize
+            || old.redis.keyPrefix != config.redis.keyPrefix
+        {
+            logger.warning("the redis section changes only on restart")
+        }
         let runtime = Runtime(config: config, metrics: core.metrics)
         for feature in runtime.unenforcedFeatures {
             logger.warning("config accepted but not enforced yet: \(feature)")
@@ -153,10 +159,11 @@ public final class Gateway: Sendable {
         for channel in connections.withLock({ Array($0.values) }) { try? await channel.close() }
         try? await admin?.close()
         core.upstream.shutdown()
+        await core.store.close()
         core.accessLog?.close()
         if ownsGroup { try? await group.shutdownGracefully() }
     }
 
     /// Readiness for `/readyz`: nil when ready, otherwise what is wrong.
-    var readinessProblem: String? { nil }
+    var readinessProblem: String? { core.store.problem }
 }

@@ -77,6 +77,7 @@ import Testing
             """
             server: { listen: "127.0.0.1:0", access_log: "off", threads: 1, limits: { max_body_bytes: 100MiB } }
             admin: { listen: "127.0.0.1:0" }
+            redis: { url: "memory://" }
             upstreams:
               demo: { targets: [{ url: "http://127.0.0.1:\(upstream.port)" }] }
             routes:
@@ -115,6 +116,7 @@ import Testing
         let yaml = """
             server: { listen: "127.0.0.1:0", access_log: "off", drain_timeout: 5s }
             admin: { listen: "127.0.0.1:0" }
+            redis: { url: "memory://" }
             upstreams:
               demo: { targets: [{ url: "http://127.0.0.1:\(upstream.port)" }] }
             routes:

@@ -48,7 +48,9 @@ struct Harness {
     }
 
     /// A config with one upstream `demo` and the given routes; extra YAML may override `server` settings.
-    static func config(upstreamPort: Int, server: String = "", upstream: String = "", routes: String) -> String {
+    static func config(
+        upstreamPort: Int, server: String = "", upstream: String = "", redis: String = "memory://", routes: String
+    ) -> String {
         """
         server:
           listen: "127.0.0.1:0"
@@ -57,6 +59,8 @@ struct Harness {
         \(server)
         admin:
           listen: "127.0.0.1:0"
+        redis:
+          url: "\(redis)"
         upstreams:
           demo:
             targets: [{ url: "http://127.0.0.1:\(upstreamPort)" }]

@@ -8,6 +8,8 @@ import UpstreamClient
 final class GatewayCore: Sendable {
     private let current: Mutex<Runtime>
     let upstream: UpstreamClient
+    /// Shared state: Redis, or memory for `memory://`.
+    let store: SharedStore
     let metrics: GatewayMetrics
     let accessLog: AccessLog?
     let logger: Logger
@@ -17,9 +19,10 @@ final class GatewayCore: Sendable {
     private let loopIndices: [ObjectIdentifier: Int]
 
     init(
-        runtime: Runtime, upstream: UpstreamClient, loops: [EventLoop], metrics: GatewayMetrics, accessLog: AccessLog?,
-        logger: Logger
+        runtime: Runtime, upstream: UpstreamClient, store: SharedStore, loops: [EventLoop], metrics: GatewayMetrics,
+        accessLog: AccessLog?, logger: Logger
     ) {
+        self.store = store
         var indices: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }
         loopIndices = indices

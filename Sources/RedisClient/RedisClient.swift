@@ -1,0 +1,267 @@
+import Crypto
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// An async Redis client: a pool of connections owned by SwiftNIO event loops, with hiredis encoding commands
+/// and parsing replies.
+///
+/// Commands from any thread are spread over the pool and pipelined on each connection. While a connection is down
+/// its commands fail at once with `unavailable` (never an unbounded wait) and it reconnects by itself with capped,
+/// jittered exponential backoff, sending `AUTH` and `SELECT` from the configuration first.
+public final class RedisClient: Sendable {
+    public let configuration: RedisConfiguration
+    private let slots: [Slot]
+    private let next = Atomic<Int>(0)
+    private let logger: Logger
+
+    public init(
+        configuration: RedisConfiguration, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "gatehouse.redis")
+    ) {
+        self.configuration = configuration
+        self.logger = logger
+        slots = (0..<max(1, configuration.poolSize)).map { _ in
+            Slot(configuration: configuration, eventLoop: group.next(), logger: logger)
+        }
+        for slot in slots { slot.start() }
+    }
+
+    /// True while at least one connection is up.
+    public var isConnected: Bool { slots.contains { $0.isConnected } }
+
+    /// Sends one command given as arguments; returns the reply. An error reply is thrown as `.server`.
+    public func send(_ arguments: [RedisArgument]) async throws(RedisError) -> RedisValue {
+        let start = next.wrappingAdd(1, ordering: .relaxed).oldValue
+        // Prefer the next connection in turn, else any connection that is up.
+        var chosen: Slot?
+        for offset in 0..<slots.count {
+            let slot = slots[(start + offset) % slots.count]
+            if slot.isConnected {
+                chosen = slot
+                break
+            }
+        }
+        guard let slot = chosen else { throw RedisError(.unavailable, "Redis is not connected") }
+        let reply = try await slot.send(arguments.map(\.bytes))
+        if case .error(let message) = reply { throw RedisError(.server, message) }
+        return reply
+    }
+
+    public func send(_ arguments: RedisArgument...) async throws(RedisError) -> RedisValue {
+        try await send(arguments)
+    }
+
+    public func get(_ key: String) async throws(RedisError) -> [UInt8]? {
+        try await send("GET", .string(key)).bytes
+    }
+
+    /// SET with an optional expiry in milliseconds and `NX`; returns whether the value was set.
+    @discardableResult
+    public func set(_ key: String, _ value: [UInt8], expireMilliseconds: Int? = nil, onlyIfAbsent: Bool = false)
+        async throws(RedisError) -> Bool
+    {
+        var arguments: [RedisArgument] = ["SET", .string(key), .bytes(value)]
+        if let expireMilliseconds { arguments += ["PX", .string(String(expireMilliseconds))] }
+        if onlyIfAbsent { arguments.append("NX") }
+        return try await !send(arguments).isNull
+    }
+
+    @discardableResult
+    public func del(_ keys: String...) async throws(RedisError) -> Int64 {
+        try await send(["DEL"] + keys.map { .string($0) }).integer ?? 0
+    }
+
+    public func incr(_ key: String) async throws(RedisError) -> Int64 {
+        try await send("INCR", .string(key)).integer ?? 0
+    }
+
+    @discardableResult
+    public func expire(_ key: String, seconds: Int) async throws(RedisError) -> Bool {
+        try await send("EXPIRE", .string(key), .string(String(seconds))).integer == 1
+    }
+
+    /// Runs a script by its SHA1 and, when Redis does not know it (`NOSCRIPT`, after a restart or
+    /// `SCRIPT FLUSH`), by its source, which loads it again.
+    public func evalsha(_ script: RedisScript, keys: [String], arguments: [RedisArgument]) async throws(RedisError)
+        -> RedisValue
+    {
+        let tail: [RedisArgument] = [.string(String(keys.count))] + keys.map { .string($0) } + arguments
+        do {
+            return try await send(["EVALSHA", .string(script.sha1)] + tail)
+        } catch  where error.kind == .server && error.message.hasPrefix("NOSCRIPT") {
+            return try await send(["EVAL", .string(script.source)] + tail)
+        }
+    }
+
+    /// Closes every connection and stops reconnecting.
+    public func close() async {
+        for slot in slots { await slot.close() }
+    }
+}
+
+/// One argument of a command: text or raw bytes (binary-safe).
+public enum RedisArgument: Sendable, ExpressibleByStringLiteral {
+    case string(String)
+    case bytes([UInt8])
+
+    public init(stringLiteral value: String) { self = .string(value) }
+
+    var bytes: [UInt8] {
+        switch self {
+        case .string(let text): return Array(text.utf8)
+        case .bytes(let bytes): return bytes
+        }
+    }
+}
+
+/// A Lua script with its SHA1, for `EVALSHA`.
+public struct RedisScript: Sendable {
+    public let source: String
+    public let sha1: String
+
+    public init(_ source: String) {
+        self.source = source
+        sha1 = Insecure.SHA1.hash(data: Array(source.utf8)).map { byte in
+            let hex = String(byte, radix: 16)
+            return hex.count == 1 ? "0" + hex : hex
+        }.joined()
+    }
+}
+
+/// One pooled connection: its channel while it is up, and the loop that reconnects it.
+final class Slot: Sendable {
+    private struct State {
+        var channel: Channel?
+        var handler: NIOLoopBound<RedisHandler>?
+        var closed = false
+        var task: Task<Void, Never>?
+    }
+
+    private let configuration: RedisConfiguration
+    private let eventLoop: EventLoop
+    private let logger: Logger
+    private let state = Mutex(State())
+
+    init(configuration: RedisConfiguration, eventLoop: EventLoop, logger: Logger) {
+        self.configuration = configuration
+        self.eventLoop = eventLoop
+        self.logger = logger
+    }
+
+    var isConnected: Bool { state.withLock { $0.channel != nil } }
+
+    func start() {
+        let task = Task { await self.maintain() }
+        state.withLock { $0.task = task }
+    }
+
+    func send(_ argv: [[UInt8]]) async throws(RedisError) -> RedisValue {
+        guard let handler = state.withLock({ $0.handler }) else {
+            throw RedisError(.unavailable, "Redis is not connected")
+        }
+        var buffer = ByteBufferAllocator().buffer(capacity: argv.reduce(16) { $0 + $1.count + 16 })
+        RESPEncoder.encode(argv, into: &buffer)
+        let promise = eventLoop.makePromise(of: RedisValue.self)
+        let limit = configuration.maxInFlightPerConnection
+        let encoded = buffer
+        eventLoop.execute {
+            let handler = handler.value
+            if handler.inFlight >= limit {
+                promise.fail(RedisError(.overloaded, "too many commands in flight"))
+            } else {
+                handler.send(encoded, promise: promise)
+            }
+        }
+        do {
+            return try await promise.futureResult.get()
+        } catch let error as RedisError {
+            throw error
+        } catch {
+            throw RedisError(.connectionLost, "\(error)")
+        }
+    }
+
+    /// Connects, serves until the connection drops, waits, and connects again, until closed.
+    private func maintain() async {
+        var backoff = Duration.milliseconds(25)
+        while !state.withLock({ $0.closed }) {
+            do {
+                let channel = try await connect()
+                backoff = .milliseconds(25)
+                try await channel.closeFuture.get()
+            } catch {
+                logger.debug("redis connection failed", metadata: ["error": "\(error)"])
+            }
+            state.withLock {
+                $0.channel = nil
+                $0.handler = nil
+            }
+            if state.withLock({ $0.closed }) { break }
+            // Capped exponential backoff with jitter: never more than 500 ms between tries.
+            let jittered = backoff * Double.random(in: 0.5...1.0)
+            try? await Task.sleep(for: jittered)
+            backoff = min(backoff * 2, .milliseconds(500))
+        }
+    }
+
+    private func connect() async throws -> Channel {
+        let timeout = TimeAmount.nanoseconds(
+            Int64(configuration.commandTimeout.components.attoseconds / 1_000_000_000)
+                + configuration.commandTimeout.components.seconds * 1_000_000_000)
+        let connectTimeout = TimeAmount.nanoseconds(
+            configuration.connectTimeout.components.seconds * 1_000_000_000
+                + configuration.connectTimeout.components.attoseconds / 1_000_000_000)
+        let bootstrap = ClientBootstrap(group: eventLoop)
+            .connectTimeout(connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(RedisHandler(commandTimeout: timeout))
+                }
+            }
+        let channel: Channel
+        switch configuration.address {
+        case .tcp(let host, let port): channel = try await bootstrap.connect(host: host, port: port).get()
+        case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
+        }
+        let handler = try await channel.eventLoop.submit {
+            NIOLoopBound(
+                try channel.pipeline.syncOperations.handler(type: RedisHandler.self), eventLoop: channel.eventLoop)
+        }.get()
+        state.withLock {
+            $0.handler = handler
+        }
+        do {
+            if let password = configuration.password {
+                let auth: [[UInt8]] =
+                    configuration.username.map { [Array("AUTH".utf8), Array($0.utf8), Array(password.utf8)] }
+                    ?? [Array("AUTH".utf8), Array(password.utf8)]
+                if case .error(let message) = try await send(auth) { throw RedisError(.server, message) }
+            }
+            if configuration.database != 0 {
+                let select = [Array("SELECT".utf8), Array(String(configuration.database).utf8)]
+                if case .error(let message) = try await send(select) { throw RedisError(.server, message) }
+            }
+        } catch {
+            state.withLock { $0.handler = nil }
+            try? await channel.close()
+            throw error
+        }
+        // Only now is the connection offered to callers.
+        state.withLock { $0.channel = channel }
+        if state.withLock({ $0.closed }) { try? await channel.close() }
+        return channel
+    }
+
+    func close() async {
+        let (channel, task) = state.withLock { state -> (Channel?, Task<Void, Never>?) in
+            state.closed = true
+            return (state.channel, state.task)
+        }
+        try? await channel?.close()
+        task?.cancel()
+        await task?.value
+    }
+}

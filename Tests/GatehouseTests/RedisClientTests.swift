@@ -1,0 +1,227 @@
+import Foundation
+import Logging
+import NIOPosix
+import Testing
+
+@testable import RedisClient
+
+/// A real `redis-server` on a free loopback port, started and stopped by a test.
+final class RedisServerProcess: @unchecked Sendable {
+    let port: Int
+    private var process: Process?
+    private let arguments: [String]
+
+    init(arguments: [String] = []) throws {
+        port = try Self.freePort()
+        self.arguments = arguments
+        try start()
+    }
+
+    func start() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
+        process.arguments =
+            ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"] + arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        self.process = process
+        for _ in 0..<200 {
+            if Self.accepts(port) { return }
+            usleep(10_000)
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    func kill() {
+        guard let process else { return }
+        Foundation.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        self.process = nil
+    }
+
+    deinit { kill() }
+
+    static func accepts(_ port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0
+            }
+        }
+    }
+
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = 0
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+}
+
+/// RedisClient against a real redis-server: order, binary safety, timeouts, outages, scripts, AUTH and SELECT.
+@Suite struct RedisClientTests {
+    static func client(_ port: Int, _ configure: (inout RedisConfiguration) -> Void = { _ in }) async throws
+        -> RedisClient
+    {
+        var configuration = RedisConfiguration(address: .tcp(host: "127.0.0.1", port: port))
+        configuration.commandTimeout = .seconds(2)
+        configure(&configuration)
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        let client = RedisClient(configuration: configuration, logger: logger)
+        try await waitUntil { client.isConnected }
+        return client
+    }
+
+    static func waitUntil(timeout: Duration = .seconds(5), _ condition: () -> Bool) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while !condition(), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+    }
+
+    @Test func urls() throws {
+        let full = try #require(RedisConfiguration(url: "redis://user:pw@10.0.0.1:6380/3"))
+        #expect(full.address == .tcp(host: "10.0.0.1", port: 6380))
+        #expect(full.username == "user")
+        #expect(full.password == "pw")
+        #expect(full.database == 3)
+        let bare = try #require(RedisConfiguration(url: "redis://:secret@localhost"))
+        #expect(bare.address == .tcp(host: "localhost", port: 6379))
+        #expect(bare.password == "secret")
+        #expect(bare.username == nil)
+        let unix = try #require(RedisConfiguration(url: "unix:///run/redis.sock?db=2"))
+        #expect(unix.address == .unix(path: "/run/redis.sock"))
+        #expect(unix.database == 2)
+        #expect(RedisConfiguration(url: "http://x") == nil)
+        #expect(RedisConfiguration(url: "redis://h/notadb") == nil)
+    }
+
+    @Test func binaryValuesRoundTrip() async throws {
+        let server = try RedisServerProcess()
+        let client = try await Self.client(server.port)
+        let every = (0...255).map { UInt8($0) }
+        try await client.set("bytes", every)
+        #expect(try await client.get("bytes") == every)
+        let big = (0..<(10 * 1024 * 1024)).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        try await client.set("big", big)
+        #expect(try await client.get("big") == big)
+        #expect(try await client.get("missing") == nil)
+        #expect(try await client.set("once", [1], onlyIfAbsent: true))
+        #expect(try await !client.set("once", [2], onlyIfAbsent: true))
+        #expect(try await client.incr("n") == 1)
+        #expect(try await client.expire("n", seconds: 10))
+        #expect(try await client.del("bytes", "big") == 2)
+        await #expect(throws: RedisError.self) { _ = try await client.send("NOSUCHCOMMAND") }
+        await client.close()
+    }
+
+    @Test func repliesKeepTheirOrderUnderAThousandCallers() async throws {
+        let server = try RedisServerProcess()
+        let client = try await Self.client(server.port) { $0.poolSize = 2 }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for index in 0..<1000 {
+                group.addTask {
+                    let value = Array("value-\(index)".utf8)
+                    try await client.set("k\(index)", value)
+                    let read = try await client.get("k\(index)")
+                    #expect(read == value)
+                    _ = try await client.incr("counter")
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(try await client.get("counter") == Array("1000".utf8))
+        await client.close()
+    }
+
+    @Test func aCommandTimeoutFailsThatCommandAndKeepsTheConnection() async throws {
+        let server = try RedisServerProcess(arguments: ["--enable-debug-command", "yes"])
+        let client = try await Self.client(server.port) {
+            $0.poolSize = 1
+            $0.commandTimeout = .milliseconds(150)
+        }
+        let started = ContinuousClock.now
+        await #expect {
+            _ = try await client.send("DEBUG", "SLEEP", "0.5")
+        } throws: { ($0 as? RedisError)?.kind == .timeout }
+        #expect(ContinuousClock.now - started < .milliseconds(450))
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(try await client.send("PING") == .simple("PONG"))
+        #expect(client.isConnected)
+        await client.close()
+    }
+
+    @Test func redisKilledAndRestartedFailsFastThenRecovers() async throws {
+        let server = try RedisServerProcess()
+        let client = try await Self.client(server.port)
+        try await client.set("before", [1])
+        server.kill()
+        try await Self.waitUntil { !client.isConnected }
+        let started = ContinuousClock.now
+        await #expect(throws: RedisError.self) { _ = try await client.get("before") }
+        #expect(ContinuousClock.now - started < .milliseconds(50), "commands fail fast while Redis is away")
+
+        try server.start()
+        let back = ContinuousClock.now
+        var answered = false
+        while ContinuousClock.now - back < .seconds(1) {
+            if (try? await client.send("PING")) == .simple("PONG") {
+                answered = true
+                break
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(answered, "a command succeeds within 1 s of Redis coming back")
+        await client.close()
+    }
+
+    @Test func scriptsSurviveAScriptFlush() async throws {
+        let server = try RedisServerProcess()
+        let client = try await Self.client(server.port)
+        let script = RedisScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+        #expect(try await client.evalsha(script, keys: ["s"], arguments: ["2"]) == .integer(2))
+        _ = try await client.send("SCRIPT", "FLUSH")
+        #expect(try await client.evalsha(script, keys: ["s"], arguments: ["3"]) == .integer(5))
+        #expect(try await client.send("SCRIPT", "EXISTS", .string(script.sha1)) == .array([.integer(1)]))
+        await client.close()
+    }
+
+    @Test func authAndSelect() async throws {
+        let server = try RedisServerProcess(arguments: ["--requirepass", "s3cret"])
+        let client = try await Self.client(server.port) {
+            $0.password = "s3cret"
+            $0.database = 3
+        }
+        try await client.set("where", Array("db3".utf8))
+        let db0 = try await Self.client(server.port) { $0.password = "s3cret" }
+        #expect(try await db0.get("where") == nil)
+        #expect(try await db0.send("SELECT", "3") == .simple("OK"))
+        await db0.close()
+
+        var wrong = RedisConfiguration(address: .tcp(host: "127.0.0.1", port: server.port))
+        wrong.password = "nope"
+        let refused = RedisClient(configuration: wrong)
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(!refused.isConnected)
+        await #expect(throws: RedisError.self) { _ = try await refused.send("PING") }
+        await refused.close()
+        await client.close()
+    }
+}

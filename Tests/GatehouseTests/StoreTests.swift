@@ -1,0 +1,75 @@
+import Foundation
+import Logging
+import NIOPosix
+import Testing
+
+@testable import Gatehouse
+@testable import RedisClient
+
+/// Both stores behave alike; `/readyz` follows Redis going away and coming back.
+@Suite struct StoreTests {
+    /// The Redis that Scripts/test started, or one of our own.
+    static func sharedRedisURL() throws -> (String, RedisServerProcess?) {
+        if let url = ProcessInfo.processInfo.environment["GATEHOUSE_TEST_REDIS_URL"] { return (url, nil) }
+        let server = try RedisServerProcess()
+        return ("redis://127.0.0.1:\(server.port)/0", server)
+    }
+
+    static func exercise(_ store: SharedStore, prefix: String) async throws {
+        let key = "\(prefix)-\(UUID().uuidString)"
+        #expect(try await store.get(key) == nil)
+        #expect(try await store.set(key, [0, 1, 255], expireMilliseconds: nil, onlyIfAbsent: true))
+        #expect(try await !store.set(key, [9], expireMilliseconds: nil, onlyIfAbsent: true))
+        #expect(try await store.get(key) == [0, 1, 255])
+        #expect(try await store.delete([key, key + "-none"]) == 1)
+        #expect(try await store.increment(key + "-n", expireMilliseconds: 200) == 1)
+        #expect(try await store.increment(key + "-n", expireMilliseconds: 200) == 2)
+        _ = try await store.set(key + "-short", [1], expireMilliseconds: 100, onlyIfAbsent: false)
+        try await Task.sleep(for: .milliseconds(350))
+        #expect(try await store.get(key + "-short") == nil)
+        #expect(try await store.increment(key + "-n", expireMilliseconds: 200) == 1, "the counter expired")
+    }
+
+    @Test func memoryStore() async throws {
+        try await Self.exercise(MemoryStore(), prefix: "m")
+    }
+
+    @Test func redisStoreUsesTheKeyPrefix() async throws {
+        let (url, server) = try Self.sharedRedisURL()
+        var config = try #require(RedisConfiguration(url: url))
+        config.commandTimeout = .seconds(2)
+        let client = RedisClient(configuration: config)
+        try await RedisClientTests.waitUntil { client.isConnected }
+        let store = RedisStore(client: client, prefix: "gh-test:", display: url)
+        try await Self.exercise(store, prefix: "r")
+        _ = try await store.set("visible", [1], expireMilliseconds: 5000, onlyIfAbsent: false)
+        #expect(try await client.get("gh-test:visible") == [1])
+        await store.close()
+        _ = server
+    }
+
+    @Test func readinessFollowsRedisAwayAndBack() async throws {
+        let redis = try RedisServerProcess()
+        let yaml = { (port: Int) in
+            Harness.config(
+                upstreamPort: port, redis: "redis://127.0.0.1:\(redis.port)/0",
+                routes: "  - { id: demo, match: { path_prefix: \"/\" }, upstream: demo }")
+        }
+        try await Harness.run(yaml) { h in
+            try await RedisClientTests.waitUntil { h.gateway.readinessProblem == nil }
+            #expect(try await request(port: h.adminPort, "/readyz").status == 200)
+
+            redis.kill()
+            try await RedisClientTests.waitUntil { h.gateway.readinessProblem != nil }
+            let degraded = try await request(port: h.adminPort, "/readyz")
+            #expect(degraded.status == 503)
+            #expect(degraded.text.contains("redis"))
+            // Redis away is not an error for clients.
+            #expect(try await request(port: h.port, "/x").status == 200)
+
+            try redis.start()
+            try await RedisClientTests.waitUntil(timeout: .seconds(2)) { h.gateway.readinessProblem == nil }
+            #expect(try await request(port: h.adminPort, "/readyz").status == 200)
+        }
+    }
+}
