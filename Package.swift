@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "gatehouse", targets: ["gatehouse"]),
         .executable(name: "gatehouse-demo-upstream", targets: ["gatehouse-demo-upstream"]),
+        .executable(name: "gatehouse-redis-bench", targets: ["gatehouse-redis-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -39,6 +40,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
@@ -86,6 +88,10 @@ let package = Package(
         .executableTarget(
             name: "gatehouse-demo-upstream",
             dependencies: ["DemoUpstream"]
+        ),
+        .executableTarget(
+            name: "gatehouse-redis-bench",
+            dependencies: ["RedisClient", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(
             name: "GatehouseTests",

@@ -43,7 +43,7 @@ public final class Gateway: Sendable {
         }
         core = GatewayCore(
             runtime: runtime, upstream: UpstreamClient(threads: threads, logger: logger),
-            store: SharedStores.make(config.redis, group: group, logger: logger),
+            store: SharedStores.make(config.redis, group: group, logger: logger, metrics: metrics),
             loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, logger: logger)
     }
 

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Crypto
 import Logging
 import NIOCore
@@ -16,14 +17,16 @@ public final class RedisClient: Sendable {
     private let next = Atomic<Int>(0)
     private let logger: Logger
 
+    /// `metrics` records commands, errors by kind, reconnects and latency (nothing when nil).
     public init(
         configuration: RedisConfiguration, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-        logger: Logger = Logger(label: "gatehouse.redis")
+        logger: Logger = Logger(label: "gatehouse.redis"), metrics: MetricsFactory? = nil
     ) {
         self.configuration = configuration
         self.logger = logger
+        let recorder = metrics.map(RedisMetrics.init)
         slots = (0..<max(1, configuration.poolSize)).map { _ in
-            Slot(configuration: configuration, eventLoop: group.next(), logger: logger)
+            Slot(configuration: configuration, eventLoop: group.next(), logger: logger, metrics: recorder)
         }
         for slot in slots { slot.start() }
     }
@@ -130,6 +133,32 @@ public struct RedisScript: Sendable {
     }
 }
 
+/// The client's metrics, made once.
+final class RedisMetrics: Sendable {
+    let commands: CoreMetrics.Counter
+    let reconnects: CoreMetrics.Counter
+    let latency: CoreMetrics.Timer
+    private let errors: [RedisError.Kind: CoreMetrics.Counter]
+
+    init(_ factory: MetricsFactory) {
+        commands = CoreMetrics.Counter(label: "gatehouse_redis_commands_total", factory: factory)
+        reconnects = CoreMetrics.Counter(label: "gatehouse_redis_reconnects_total", factory: factory)
+        latency = CoreMetrics.Timer(label: "gatehouse_redis_command_duration_seconds", factory: factory)
+        let kinds: [(RedisError.Kind, String)] = [
+            (.unavailable, "unavailable"), (.connectionLost, "connection_lost"), (.timeout, "timeout"),
+            (.overloaded, "overloaded"), (.server, "server"), (.protocolError, "protocol"),
+        ]
+        var errors: [RedisError.Kind: CoreMetrics.Counter] = [:]
+        for (kind, name) in kinds {
+            errors[kind] = CoreMetrics.Counter(
+                label: "gatehouse_redis_errors_total", dimensions: [("kind", name)], factory: factory)
+        }
+        self.errors = errors
+    }
+
+    func failed(_ kind: RedisError.Kind) { errors[kind]?.increment() }
+}
+
 /// One pooled connection: its channel while it is up, and the loop that reconnects it.
 final class Slot: Sendable {
     private struct State {
@@ -142,12 +171,14 @@ final class Slot: Sendable {
     private let configuration: RedisConfiguration
     private let eventLoop: EventLoop
     private let logger: Logger
+    private let metrics: RedisMetrics?
     private let state = Mutex(State())
 
-    init(configuration: RedisConfiguration, eventLoop: EventLoop, logger: Logger) {
+    init(configuration: RedisConfiguration, eventLoop: EventLoop, logger: Logger, metrics: RedisMetrics?) {
         self.configuration = configuration
         self.eventLoop = eventLoop
         self.logger = logger
+        self.metrics = metrics
     }
 
     var isConnected: Bool { state.withLock { $0.channel != nil } }
@@ -158,6 +189,22 @@ final class Slot: Sendable {
     }
 
     func send(_ argv: [[UInt8]]) async throws(RedisError) -> RedisValue {
+        let started = ContinuousClock.now
+        do {
+            let reply = try await sendUnmeasured(argv)
+            metrics?.commands.increment()
+            let elapsed = ContinuousClock.now - started
+            metrics?.latency.recordNanoseconds(
+                elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+            if case .error = reply { metrics?.failed(.server) }
+            return reply
+        } catch {
+            metrics?.failed(error.kind)
+            throw error
+        }
+    }
+
+    private func sendUnmeasured(_ argv: [[UInt8]]) async throws(RedisError) -> RedisValue {
         guard let handler = state.withLock({ $0.handler }) else {
             throw RedisError(.unavailable, "Redis is not connected")
         }
@@ -186,9 +233,12 @@ final class Slot: Sendable {
     /// Connects, serves until the connection drops, waits, and connects again, until closed.
     private func maintain() async {
         var backoff = Duration.milliseconds(25)
+        var connectedBefore = false
         while !state.withLock({ $0.closed }) {
             do {
                 let channel = try await connect()
+                if connectedBefore { metrics?.reconnects.increment() }
+                connectedBefore = true
                 backoff = .milliseconds(25)
                 try await channel.closeFuture.get()
             } catch {

@@ -70,6 +70,9 @@ import Testing
             try redis.start()
             try await RedisClientTests.waitUntil(timeout: .seconds(2)) { h.gateway.readinessProblem == nil }
             #expect(try await request(port: h.adminPort, "/readyz").status == 200)
+            let metrics = try await request(port: h.adminPort, "/metrics").text
+            let reconnects = metrics.split(separator: "\n").first { $0.hasPrefix("gatehouse_redis_reconnects_total ") }
+            #expect((reconnects?.split(separator: " ").last).flatMap { Double($0) } ?? 0 >= 1)
         }
     }
 }

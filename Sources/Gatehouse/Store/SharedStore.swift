@@ -131,7 +131,9 @@ final class MemoryStore: SharedStore {
 
 /// Builds the store a config names.
 enum SharedStores {
-    static func make(_ config: RedisConfig, group: EventLoopGroup, logger: Logger) -> SharedStore {
+    static func make(_ config: RedisConfig, group: EventLoopGroup, logger: Logger, metrics: GatewayMetrics)
+        -> SharedStore
+    {
         let url = config.url.value
         if url.hasPrefix("memory:") { return MemoryStore() }
         guard var configuration = RedisConfiguration(url: url) else {
@@ -147,7 +149,8 @@ enum SharedStores {
         case .unix(let path): display = "unix:\(path)"
         }
         return RedisStore(
-            client: RedisClient(configuration: configuration, group: group, logger: logger), prefix: config.keyPrefix,
+            client: RedisClient(configuration: configuration, group: group, logger: logger, metrics: metrics.factory),
+            prefix: config.keyPrefix,
             display: display)
     }
 }
