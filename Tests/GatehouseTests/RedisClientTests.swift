@@ -192,6 +192,29 @@ final class RedisServerProcess: @unchecked Sendable {
         await client.close()
     }
 
+    @Test func unixSocketsAndAFullQueueFailFast() async throws {
+        let socket = FileManager.default.temporaryDirectory.appendingPathComponent("gh-\(UUID().uuidString).sock").path
+        let server = try RedisServerProcess(arguments: ["--unixsocket", socket, "--enable-debug-command", "yes"])
+        var configuration = try #require(RedisConfiguration(url: "unix://\(socket)"))
+        configuration.poolSize = 1
+        configuration.maxInFlightPerConnection = 2
+        configuration.commandTimeout = .seconds(2)
+        let client = RedisClient(configuration: configuration)
+        try await Self.waitUntil { client.isConnected }
+        #expect(try await client.send("PING") == .simple("PONG"))
+        // Two commands fill the connection while Redis sleeps; the third is refused at once.
+        async let sleeping = client.send("DEBUG", "SLEEP", "0.3")
+        async let queued = client.send("PING")
+        try await Task.sleep(for: .milliseconds(50))
+        await #expect {
+            _ = try await client.send("PING")
+        } throws: { ($0 as? RedisError)?.kind == .overloaded }
+        #expect(try await sleeping == .simple("OK"))
+        #expect(try await queued == .simple("PONG"))
+        await client.close()
+        _ = server
+    }
+
     @Test func scriptsSurviveAScriptFlush() async throws {
         let server = try RedisServerProcess()
         let client = try await Self.client(server.port)
