@@ -84,6 +84,17 @@ import Testing
         }
     }
 
+    @Test func garbageAfterAPipelinedRequestAnswersItThenCloses() async throws {
+        try await Harness.run(Self.limited) { h in
+            try await RawConnection.with(port: h.port) { connection in
+                try await connection.send("GET /api/delay HTTP/1.1\r\nHost: a\r\n\r\nTHIS IS NOT HTTP\r\n\r\n")
+                let first = try await connection.readResponse()
+                #expect(first.status == 200)
+                #expect(try await connection.waitForClose(timeout: .seconds(2)))
+            }
+        }
+    }
+
     @Test func garbageRequestLineIs400() async throws {
         try await Harness.run(Self.limited) { h in
             _ = try await Self.expectProblem("HELLO THERE\r\n\r\n", status: 400, port: h.port)

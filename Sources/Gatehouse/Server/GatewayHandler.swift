@@ -195,6 +195,13 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             default:
                 answer = .badRequest("The request is malformed (\(parserError)).")
             }
+            if let exchange, exchange.requestEnded {
+                // The bad bytes belong to a later, pipelined request: answer the current one, then close.
+                exchange.context.keepAlive = false
+                queued.removeAll()
+                queuedBytes = 0
+                return
+            }
             if exchange == nil || exchange?.responseStarted == false {
                 let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/")
                 let requestContext = RequestContext(
