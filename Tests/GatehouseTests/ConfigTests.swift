@@ -127,6 +127,17 @@ import Testing
         }
     }
 
+    @Test func redisURLs() {
+        for good in [
+            "memory://", "redis://127.0.0.1:6379/0", "redis://:pw@h", "redis://u:p@h:1/15", "unix:///run/r.sock",
+        ] {
+            #expect(errors(Self.minimal + "\nredis: { url: \"\(good)\" }").isEmpty, "\(good)")
+        }
+        for bad in ["http://h", "redis://", "redis://h/db", "memory://x", "unix://"] {
+            #expect(errors(Self.minimal + "\nredis: { url: \"\(bad)\" }").count == 1, "\(bad)")
+        }
+    }
+
     @Test func noContentAnswersHaveNoBody() {
         let yaml = "routes:\n  - { id: r, match: { path: \"/r\" }, respond: { status: 204, body: \"x\" } }"
         #expect(errors(yaml) == ["g.yaml:2: routes[0].respond.body: a 204 answer has no body"])
