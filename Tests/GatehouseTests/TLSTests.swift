@@ -57,6 +57,42 @@ import UpstreamClient
     }
 }
 
+extension TLSTests {
+    /// A gateway whose upstream is reached over TLS: verified against `ca_file` by default, refused without it.
+    @Test func httpsUpstreamsAreVerified() async throws {
+        let (cert, key) = try Self.makeCertificate()
+        // The TLS "origin" is itself a gateway terminating TLS in front of the demo upstream.
+        let originYAML = { (port: Int) in
+            Harness.config(
+                upstreamPort: port, server: "  tls: { cert: \"\(cert)\", key: \"\(key)\" }",
+                routes: "  - { id: demo, match: { path_prefix: \"/\" }, upstream: demo }")
+        }
+        try await Harness.run(originYAML) { origin in
+            let front = { (_: Int) in
+                """
+                server: { listen: "127.0.0.1:0", threads: 1, access_log: "off" }
+                admin: { listen: "127.0.0.1:0" }
+                redis: { url: "memory://" }
+                upstreams:
+                  trusted: { targets: [{ url: "https://localhost:\(origin.port)" }], tls: { ca_file: "\(cert)" } }
+                  untrusted: { targets: [{ url: "https://localhost:\(origin.port)" }] }
+                routes:
+                  - { id: trusted, match: { path_prefix: "/trusted/" }, upstream: trusted, rewrite: { strip_prefix: "/trusted" } }
+                  - { id: untrusted, match: { path_prefix: "/untrusted/" }, upstream: untrusted }
+                """
+            }
+            try await Harness.run(front) { h in
+                let verified = try await request(port: h.port, "/trusted/hello")
+                #expect(verified.status == 200)
+                #expect(verified.json["path"] as? String == "/hello")
+                let refused = try await request(port: h.port, "/untrusted/hello")
+                #expect(refused.status == 502)
+                #expect((refused.json["detail"] as? String)?.contains("TLS") == true)
+            }
+        }
+    }
+}
+
 /// A whole response fetched through ``UpstreamClient``.
 struct FetchedResponse: Sendable {
     var status = 0
