@@ -74,7 +74,8 @@ import Testing
     @Test func requestsInFlightFinishOnTheConfigTheyStartedWith() async throws {
         try await Harness.run(Harness.basic) { h in
             async let slow = request(port: h.port, "/delay/400")
-            try await Task.sleep(for: .milliseconds(100))
+            // Reload only once the request is under way at the upstream.
+            try await waitUntil { h.upstream.requestCount == 1 }
             let original = try String(contentsOfFile: h.configPath, encoding: .utf8)
             try original.replacingOccurrences(of: "path_prefix: \"/\"", with: "path_prefix: \"/other/\"")
                 .write(toFile: h.configPath, atomically: true, encoding: .utf8)
@@ -96,7 +97,7 @@ import Testing
         try await gateway.start()
         let port = gateway.localAddress?.port ?? 0
         async let slow = request(port: port, "/delay/500")
-        try await Task.sleep(for: .milliseconds(150))
+        try await waitUntil { upstream.requestCount == 1 }
         await gateway.shutdown()
         #expect(try await slow.status == 200)
         await #expect(throws: (any Error).self) { try await request(port: port, "/status") }

@@ -140,7 +140,7 @@ import Testing
         #expect(try await request(port: port, "/status").text == "two")
 
         async let slow = request(port: port, "/delay/700")
-        try await Task.sleep(for: .milliseconds(200))
+        try await waitUntil { upstream.requestCount == 1 }
         kill(server.process.processIdentifier, SIGTERM)
         #expect(try await slow.status == 200)
         server.process.waitUntilExit()

@@ -263,3 +263,9 @@ func request(
         return try await connection.readResponse(headRequest: method == "HEAD")
     }
 }
+
+/// Waits until `condition` holds, checking every 5 ms, for at most `timeout`.
+func waitUntil(timeout: Duration = .seconds(5), _ condition: () -> Bool) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while !condition(), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+}

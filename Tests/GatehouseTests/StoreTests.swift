@@ -22,12 +22,12 @@ import Testing
         #expect(try await !store.set(key, [9], expireMilliseconds: nil, onlyIfAbsent: true))
         #expect(try await store.get(key) == [0, 1, 255])
         #expect(try await store.delete([key, key + "-none"]) == 1)
-        #expect(try await store.increment(key + "-n", expireMilliseconds: 200) == 1)
-        #expect(try await store.increment(key + "-n", expireMilliseconds: 200) == 2)
+        #expect(try await store.increment(key + "-n", expireMilliseconds: 400) == 1)
+        #expect(try await store.increment(key + "-n", expireMilliseconds: 400) == 2)
         _ = try await store.set(key + "-short", [1], expireMilliseconds: 100, onlyIfAbsent: false)
-        try await Task.sleep(for: .milliseconds(350))
+        try await Task.sleep(for: .milliseconds(700))
         #expect(try await store.get(key + "-short") == nil)
-        #expect(try await store.increment(key + "-n", expireMilliseconds: 200) == 1, "the counter expired")
+        #expect(try await store.increment(key + "-n", expireMilliseconds: 400) == 1, "the counter expired")
     }
 
     @Test func memoryStore() async throws {
@@ -39,7 +39,7 @@ import Testing
         var config = try #require(RedisConfiguration(url: url))
         config.commandTimeout = .seconds(2)
         let client = RedisClient(configuration: config)
-        try await RedisClientTests.waitUntil { client.isConnected }
+        try await waitUntil { client.isConnected }
         let store = RedisStore(client: client, prefix: "gh-test:", display: url)
         try await Self.exercise(store, prefix: "r")
         _ = try await store.set("visible", [1], expireMilliseconds: 5000, onlyIfAbsent: false)
@@ -56,11 +56,11 @@ import Testing
                 routes: "  - { id: demo, match: { path_prefix: \"/\" }, upstream: demo }")
         }
         try await Harness.run(yaml) { h in
-            try await RedisClientTests.waitUntil { h.gateway.readinessProblem == nil }
+            try await waitUntil { h.gateway.readinessProblem == nil }
             #expect(try await request(port: h.adminPort, "/readyz").status == 200)
 
             redis.kill()
-            try await RedisClientTests.waitUntil { h.gateway.readinessProblem != nil }
+            try await waitUntil { h.gateway.readinessProblem != nil }
             let degraded = try await request(port: h.adminPort, "/readyz")
             #expect(degraded.status == 503)
             #expect(degraded.text.contains("redis"))
@@ -68,7 +68,7 @@ import Testing
             #expect(try await request(port: h.port, "/x").status == 200)
 
             try redis.start()
-            try await RedisClientTests.waitUntil(timeout: .seconds(2)) { h.gateway.readinessProblem == nil }
+            try await waitUntil(timeout: .seconds(2)) { h.gateway.readinessProblem == nil }
             #expect(try await request(port: h.adminPort, "/readyz").status == 200)
             let metrics = try await request(port: h.adminPort, "/metrics").text
             let reconnects = metrics.split(separator: "\n").first { $0.hasPrefix("gatehouse_redis_reconnects_total ") }
