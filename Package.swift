@@ -49,7 +49,6 @@ let package = Package(
             dependencies: [
                 "CCurl",
                 .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .target(

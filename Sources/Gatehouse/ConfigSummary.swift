@@ -11,9 +11,8 @@ public enum ConfigSummary {
         var lines = ["\(path): OK"]
         lines.append("  listen      \(config.server.listen)\(config.server.tls != nil ? " (TLS)" : "")")
         lines.append("  admin       \(config.admin.listen)\(config.admin.token != nil ? " (token)" : "")")
-        lines.append(
-            "  redis       \(config.redis.url.value.hasPrefix("memory:") ? "memory://" : "configured") (pool \(config.redis.poolSize))"
-        )
+        let redis = config.redis.endpoint.map(SharedStores.display) ?? "invalid"
+        lines.append("  redis       \(redis) (pool \(config.redis.poolSize))")
         lines.append(
             "  upstreams   \(config.upstreams.count): "
                 + config.upstreams.map { "\($0.name) (\($0.targets.count) target\($0.targets.count == 1 ? "" : "s"))" }

@@ -16,7 +16,6 @@ public final class Gateway: Sendable {
     public let configPath: String?
     let core: GatewayCore
     private let group: MultiThreadedEventLoopGroup
-    private let ownsGroup: Bool
     private let logger: Logger
     private let channels = Mutex<(server: Channel?, admin: Channel?)>((nil, nil))
     private let connections = Mutex<[ObjectIdentifier: Channel]>([:])
@@ -33,7 +32,6 @@ public final class Gateway: Sendable {
         self.configPath = configPath
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
-        ownsGroup = true
         let metrics = GatewayMetrics()
         let runtime = Runtime(config: config, metrics: metrics)
         let accessLog = AccessLog.open(config.server.accessLog)
@@ -42,7 +40,7 @@ public final class Gateway: Sendable {
                 "cannot open the access log; requests are not logged", metadata: ["path": "\(config.server.accessLog)"])
         }
         core = GatewayCore(
-            runtime: runtime, upstream: UpstreamClient(threads: threads, logger: logger),
+            runtime: runtime, upstream: UpstreamClient(threads: threads),
             store: SharedStores.make(config.redis, group: group, logger: logger, metrics: metrics),
             loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, logger: logger)
     }
@@ -161,7 +159,7 @@ public final class Gateway: Sendable {
         core.upstream.shutdown()
         await core.store.close()
         core.accessLog?.close()
-        if ownsGroup { try? await group.shutdownGracefully() }
+        try? await group.shutdownGracefully()
     }
 
     /// Readiness for `/readyz`: nil when ready, otherwise what is wrong.

@@ -183,7 +183,7 @@ struct ConfigBuilder {
                 node, "redis", allowed: ["url", "pool_size", "connect_timeout", "command_timeout", "key_prefix"])
         else { return redis }
         if let url = f.string("url") {
-            if Self.isRedisURL(url) {
+            if RedisEndpoint.parse(url) != nil {
                 redis.url = Secret(url)
             } else {
                 f.fail("url", "expected redis://[:password@]host:port/db, unix:///path.sock or memory://")
@@ -194,22 +194,6 @@ struct ConfigBuilder {
         if let v = f.duration("command_timeout") { redis.commandTimeout = v }
         if let v = f.string("key_prefix") { redis.keyPrefix = v }
         return redis
-    }
-
-    /// `memory://`, `unix:///path[?db=N]`, or `redis://[[user]:password@]host[:port][/db]`.
-    static func isRedisURL(_ url: String) -> Bool {
-        if url == "memory://" { return true }
-        guard let components = URLComponents(string: url) else { return false }
-        switch components.scheme {
-        case "unix":
-            return !components.path.isEmpty
-        case "redis":
-            guard let host = components.host, !host.isEmpty else { return false }
-            let db = components.path.trimmingCharacters(in: CharacterSet(charactersIn: "/"))
-            return db.isEmpty || Int(db).map { $0 >= 0 } == true
-        default:
-            return false
-        }
     }
 
     // MARK: consumers, auth, rate limits

@@ -1,3 +1,5 @@
+import Foundation
+
 /// The whole gateway configuration, as loaded and validated from the YAML file.
 public struct GatehouseConfiguration: Sendable, Encodable {
     public var server: ServerConfig
@@ -84,6 +86,41 @@ public struct RedisConfig: Sendable, Encodable {
         case connectTimeout = "connect_timeout"
         case commandTimeout = "command_timeout"
         case keyPrefix = "key_prefix"
+    }
+
+    /// Where `url` points; nil only for a URL the loader would have refused.
+    public var endpoint: RedisEndpoint? { RedisEndpoint.parse(url.value) }
+}
+
+/// What a `redis.url` names: in-process memory, a TCP server, or a unix socket.
+public enum RedisEndpoint: Sendable, Hashable {
+    case memory
+    case tcp(host: String, port: Int, database: Int, username: String?, password: String?)
+    case unix(path: String, database: Int, password: String?)
+
+    /// Parses `memory://`, `redis://[[user]:password@]host[:port][/db]` or `unix:///path.sock[?db=N&password=P]`.
+    public static func parse(_ url: String) -> RedisEndpoint? {
+        if url == "memory://" { return .memory }
+        guard let components = URLComponents(string: url) else { return nil }
+        switch components.scheme {
+        case "redis":
+            guard let host = components.host, !host.isEmpty else { return nil }
+            let path = components.path.trimmingCharacters(in: CharacterSet(charactersIn: "/"))
+            guard let database = path.isEmpty ? 0 : Int(path), database >= 0 else { return nil }
+            let username = components.user.flatMap { $0.isEmpty ? nil : $0 }
+            return .tcp(
+                host: host, port: components.port ?? 6379, database: database, username: username,
+                password: components.password)
+        case "unix":
+            guard !components.path.isEmpty else { return nil }
+            let query = components.queryItems ?? []
+            let db = query.first { $0.name == "db" }?.value
+            guard let database = db.map(Int.init) ?? 0, database >= 0 else { return nil }
+            return .unix(
+                path: components.path, database: database, password: query.first { $0.name == "password" }?.value)
+        default:
+            return nil
+        }
     }
 }
 

@@ -193,9 +193,7 @@ final class Slot: Sendable {
         do {
             let reply = try await sendUnmeasured(argv)
             metrics?.commands.increment()
-            let elapsed = ContinuousClock.now - started
-            metrics?.latency.recordNanoseconds(
-                elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+            metrics?.latency.recordNanoseconds(TimeAmount(ContinuousClock.now - started).nanoseconds)
             if case .error = reply { metrics?.failed(.server) }
             return reply
         } catch {
@@ -257,12 +255,8 @@ final class Slot: Sendable {
     }
 
     private func connect() async throws -> Channel {
-        let timeout = TimeAmount.nanoseconds(
-            Int64(configuration.commandTimeout.components.attoseconds / 1_000_000_000)
-                + configuration.commandTimeout.components.seconds * 1_000_000_000)
-        let connectTimeout = TimeAmount.nanoseconds(
-            configuration.connectTimeout.components.seconds * 1_000_000_000
-                + configuration.connectTimeout.components.attoseconds / 1_000_000_000)
+        let timeout = TimeAmount(configuration.commandTimeout)
+        let connectTimeout = TimeAmount(configuration.connectTimeout)
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -313,5 +307,13 @@ final class Slot: Sendable {
         try? await channel?.close()
         task?.cancel()
         await task?.value
+    }
+}
+
+extension TimeAmount {
+    /// The same span as a NIO time amount (nanosecond precision).
+    init(_ duration: Duration) {
+        self = .nanoseconds(
+            duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000)
     }
 }

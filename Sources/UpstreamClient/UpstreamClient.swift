@@ -1,5 +1,4 @@
 import CCurl
-import Logging
 import Synchronization
 
 /// Forwards requests to upstreams through libcurl's multi interface on a few dedicated threads.
@@ -15,9 +14,9 @@ public final class UpstreamClient: Sendable {
     }()
 
     /// Starts `threads` worker threads (at least one).
-    public init(threads: Int, logger: Logger = Logger(label: "gatehouse.upstream")) {
+    public init(threads: Int) {
         _ = Self.globalInit
-        workers = (0..<max(1, threads)).map { UpstreamWorker(index: $0, logger: logger) }
+        workers = (0..<max(1, threads)).map { UpstreamWorker(index: $0) }
     }
 
     /// Begins an exchange; events arrive at `delegate` on its event loop.

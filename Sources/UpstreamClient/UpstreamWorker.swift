@@ -1,6 +1,5 @@
 import CCurl
 import Foundation
-import Logging
 import NIOCore
 import Synchronization
 
@@ -27,7 +26,6 @@ final class UpstreamWorker: @unchecked Sendable {
     }
 
     private let commands = Mutex(Inbox())
-    private let logger: Logger
     private let stopped = DispatchSemaphore(value: 0)
 
     // Worker-thread state.
@@ -42,11 +40,10 @@ final class UpstreamWorker: @unchecked Sendable {
     /// When curl wants `CURL_SOCKET_TIMEOUT` (monotonic nanoseconds); nil when it wants none.
     private var timerDeadline: UInt64?
 
-    init(index: Int, logger: Logger) {
+    init(index: Int) {
         // curl_multi_init only fails on out-of-memory.
         guard let multi = curl_multi_init() else { fatalError("curl_multi_init failed") }
         self.multi = multi
-        self.logger = logger
         epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
         wakeFD = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
         precondition(epollFD >= 0 && wakeFD >= 0, "epoll_create1/eventfd failed: \(errno)")

@@ -138,6 +138,19 @@ import Testing
         }
     }
 
+    @Test func redisEndpoints() {
+        #expect(
+            RedisEndpoint.parse("redis://user:pw@10.0.0.1:6380/3")
+                == .tcp(host: "10.0.0.1", port: 6380, database: 3, username: "user", password: "pw"))
+        #expect(
+            RedisEndpoint.parse("redis://:secret@localhost")
+                == .tcp(host: "localhost", port: 6379, database: 0, username: nil, password: "secret"))
+        #expect(
+            RedisEndpoint.parse("unix:///run/redis.sock?db=2")
+                == .unix(path: "/run/redis.sock", database: 2, password: nil))
+        #expect(RedisEndpoint.parse("memory://") == .memory)
+    }
+
     @Test func noContentAnswersHaveNoBody() {
         let yaml = "routes:\n  - { id: r, match: { path: \"/r\" }, respond: { status: 204, body: \"x\" } }"
         #expect(errors(yaml) == ["g.yaml:2: routes[0].respond.body: a 204 answer has no body"])

@@ -91,23 +91,6 @@ final class RedisServerProcess: @unchecked Sendable {
         return client
     }
 
-    @Test func urls() throws {
-        let full = try #require(RedisConfiguration(url: "redis://user:pw@10.0.0.1:6380/3"))
-        #expect(full.address == .tcp(host: "10.0.0.1", port: 6380))
-        #expect(full.username == "user")
-        #expect(full.password == "pw")
-        #expect(full.database == 3)
-        let bare = try #require(RedisConfiguration(url: "redis://:secret@localhost"))
-        #expect(bare.address == .tcp(host: "localhost", port: 6379))
-        #expect(bare.password == "secret")
-        #expect(bare.username == nil)
-        let unix = try #require(RedisConfiguration(url: "unix:///run/redis.sock?db=2"))
-        #expect(unix.address == .unix(path: "/run/redis.sock"))
-        #expect(unix.database == 2)
-        #expect(RedisConfiguration(url: "http://x") == nil)
-        #expect(RedisConfiguration(url: "redis://h/notadb") == nil)
-    }
-
     @Test func binaryValuesRoundTrip() async throws {
         let server = try RedisServerProcess()
         let client = try await Self.client(server.port)
@@ -190,7 +173,7 @@ final class RedisServerProcess: @unchecked Sendable {
     @Test func unixSocketsAndAFullQueueFailFast() async throws {
         let socket = FileManager.default.temporaryDirectory.appendingPathComponent("gh-\(UUID().uuidString).sock").path
         let server = try RedisServerProcess(arguments: ["--unixsocket", socket, "--enable-debug-command", "yes"])
-        var configuration = try #require(RedisConfiguration(url: "unix://\(socket)"))
+        var configuration = RedisConfiguration(address: .unix(path: socket))
         configuration.poolSize = 1
         configuration.maxInFlightPerConnection = 2
         configuration.commandTimeout = .seconds(2)

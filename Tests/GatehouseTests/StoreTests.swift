@@ -1,4 +1,5 @@
 import Foundation
+import GatehouseConfig
 import Logging
 import NIOPosix
 import Testing
@@ -36,7 +37,8 @@ import Testing
 
     @Test func redisStoreUsesTheKeyPrefix() async throws {
         let (url, server) = try Self.sharedRedisURL()
-        var config = try #require(RedisConfiguration(url: url))
+        let endpoint = try #require(RedisEndpoint.parse(url))
+        var config = try #require(SharedStores.redisConfiguration(for: endpoint))
         config.commandTimeout = .seconds(2)
         let client = RedisClient(configuration: config)
         try await waitUntil { client.isConnected }

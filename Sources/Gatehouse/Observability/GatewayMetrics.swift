@@ -28,10 +28,6 @@ final class GatewayMetrics: Sendable {
     }
 
     func routeMetrics(_ routeID: String) -> RouteMetrics { RouteMetrics(route: routeID, factory: factory) }
-
-    func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
-        CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory)
-    }
 }
 
 /// The metrics of one route: requests by status, latency, upstream errors.

@@ -134,23 +134,42 @@ enum SharedStores {
     static func make(_ config: RedisConfig, group: EventLoopGroup, logger: Logger, metrics: GatewayMetrics)
         -> SharedStore
     {
-        let url = config.url.value
-        if url.hasPrefix("memory:") { return MemoryStore() }
-        guard var configuration = RedisConfiguration(url: url) else {
-            logger.error("redis.url cannot be used; keeping state in memory")
+        guard let endpoint = config.endpoint, var configuration = redisConfiguration(for: endpoint) else {
             return MemoryStore()
         }
         configuration.poolSize = config.poolSize
         configuration.connectTimeout = .nanoseconds(config.connectTimeout.nanoseconds)
         configuration.commandTimeout = .nanoseconds(config.commandTimeout.nanoseconds)
-        let display: String
-        switch configuration.address {
-        case .tcp(let host, let port): display = "\(host):\(port)/\(configuration.database)"
-        case .unix(let path): display = "unix:\(path)"
-        }
         return RedisStore(
             client: RedisClient(configuration: configuration, group: group, logger: logger, metrics: metrics.factory),
-            prefix: config.keyPrefix,
-            display: display)
+            prefix: config.keyPrefix, display: display(endpoint))
+    }
+
+    /// The client configuration for a Redis endpoint; nil for `memory://`.
+    static func redisConfiguration(for endpoint: RedisEndpoint) -> RedisConfiguration? {
+        switch endpoint {
+        case .memory:
+            return nil
+        case .tcp(let host, let port, let database, let username, let password):
+            var configuration = RedisConfiguration(address: .tcp(host: host, port: port))
+            configuration.database = database
+            configuration.username = username
+            configuration.password = password
+            return configuration
+        case .unix(let path, let database, let password):
+            var configuration = RedisConfiguration(address: .unix(path: path))
+            configuration.database = database
+            configuration.password = password
+            return configuration
+        }
+    }
+
+    /// The endpoint without credentials, for `/readyz`.
+    static func display(_ endpoint: RedisEndpoint) -> String {
+        switch endpoint {
+        case .memory: return "memory://"
+        case .tcp(let host, let port, let database, _, _): return "\(host):\(port)/\(database)"
+        case .unix(let path, let database, _): return "unix:\(path)?db=\(database)"
+        }
     }
 }
