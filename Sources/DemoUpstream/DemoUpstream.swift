@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -16,7 +17,12 @@ import Synchronization
 /// | `/status/{code}`    | an empty answer with that status                                |
 /// | `/truncate/{n}`     | promises n bytes, sends half, closes                            |
 /// | `/drop`             | closes the connection without answering                         |
+/// | `/cache/...`        | a response shaped by the query, for cache tests (see below)     |
 /// | anything else       | JSON echo of method, path, query and headers                    |
+///
+/// `/cache/...` takes `cc` (Cache-Control), `etag`, `lm` (Last-Modified), `vary`, `cookie` (Set-Cookie),
+/// `expires`, `age`, `status`, `delay` (ms) and `size` (body bytes, else a small JSON body with the request
+/// number `n`); it answers 304 to a matching `If-None-Match` or `If-Modified-Since`, and 503 while ``failing``.
 public final class DemoUpstream: Sendable {
     public let channel: Channel
     private let counter: RequestCounter
@@ -25,6 +31,12 @@ public final class DemoUpstream: Sendable {
     public var port: Int { channel.localAddress?.port ?? 0 }
     /// Requests received so far.
     public var requestCount: Int { counter.value.load(ordering: .relaxed) }
+
+    /// While true, `/cache/...` answers 503.
+    public var failing: Bool {
+        get { counter.failing.load(ordering: .relaxed) }
+        set { counter.failing.store(newValue, ordering: .relaxed) }
+    }
 
     private init(channel: Channel, counter: RequestCounter) {
         self.channel = channel
@@ -58,6 +70,7 @@ public final class DemoUpstream: Sendable {
 /// Counts the requests a server received.
 final class RequestCounter: Sendable {
     let value = Atomic<Int>(0)
+    let failing = Atomic<Bool>(false)
     func increment() { value.wrappingAdd(1, ordering: .relaxed) }
 }
 
@@ -154,11 +167,74 @@ final class DemoHandler: ChannelInboundHandler {
             }
         case ("drop", _):
             context.close(promise: nil)
+        case ("cache", _):
+            let query = Self.queryItems(parts.count > 1 ? parts[1] : "")
+            let delay = Int64(query["delay"] ?? "") ?? 0
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            context.eventLoop.scheduleTask(in: .milliseconds(delay)) {
+                let (handler, context) = bound.value
+                handler.cacheable(head, path: path, query: query, context: context)
+            }
         default:
             send(
                 status: .ok, body: echo(head, path: path, query: parts.count > 1 ? String(parts[1]) : nil), head: head,
                 context: context)
         }
+    }
+
+    /// The `/cache/...` answer.
+    private func cacheable(
+        _ head: HTTPRequestHead, path: String, query: [String: String], context: ChannelHandlerContext
+    ) {
+        if stats.failing.load(ordering: .relaxed) {
+            send(status: .serviceUnavailable, body: "{\"failing\":true}", head: head, context: context)
+            return
+        }
+        var headers = HTTPHeaders()
+        let fields = [
+            ("cc", "Cache-Control"), ("etag", "ETag"), ("lm", "Last-Modified"), ("vary", "Vary"),
+            ("cookie", "Set-Cookie"), ("expires", "Expires"), ("age", "Age"),
+        ]
+        for (parameter, name) in fields { if let value = query[parameter] { headers.add(name: name, value: value) } }
+        let etagMatches = query["etag"].map { head.headers["If-None-Match"].contains($0) } ?? false
+        let dateMatches = query["lm"].map { head.headers["If-Modified-Since"].contains($0) } ?? false
+        if etagMatches || dateMatches {
+            context.write(
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .notModified, headers: headers))),
+                promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            return
+        }
+        let body: String
+        if let size = query["size"].flatMap(Int.init) {
+            body = String(repeating: "c", count: max(0, min(size, 16 << 20)))
+        } else {
+            let vary = head.headers["Accept"].first ?? ""
+            body = "{\"n\":\(stats.value.load(ordering: .relaxed)),\"path\":\"\(path)\",\"accept\":\"\(vary)\"}"
+        }
+        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Length", value: String(body.utf8.count))
+        let status = HTTPResponseStatus(statusCode: Int(query["status"] ?? "") ?? 200)
+        context.write(
+            wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))),
+            promise: nil)
+        if head.method != .HEAD, !body.isEmpty {
+            context.write(
+                wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        }
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+
+    /// `a=1&b=x%20y` as a dictionary, percent-decoded.
+    static func queryItems(_ query: Substring) -> [String: String] {
+        var items: [String: String] = [:]
+        for pair in query.split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1).map { part in
+                String(part).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(part)
+            }
+            if let name = parts.first { items[name] = parts.count > 1 ? parts[1] : "" }
+        }
+        return items
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {

@@ -424,6 +424,8 @@ public struct RouteCache: Sendable, Encodable {
     /// Whether responses with `Set-Cookie` may be stored.
     public var storeSetCookie: Bool = false
 
+    public init() {}
+
     enum CodingKeys: String, CodingKey {
         case ttl
         case maxTTL = "max_ttl"

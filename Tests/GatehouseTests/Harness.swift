@@ -49,7 +49,8 @@ struct Harness {
 
     /// A config with one upstream `demo` and the given routes; extra YAML may override `server` settings.
     static func config(
-        upstreamPort: Int, server: String = "", upstream: String = "", redis: String = "memory://", routes: String
+        upstreamPort: Int, server: String = "", upstream: String = "", redis: String = "memory://",
+        redisKeyPrefix: String = "gatehouse:", routes: String
     ) -> String {
         """
         server:
@@ -61,6 +62,7 @@ struct Harness {
           listen: "127.0.0.1:0"
         redis:
           url: "\(redis)"
+          key_prefix: "\(redisKeyPrefix)"
         upstreams:
           demo:
             targets: [{ url: "http://127.0.0.1:\(upstreamPort)" }]

@@ -112,7 +112,7 @@ final class AdminHandler: ChannelInboundHandler {
             }
             return promise.futureResult
         case (.POST, "/cache/purge"):
-            return eventLoop.makeSucceededFuture(.problem(.notImplemented, "This endpoint arrives with its feature."))
+            return purge(request.body, on: eventLoop)
         case (.POST, _) where path.hasPrefix("/consumers/"),
             (.DELETE, _) where path.hasPrefix("/consumers/"):
             return eventLoop.makeSucceededFuture(.problem(.notImplemented, "This endpoint arrives with its feature."))
@@ -121,6 +121,44 @@ final class AdminHandler: ChannelInboundHandler {
                 .problem(.methodNotAllowed, "This endpoint does not accept \(method.rawValue)."))
         default:
             return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
+        }
+    }
+
+    /// `POST /cache/purge` with `{"route": id}` or `{"route": id, "path": "/v1/users/7"}`: removes the route's
+    /// entries, or those of one path (every variant, host and consumer); answers `{"purged": N}`.
+    private func purge(_ body: ByteBuffer?, on eventLoop: EventLoop) -> EventLoopFuture<Answer> {
+        struct Request: Decodable {
+            var route: String
+            var path: String?
+        }
+        guard let body, let request = try? JSONDecoder().decode(Request.self, from: Data(body.readableBytesView))
+        else {
+            return eventLoop.makeSucceededFuture(
+                .problem(.badRequest, "The body must be JSON: {\"route\": \"id\"} with an optional \"path\"."))
+        }
+        let runtime = gateway.core.runtime
+        guard runtime.routes.contains(where: { $0.config.id == request.route && $0.config.cache != nil }) else {
+            return eventLoop.makeSucceededFuture(
+                .problem(.notFound, "No route \(Self.quoted(request.route)) with a cache in the running config."))
+        }
+        var path: String?
+        if let given = request.path {
+            // The same normalisation as requests get, so "/v1/./users/7?x=1" purges "/v1/users/7".
+            let target = given.split(separator: "?", maxSplits: 1).first ?? ""
+            guard target.hasPrefix("/"), let normalised = PathNormalizer.normalize(target) else {
+                return eventLoop.makeSucceededFuture(.problem(.badRequest, "The path must start with \"/\"."))
+            }
+            path = normalised
+        }
+        let cache = gateway.core.cache
+        let purgedPath = path
+        return eventLoop.makeFutureWithTask {
+            do {
+                let purged = try await cache.purge(route: request.route, path: purgedPath)
+                return Answer(status: .ok, body: "{\"purged\":\(purged)}")
+            } catch {
+                return .problem(.serviceUnavailable, "The cache store could not be reached: \(error)")
+            }
         }
     }
 

@@ -11,28 +11,41 @@ import UpstreamClient
 /// | route        | normalise the path, match host/method/path, bind params    | 404 405, `respond`    |
 /// | authenticate | API key or JWT -> consumer                  (not built yet) | 401 403               |
 /// | rate limit   | every policy that applies                   (not built yet) | 429                   |
-/// | cache lookup | fresh hit, 304, stale rules, coalescing     (not built yet) | cached answer         |
+/// | cache lookup | key, fresh hit, 304, stale rules, coalescing               | cached answer         |
 /// | pick target  | balancer (health and breakers later)                       | 503                   |
 /// | forward      | rewrite path and headers, stream through libcurl           | 502 504               |
-/// | respond      | response headers (X-Request-ID, Via)                       |                       |
+/// | cache store  | decide cacheability, store while streaming to the client   |                       |
+/// | respond      | response headers (X-Request-ID, Via, Cache-Status)         |                       |
 /// | log          | access log line and metrics; always runs                   |                       |
 ///
-/// The connection handler (`GatewayHandler`) runs ``beforeForward(_:runtime:)``, then streams the exchange,
-/// then ``responseHead(for:_:)`` and ``log(_:gateway:)``. Time outs (408) happen below the HTTP codec.
+/// The connection handler (`GatewayHandler`) runs ``beforeForward(_:runtime:cache:)``; on a cacheable request
+/// it looks the response up (``CacheExchange`` decides) and, when it must go upstream, runs ``forward(_:runtime:)``.
+/// It then streams the exchange (storing as it goes), and runs ``responseHead(for:_:)`` and ``log(_:gateway:)``.
+/// Time outs (408) happen below the HTTP codec.
 enum Pipeline {
     /// What the phases before forwarding decided.
     enum Decision {
         case forward(UpstreamRequest)
         case direct(DirectAnswer)
+        /// Look the response up in the cache first.
+        case lookUp(CacheExchange)
     }
 
-    static func beforeForward(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) -> Decision {
+    static func beforeForward(_ context: inout RequestContext, runtime: Runtime, cache: ResponseCache)
+        throws(GatewayError) -> Decision
+    {
         try AcceptPhase.run(&context, runtime: runtime)
         if let direct = try RoutePhase.run(&context, runtime: runtime) { return .direct(direct) }
         try AuthenticatePhase.run(&context)
-        // rate limit and cache lookup plug in here.
+        // rate limit plugs in here.
+        if let lookup = CacheLookupPhase.run(&context, runtime: runtime, cache: cache) { return .lookUp(lookup) }
+        return .forward(try forward(&context, runtime: runtime))
+    }
+
+    /// The phases that send the request upstream: pick target, forward.
+    static func forward(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) -> UpstreamRequest {
         try PickTargetPhase.run(&context)
-        return .forward(ForwardPhase.upstreamRequest(for: context, runtime: runtime))
+        return ForwardPhase.upstreamRequest(for: context, runtime: runtime)
     }
 
     static func responseHead(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
@@ -138,6 +151,60 @@ enum AuthenticatePhase {
             status: .serviceUnavailable,
             detail: "This route requires authentication, which this build of the gateway does not provide yet.",
             origin: .gateway)
+    }
+}
+
+/// cache lookup: whether the request may be answered from the cache, and under which key. The lookup itself
+/// is asynchronous (the handler runs it); requests the cache cannot serve get their `Cache-Status` here.
+enum CacheLookupPhase {
+    static func run(_ context: inout RequestContext, runtime: Runtime, cache: ResponseCache) -> CacheExchange? {
+        let head = context.head
+        if head.method != .GET, head.method != .HEAD, head.method != .OPTIONS, head.method != .TRACE {
+            // An unsafe method invalidates the cached responses of its path (RFC 9111 §4.4) once it succeeds.
+            if case .found(let index, _) = runtime.table.match(host: context.host, path: context.path, method: "GET"),
+                runtime.routes[index].config.cache != nil
+            {
+                context.invalidates = runtime.routes[index].config.id
+            }
+        }
+        guard let route = context.route, let config = route.config.cache, let metrics = route.cacheMetrics else {
+            return nil
+        }
+        func bypass(_ detail: String) -> CacheExchange? {
+            context.cacheStatus = "gatehouse; fwd=bypass; detail=" + detail
+            metrics.bypassed.increment()
+            return nil
+        }
+        guard head.method == .GET || head.method == .HEAD else {
+            context.cacheStatus = "gatehouse; fwd=method"
+            return nil
+        }
+        if head.headers.contains(name: "Range") { return bypass("range") }
+        if head.headers.contains(name: "Transfer-Encoding")
+            || (head.headers.first(name: "Content-Length") ?? "0") != "0"
+        {
+            return bypass("request-body")
+        }
+        var authenticated =
+            head.headers.contains(name: "Authorization")
+            || head.headers.contains(name: runtime.config.auth.apiKey.header)
+        if let parameter = runtime.apiKeyQueryParameter, let query = context.query,
+            ForwardPhase.stripParameter(parameter, from: query) != query
+        {
+            authenticated = true
+        }
+        let perConsumer = !config.shared && context.consumer != nil
+        // Without a consumer to key by, an authenticated request may only share entries on a `shared` route.
+        if authenticated, !config.shared, !perConsumer { return bypass("authorization") }
+        if cache.store.problem != nil { return bypass("redis-unavailable") }
+        let key = CacheKey(
+            route: route.config.id, scheme: context.scheme, host: context.host, path: context.path,
+            query: context.query, droppingParameter: runtime.apiKeyQueryParameter, keyHeaders: config.keyHeaders,
+            headers: head.headers, consumer: perConsumer ? context.consumer : nil)
+        let exchange = CacheExchange(cache: cache, key: key, config: config, metrics: metrics, request: head)
+        exchange.facts.authenticated = authenticated
+        exchange.facts.keyedPerConsumer = perConsumer
+        return exchange
     }
 }
 
@@ -250,7 +317,7 @@ enum ForwardPhase {
 enum RespondPhase {
     static let droppedResponseHeaders: Set<String> = [
         "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-        "proxy-authenticate", "x-request-id",
+        "proxy-authenticate", "x-request-id", "cache-status",
     ]
 
     static func head(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
@@ -287,6 +354,7 @@ enum RespondPhase {
         }
         headers.add(name: "X-Request-ID", value: context.requestID)
         headers.add(name: "Via", value: via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse")
+        if let cacheStatus = context.cacheStatus { headers.add(name: "Cache-Status", value: cacheStatus) }
         if !context.keepAlive { headers.add(name: "Connection", value: "close") }
         return HTTPResponseHead(
             version: context.head.version, status: HTTPResponseStatus(statusCode: upstream.status), headers: headers)

@@ -33,8 +33,10 @@ struct RequestContext {
     var upstreamMicroseconds: Int64?
     /// Set by authentication.
     var consumer: String?
-    /// Set by the cache phases, for the access log.
+    /// The `Cache-Status` of the answer on a caching route; also written to the access log.
     var cacheStatus: String?
+    /// The caching route whose entries for this path a successful unsafe request removes.
+    var invalidates: String?
     var error: GatewayError?
     /// Whether the connection may serve another request after this one.
     var keepAlive: Bool

@@ -18,7 +18,9 @@ final class Runtime: Sendable {
             pools[upstream.name] = UpstreamPool(upstream, apiKeyHeader: config.auth.apiKey.header)
         }
         routes = config.routes.map { route in
-            CompiledRoute(route, pool: route.upstream.flatMap { pools[$0] }, metrics: metrics.routeMetrics(route.id))
+            CompiledRoute(
+                route, pool: route.upstream.flatMap { pools[$0] }, metrics: metrics.routeMetrics(route.id),
+                cacheMetrics: route.cache.map { _ in CacheMetrics(route: route.id, factory: metrics.factory) })
         }
         table = RouteTable(config.routes)
         trustedProxies = config.server.trustedProxies
@@ -39,7 +41,6 @@ final class Runtime: Sendable {
                     "routes[\(route.id)].auth: \(route.auth.rawValue) (not enforced: requests pass unauthenticated)")
             }
             if !route.rateLimit.isEmpty { out.append("routes[\(route.id)].rate_limit (not enforced)") }
-            if route.cache != nil { out.append("routes[\(route.id)].cache (responses are not cached yet)") }
         }
         for upstream in c.upstreams {
             if upstream.balance != .roundRobin {
@@ -63,11 +64,14 @@ struct CompiledRoute: Sendable {
     let timeoutMilliseconds: Int
     let connectTimeoutMilliseconds: Int
     let metrics: RouteMetrics
+    /// Set on routes with `cache:`.
+    let cacheMetrics: CacheMetrics?
 
-    init(_ config: RouteConfig, pool: UpstreamPool?, metrics: RouteMetrics) {
+    init(_ config: RouteConfig, pool: UpstreamPool?, metrics: RouteMetrics, cacheMetrics: CacheMetrics? = nil) {
         self.config = config
         self.pool = pool
         self.metrics = metrics
+        self.cacheMetrics = cacheMetrics
         direct = config.respond.map(DirectAnswer.init)
         let upstreamTimeout = pool?.config.timeout.milliseconds ?? 30_000
         timeoutMilliseconds = Int(max(1, config.timeout?.milliseconds ?? upstreamTimeout))

@@ -10,6 +10,8 @@ final class GatewayCore: Sendable {
     let upstream: UpstreamClient
     /// Shared state: Redis, or memory for `memory://`.
     let store: SharedStore
+    /// The response cache, in `store`.
+    let cache: ResponseCache
     let metrics: GatewayMetrics
     let accessLog: AccessLog?
     let logger: Logger
@@ -23,6 +25,7 @@ final class GatewayCore: Sendable {
         accessLog: AccessLog?, logger: Logger
     ) {
         self.store = store
+        cache = ResponseCache(store: store, logger: logger)
         var indices: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }
         loopIndices = indices

@@ -29,6 +29,13 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var declaredLength: Int?
         /// Closes the connection if the rest of a request body does not come after an early answer.
         var lingerTimer: Scheduled<Void>?
+        /// The cache's part, on a caching route.
+        var cache: CacheExchange?
+        /// Waiting for the cache lookup or for another request's flight; the timer bounds the wait for a flight.
+        var waiting = false
+        var waitTimer: Scheduled<Void>?
+        /// The upstream answered 304 to the cache's revalidation: held back, the client gets the stored entry.
+        var notModified: UpstreamResponseHead?
         var isHead: Bool { context.head.method == .HEAD }
 
         init(context: RequestContext, runtime: Runtime) {
@@ -37,18 +44,18 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    private let core: GatewayCore
+    let core: GatewayCore
     private let activity: ConnectionActivity
     private var connection: ConnectionInfo?
     /// The upstream worker paired with this connection's event loop.
-    private var workerIndex: Int?
+    var workerIndex: Int?
     private let tls: Bool
-    private var exchange: Exchange?
-    private var channelContext: ChannelHandlerContext?
+    var exchange: Exchange?
+    var channelContext: ChannelHandlerContext?
     private var readBlocked = false
     private var readPending = false
     private var draining = false
-    private var closed = false
+    var closed = false
     /// Parts of pipelined requests that arrived while the current one is answered.
     private var queued = CircularBuffer<HTTPServerRequestPart>()
     private var queuedBytes = 0
@@ -129,9 +136,12 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let exchange = Exchange(context: requestContext, runtime: runtime)
         self.exchange = exchange
         do throws(GatewayError) {
-            switch try Pipeline.beforeForward(&exchange.context, runtime: runtime) {
+            switch try Pipeline.beforeForward(&exchange.context, runtime: runtime, cache: core.cache) {
             case .direct(let answer):
                 respondDirect(answer, exchange, context: context)
+            case .lookUp(let cache):
+                exchange.cache = cache
+                lookUp(cache, exchange, context: context)
             case .forward(let request):
                 if head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
                     context.writeAndFlush(
@@ -263,7 +273,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         sendWhole(head, body: exchange.isHead ? nil : answer.body, exchange, context: context)
     }
 
-    private func respondError(_ error: GatewayError, _ exchange: Exchange, context: ChannelHandlerContext) {
+    func respondError(_ error: GatewayError, _ exchange: Exchange, context: ChannelHandlerContext) {
         exchange.context.error = error
         exchange.context.status = Int(error.status.code)
         if error.closeConnection { exchange.context.keepAlive = false }
@@ -274,12 +284,15 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             version: exchange.context.head.version)
         var headHeaders = head.headers
         if !exchange.context.keepAlive, !error.closeConnection { headHeaders.add(name: "Connection", value: "close") }
+        if exchange.context.route?.config.cache != nil {
+            headHeaders.add(name: "Cache-Status", value: exchange.context.cacheStatus ?? "gatehouse; fwd=bypass")
+        }
         let fullHead = HTTPResponseHead(version: head.version, status: head.status, headers: headHeaders)
         sendWhole(fullHead, body: exchange.isHead ? nil : buffer, exchange, context: context)
     }
 
     /// Writes a complete answer made by the gateway; the request body, if any, is read and dropped.
-    private func sendWhole(
+    func sendWhole(
         _ head: HTTPResponseHead, body: ByteBuffer?, _ exchange: Exchange, context: ChannelHandlerContext
     ) {
         exchange.responseStarted = true
@@ -293,7 +306,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// The whole response has been produced. Finish now, or, while the request body is still coming, end the
     /// response and drop the rest of the body; the exchange finishes at its end.
-    private func completeResponse(_ exchange: Exchange, context: ChannelHandlerContext) {
+    func completeResponse(_ exchange: Exchange, context: ChannelHandlerContext) {
         exchange.responseEnded = true
         if exchange.requestEnded || !exchange.context.keepAlive {
             finishExchange(exchange, context: context)
@@ -321,28 +334,49 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 upstreamFailed(UpstreamError(kind: .reset, detail: "invalid status line"), exchange, context: context)
                 return
             }
-            exchange.responseStarted = true
-            exchange.context.status = head.status
-            let responseHead = Pipeline.responseHead(for: head, exchange.context)
-            exchange.declaredLength = responseHead.headers.first(name: "Content-Length").flatMap(Int.init)
-            context.write(wrapOutboundOut(.head(responseHead)), promise: nil)
+            if let cache = exchange.cache {
+                if cache.revalidating, head.status == 304 {
+                    exchange.notModified = head
+                } else if head.status >= 500, let stale = cache.staleForError(now: HTTPDate.nowMilliseconds()) {
+                    exchange.transfer?.cancel()
+                    exchange.transfer = nil
+                    serveStaleForError(stale, upstreamStatus: head.status, exchange, context: context)
+                    return
+                } else {
+                    exchange.context.cacheStatus = cache.responseArrived(
+                        status: head.status, upstreamHeaders: head.headers,
+                        prefix: exchange.context.cacheStatus ?? "gatehouse")
+                }
+            }
+            if exchange.notModified == nil {
+                exchange.responseStarted = true
+                exchange.context.status = head.status
+                let responseHead = Pipeline.responseHead(for: head, exchange.context)
+                exchange.cache?.recordHeaders(responseHead.headers)
+                exchange.declaredLength = responseHead.headers.first(name: "Content-Length").flatMap(Int.init)
+                context.write(wrapOutboundOut(.head(responseHead)), promise: nil)
+            }
         }
-        if !events.body.isEmpty, !exchange.responseStarted {
-            exchange.transfer?.cancel()
-            upstreamFailed(
-                UpstreamError(kind: .reset, detail: "body without a status line"), exchange, context: context)
-            return
-        }
-        for chunk in events.body {
-            exchange.context.bytesOut += chunk.readableBytes
-            if let declared = exchange.declaredLength, exchange.context.bytesOut > declared {
-                // More than the upstream announced: never let the excess pass as the next response.
-                exchange.context.error = GatewayError(
-                    status: .badGateway, detail: "The upstream sent more than its Content-Length.", origin: .upstream)
-                abort(context: context)
+        if exchange.notModified == nil {
+            if !events.body.isEmpty, !exchange.responseStarted {
+                exchange.transfer?.cancel()
+                upstreamFailed(
+                    UpstreamError(kind: .reset, detail: "body without a status line"), exchange, context: context)
                 return
             }
-            context.write(wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil)
+            for chunk in events.body {
+                exchange.context.bytesOut += chunk.readableBytes
+                if let declared = exchange.declaredLength, exchange.context.bytesOut > declared {
+                    // More than the upstream announced: never let the excess pass as the next response.
+                    exchange.context.error = GatewayError(
+                        status: .badGateway, detail: "The upstream sent more than its Content-Length.",
+                        origin: .upstream)
+                    abort(context: context)
+                    return
+                }
+                exchange.cache?.record(chunk)
+                context.write(wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil)
+            }
         }
         if let completion = events.completion {
             exchange.context.upstreamMicroseconds = completion.totalMicroseconds
@@ -351,11 +385,41 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 upstreamFailed(error, exchange, context: context)
                 return
             }
-            completeResponse(exchange, context: context)
+            if let notModified = exchange.notModified, let cache = exchange.cache {
+                let responseHeaders = Pipeline.responseHead(for: notModified, exchange.context).headers
+                if let entry = cache.refresh(with: notModified, responseHeaders: responseHeaders) {
+                    let status = (exchange.context.cacheStatus ?? "gatehouse") + "; fwd-status=304"
+                    serveCached(entry, status: status, exchange, context: context)
+                    return
+                }
+            }
+            exchange.cache?.finish(intact: true)
+            finishUpstreamResponse(exchange, context: context)
             return
         }
         context.flush()
         if !context.channel.isWritable { exchange.transfer?.setResponsePaused(true) }
+    }
+
+    /// The upstream's answer is complete. A successful unsafe request first removes the cached responses of its
+    /// path, so the client's next read cannot be answered from a stale entry.
+    private func finishUpstreamResponse(_ exchange: Exchange, context: ChannelHandlerContext) {
+        guard let route = exchange.context.invalidates, (200..<400).contains(exchange.context.status) else {
+            completeResponse(exchange, context: context)
+            return
+        }
+        let bound = NIOLoopBound((self, context, exchange), eventLoop: context.eventLoop)
+        let cache = core.cache
+        let path = exchange.context.path
+        let loop = context.eventLoop
+        Task {
+            _ = try? await cache.purge(route: route, path: path)
+            loop.execute {
+                let (handler, context, exchange) = bound.value
+                guard handler.exchange === exchange, !handler.closed else { return }
+                handler.completeResponse(exchange, context: context)
+            }
+        }
     }
 
     func upstreamWantsBody(for exchange: Exchange) {
@@ -364,6 +428,11 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func upstreamFailed(_ error: UpstreamError, _ exchange: Exchange, context: ChannelHandlerContext) {
+        if !exchange.responseStarted, let stale = exchange.cache?.staleForError(now: HTTPDate.nowMilliseconds()) {
+            serveStaleForError(stale, upstreamStatus: nil, exchange, context: context)
+            return
+        }
+        exchange.cache?.finish(intact: false)
         let routeID = exchange.context.route?.config.id ?? "-"
         let upstreamName = exchange.context.route?.pool?.config.name ?? "-"
         exchange.context.route?.metrics.recordUpstreamError(upstream: upstreamName, kind: "\(error.kind)")
@@ -440,6 +509,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func log(_ exchange: Exchange) {
         guard !exchange.logged else { return }
         exchange.logged = true
+        // Whatever happened, requests waiting for this one's flight must not wait on.
+        exchange.cache?.land(nil)
+        exchange.waitTimer?.cancel()
         Pipeline.log(exchange.context, gateway: core)
     }
 }

@@ -19,7 +19,35 @@ protocol SharedStore: Sendable {
     func delete(_ keys: [String]) async throws -> Int
     /// Adds one to a counter, giving it an expiry when it is new; returns the new value.
     func increment(_ key: String, expireMilliseconds: Int?) async throws -> Int64
+
+    // The response cache: per route and normalised path, one record whose fields are the stored variants.
+    // A purge of a route moves it to a new generation, so no key listing (`KEYS`, `SCAN`) is ever needed.
+
+    /// Reads fields of a path's record in the route's current generation.
+    func cacheRead(route: String, path: String, fields: [String]) async throws -> CacheRecord
+    /// Writes and removes fields of a path's record in `generation`, keeping it at least `expireMilliseconds`.
+    func cacheWrite(
+        route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
+        expireMilliseconds: Int64
+    ) async throws
+    /// Removes a path's record, or with no path every record of the route; returns how many entries went.
+    func cachePurge(route: String, path: String?) async throws -> Int
     func close() async
+}
+
+/// Fields read from a cached path's record, with the generation they were read in.
+struct CacheRecord: Sendable {
+    var generation: Int64
+    var values: [[UInt8]?]
+}
+
+/// Field names in a path's record: a variant field ends in a separator and the varying header values; the
+/// marker that lists a resource's `Vary` headers is the base field plus the separator alone.
+enum CacheFields {
+    static let separator = "\u{1}"
+
+    /// Whether a field holds a response (not a Vary marker), for counting purged entries.
+    static func isEntry(_ field: String) -> Bool { !field.hasSuffix(separator) }
 }
 
 /// ``SharedStore`` on Redis, with every key under the configured prefix.
@@ -60,6 +88,88 @@ final class RedisStore: SharedStore {
         let reply = try await client.evalsha(
             Self.incrementScript, keys: [prefix + key], arguments: [.string(String(expireMilliseconds ?? 0))])
         return reply.integer ?? 0
+    }
+
+    /// Keys: `cache:{route}:gen` holds the route's generation; `cache:{route}:{gen}:{path}` is a path's record
+    /// (a hash); `cache:{route}:{gen}:#` counts the entries written in that generation, for the purge answer.
+    private func cacheKey(_ route: String, _ rest: String) -> String { prefix + "cache:" + route + ":" + rest }
+
+    static let cacheReadScript = RedisScript(
+        """
+        local g = redis.call('GET', KEYS[1]) or '0'
+        local out = {g}
+        local record = ARGV[1] .. g .. ':' .. ARGV[2]
+        for i = 3, #ARGV do out[#out + 1] = redis.call('HGET', record, ARGV[i]) end
+        return out
+        """)
+
+    static let cacheWriteScript = RedisScript(
+        """
+        local ttl = tonumber(ARGV[1])
+        local removals = tonumber(ARGV[2])
+        for i = 3, 2 + removals do
+          if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 and string.byte(ARGV[i], -1) ~= 1 then
+            redis.call('DECR', KEYS[2])
+          end
+        end
+        for i = 3 + removals, #ARGV, 2 do
+          if redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 and string.byte(ARGV[i], -1) ~= 1 then
+            redis.call('INCR', KEYS[2])
+          end
+        end
+        for _, key in ipairs(KEYS) do
+          if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+        end
+        return 1
+        """)
+
+    static let cachePurgeScript = RedisScript(
+        """
+        local g = redis.call('GET', KEYS[1]) or '0'
+        local counter = ARGV[1] .. g .. ':#'
+        if ARGV[2] == '' then
+          local n = tonumber(redis.call('GET', counter) or '0')
+          redis.call('INCR', KEYS[1])
+          return n
+        end
+        local record = ARGV[1] .. g .. ':' .. ARGV[2]
+        local n = 0
+        for _, field in ipairs(redis.call('HKEYS', record)) do
+          if string.byte(field, -1) ~= 1 then n = n + 1 end
+        end
+        redis.call('DEL', record)
+        if n > 0 and redis.call('EXISTS', counter) == 1 then redis.call('DECRBY', counter, n) end
+        return n
+        """)
+
+    func cacheRead(route: String, path: String, fields: [String]) async throws -> CacheRecord {
+        let reply = try await client.evalsha(
+            Self.cacheReadScript, keys: [cacheKey(route, "gen")],
+            arguments: [.string(cacheKey(route, "")), .string(path)] + fields.map { .string($0) })
+        guard case .array(let items?) = reply, let generation = items.first?.string.flatMap({ Int64($0) }) else {
+            throw RedisError(.protocolError, "unexpected reply to the cache read")
+        }
+        return CacheRecord(generation: generation, values: items.dropFirst().map(\.bytes))
+    }
+
+    func cacheWrite(
+        route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
+        expireMilliseconds: Int64
+    ) async throws {
+        var arguments: [RedisArgument] = [.string(String(expireMilliseconds)), .string(String(remove.count))]
+        arguments += remove.map { .string($0) }
+        for (field, value) in set { arguments += [.string(field), .bytes(value)] }
+        _ = try await client.evalsha(
+            Self.cacheWriteScript,
+            keys: [cacheKey(route, "\(generation):\(path)"), cacheKey(route, "\(generation):#")],
+            arguments: arguments)
+    }
+
+    func cachePurge(route: String, path: String?) async throws -> Int {
+        let reply = try await client.evalsha(
+            Self.cachePurgeScript, keys: [cacheKey(route, "gen")],
+            arguments: [.string(cacheKey(route, "")), .string(path ?? "")])
+        return Int(reply.integer ?? 0)
     }
 
     func close() async { await client.close() }
@@ -118,6 +228,61 @@ final class MemoryStore: SharedStore {
             entries[key] = Entry(
                 value: Array(String(next).utf8), expires: entry?.expires ?? Self.expiry(expireMilliseconds))
             return next
+        }
+    }
+
+    /// A path's record in memory: its variants and when it expires.
+    private struct Record {
+        var fields: [String: [UInt8]]
+        var expires: UInt64
+    }
+
+    /// Records by route, then by path. A purge removes them at once, so memory needs no generations.
+    private let records = Mutex<[String: [String: Record]]>([:])
+    private let writes = Atomic<Int>(0)
+
+    func cacheRead(route: String, path: String, fields: [String]) async throws -> CacheRecord {
+        let now = Self.now()
+        return records.withLock { records in
+            guard let record = records[route]?[path], record.expires > now else {
+                return CacheRecord(generation: 0, values: fields.map { _ in nil })
+            }
+            return CacheRecord(generation: 0, values: fields.map { record.fields[$0] })
+        }
+    }
+
+    func cacheWrite(
+        route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
+        expireMilliseconds: Int64
+    ) async throws {
+        let now = Self.now()
+        let expires = now + UInt64(max(0, expireMilliseconds)) * 1_000_000
+        let sweep = writes.wrappingAdd(1, ordering: .relaxed).newValue % 1024 == 0
+        records.withLock { records in
+            var record = records[route]?[path] ?? Record(fields: [:], expires: expires)
+            if record.expires <= now { record = Record(fields: [:], expires: expires) }
+            for field in remove { record.fields[field] = nil }
+            for (field, value) in set { record.fields[field] = value }
+            record.expires = max(record.expires, expires)
+            records[route, default: [:]][path] = record
+            if sweep {
+                for key in records.keys { records[key] = records[key]?.filter { $0.value.expires > now } }
+            }
+        }
+    }
+
+    func cachePurge(route: String, path: String?) async throws -> Int {
+        let now = Self.now()
+        return records.withLock { records in
+            let removed: [Record]
+            if let path {
+                removed = records[route]?.removeValue(forKey: path).map { [$0] } ?? []
+            } else {
+                removed = records.removeValue(forKey: route).map { Array($0.values) } ?? []
+            }
+            return removed.filter { $0.expires > now }.reduce(0) { total, record in
+                total + record.fields.keys.filter(CacheFields.isEntry).count
+            }
         }
     }
 

@@ -1,0 +1,237 @@
+import GatehouseConfig
+import NIOCore
+import NIOHTTP1
+import UpstreamClient
+
+/// The cache's part in one exchange: what was found, whether the response is being recorded for storing, and
+/// the `Cache-Status` to send. Lives on the connection's event loop (or a background refresh's).
+final class CacheExchange {
+    let cache: ResponseCache
+    let key: CacheKey
+    let config: RouteCache
+    let metrics: CacheMetrics
+    var facts: CachePolicy.RequestFacts
+    /// The client asked for a validated answer (`no-cache`).
+    let requestNoCache: Bool
+    /// A HEAD request: answered from GET's entries, never stored.
+    var isHead: Bool
+    var generation: Int64 = 0
+    /// The entry found, kept to revalidate it and for stale-if-error.
+    var stored: CacheEntry?
+    /// The request went upstream with the stored entry's validators.
+    var revalidating = false
+    /// This exchange leads a flight: requests for the same key wait for what it stores.
+    var leadsFlight = false
+    /// The response being collected for storing; nil when it is not stored.
+    private var recording: Recording?
+    /// Why the response is not stored, once known.
+    private(set) var skipped: CacheSkip?
+
+    private struct Recording {
+        var status: Int
+        var headers: [(name: String, value: String)]
+        var storable: CachePolicy.Storable
+        var responseTime: Int64
+        var body: ByteBuffer
+    }
+
+    init(cache: ResponseCache, key: CacheKey, config: RouteCache, metrics: CacheMetrics, request: HTTPRequestHead) {
+        self.cache = cache
+        self.key = key
+        self.config = config
+        self.metrics = metrics
+        let control = CachePolicy.requestControl(request.headers)
+        requestNoCache = control.noCache || control.maxAge == 0
+        isHead = request.method == .HEAD
+        facts = CachePolicy.RequestFacts(
+            authenticated: false, keyedPerConsumer: false, noStore: control.noStore, headers: request.headers,
+            requestTime: 0)
+    }
+
+    // MARK: what to do with what the lookup found
+
+    enum Action {
+        /// Answer from the entry with this Cache-Status; `refresh` asks for one background revalidation.
+        case serve(CacheEntry, status: String, refresh: Bool)
+        /// Go upstream (revalidating ``stored`` when it is set).
+        case forward
+    }
+
+    func decide(_ lookup: ResponseCache.Lookup, now: Int64) -> (Action, status: String) {
+        switch lookup {
+        case .unavailable:
+            metrics.bypassed.increment()
+            return (.forward, "gatehouse; fwd=bypass; detail=redis-unavailable")
+        case .miss(let generation, let varyMiss):
+            self.generation = generation
+            metrics.misses.increment()
+            return (.forward, varyMiss ? "gatehouse; fwd=vary-miss" : "gatehouse; fwd=miss")
+        case .found(let entry, let generation):
+            self.generation = generation
+            let left = entry.freshnessLeft(now: now)
+            let ttl = "ttl=\(Self.seconds(left))"
+            if requestNoCache || entry.freshness.noCache {
+                return forward(revalidating: entry, status: "gatehouse; fwd=request; \(ttl)")
+            }
+            if left > 0 {
+                metrics.hits.increment()
+                return (.serve(entry, status: "gatehouse; hit; \(ttl)", refresh: false), "")
+            }
+            if !entry.freshness.mustRevalidate, -left <= entry.freshness.staleWhileRevalidate {
+                metrics.staleWhileRevalidate.increment()
+                let status = "gatehouse; hit; stale; \(ttl); detail=stale-while-revalidate"
+                return (.serve(entry, status: status, refresh: true), "")
+            }
+            return forward(revalidating: entry, status: "gatehouse; fwd=stale; \(ttl)")
+        }
+    }
+
+    private func forward(revalidating entry: CacheEntry, status: String) -> (Action, status: String) {
+        stored = entry
+        metrics.misses.increment()
+        return (.forward, status)
+    }
+
+    /// Whole seconds, rounded towards zero, for `ttl=` and `Age`.
+    static func seconds(_ milliseconds: Int64) -> Int64 { milliseconds / 1000 }
+
+    /// Adds the stored entry's validators to an upstream request, replacing the client's own conditionals.
+    func addValidators(to request: inout UpstreamRequest) {
+        guard let stored, stored.hasValidator else { return }
+        request.headers.removeAll {
+            $0.name.caseInsensitiveEquals("If-None-Match") || $0.name.caseInsensitiveEquals("If-Modified-Since")
+        }
+        if let etag = stored.etag { request.headers.append(("If-None-Match", etag)) }
+        if let modified = stored.lastModified { request.headers.append(("If-Modified-Since", modified)) }
+        revalidating = true
+    }
+
+    /// Whether the stored entry may answer instead of an upstream failure (stale-if-error).
+    func staleForError(now: Int64) -> CacheEntry? {
+        guard let stored, !stored.freshness.mustRevalidate else { return nil }
+        let stale = -stored.freshnessLeft(now: now)
+        return stale <= stored.freshness.staleIfError ? stored : nil
+    }
+
+    // MARK: storing the upstream's answer
+
+    /// Decides whether the upstream's answer is stored; returns the `Cache-Status` for it.
+    func responseArrived(status: Int, upstreamHeaders: [(name: String, value: String)], prefix: String) -> String {
+        let prefix = revalidating || stored != nil ? "\(prefix); fwd-status=\(status)" : prefix
+        let now = HTTPDate.nowMilliseconds()
+        var decision = CachePolicy.evaluate(
+            status: status, headers: upstreamHeaders, request: facts, responseTime: now, route: config)
+        if isHead, case .success = decision { decision = .failure(.status) }
+        if case .success = decision,
+            let length = CachePolicy.header("Content-Length", in: upstreamHeaders).flatMap(Int.init),
+            length > config.maxObjectBytes
+        {
+            decision = .failure(.tooLarge)
+        }
+        switch decision {
+        case .success(let storable):
+            recording = Recording(
+                status: status, headers: [], storable: storable, responseTime: now, body: ByteBuffer())
+            return prefix + "; stored"
+        case .failure(let reason):
+            skip(reason)
+            return prefix + "; detail=\(reason.rawValue)"
+        }
+    }
+
+    /// The headers a stored response keeps: the client's view, less what is per request or per connection.
+    func recordHeaders(_ headers: HTTPHeaders) {
+        guard recording != nil else { return }
+        recording?.headers = Self.storable(headers)
+    }
+
+    static func storable(_ headers: HTTPHeaders) -> [(name: String, value: String)] {
+        headers.compactMap { name, value in
+            switch name.lowercased() {
+            case "content-length", "connection", "x-request-id", "age", "cache-status", "transfer-encoding": nil
+            default: (name, value)
+            }
+        }
+    }
+
+    func record(_ chunk: ByteBuffer) {
+        guard recording != nil else { return }
+        if (recording?.body.readableBytes ?? 0) + chunk.readableBytes > config.maxObjectBytes {
+            recording = nil
+            skip(.tooLarge)
+            return
+        }
+        var chunk = chunk
+        recording?.body.writeBuffer(&chunk)
+    }
+
+    private func skip(_ reason: CacheSkip) {
+        skipped = reason
+        metrics.skipped(reason)
+    }
+
+    /// The upstream's answer ended: store it when it ended intact, and land the flight either way.
+    @discardableResult
+    func finish(intact: Bool) -> CacheEntry? {
+        var entry: CacheEntry?
+        if let recording {
+            if intact {
+                entry = CacheEntry(
+                    status: recording.status, headers: recording.headers, body: recording.body,
+                    responseTime: recording.responseTime, initialAge: recording.storable.initialAge,
+                    freshness: recording.storable.freshness, vary: recording.storable.vary)
+            } else {
+                skip(.incomplete)
+            }
+        }
+        recording = nil
+        if let entry {
+            cache.write(entry, key: key, generation: generation, routeTTL: config.ttl.milliseconds, metrics: metrics)
+        }
+        land(entry)
+        return entry
+    }
+
+    /// The upstream answered 304 to a revalidation: the stored entry, with the new headers and freshness
+    /// (RFC 9111 §4.3.4), is stored again and returned.
+    func refresh(with notModified: UpstreamResponseHead, responseHeaders: HTTPHeaders) -> CacheEntry? {
+        metrics.notModified.increment()
+        guard var entry = stored else {
+            land(nil)
+            return nil
+        }
+        var headers = entry.headers
+        for (name, value) in Self.storable(responseHeaders)
+        where !name.caseInsensitiveEquals("Content-Type") && !name.caseInsensitiveEquals("Content-Encoding") {
+            headers.removeAll { $0.name.caseInsensitiveEquals(name) }
+            headers.append((name, value))
+        }
+        let now = HTTPDate.nowMilliseconds()
+        // Freshness is judged on the merged headers, with the 304's Age, as if the full response came again.
+        var judged = headers
+        if let age = CachePolicy.header("Age", in: notModified.headers) { judged.append(("Age", age)) }
+        switch CachePolicy.evaluate(
+            status: entry.status, headers: judged, request: facts, responseTime: now, route: config)
+        {
+        case .success(let storable):
+            entry.headers = headers
+            entry.responseTime = now
+            entry.initialAge = storable.initialAge
+            entry.freshness = storable.freshness
+            cache.write(entry, key: key, generation: generation, routeTTL: config.ttl.milliseconds, metrics: metrics)
+            land(entry)
+            return entry
+        case .failure(let reason):
+            skip(reason)
+            land(nil)
+            return entry
+        }
+    }
+
+    /// Ends this exchange's flight, if it leads one.
+    func land(_ entry: CacheEntry?) {
+        guard leadsFlight else { return }
+        leadsFlight = false
+        cache.flights.land(key.flightKey, entry: entry)
+    }
+}

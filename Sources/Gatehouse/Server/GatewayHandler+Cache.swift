@@ -1,0 +1,210 @@
+import NIOCore
+import NIOHTTP1
+import UpstreamClient
+
+/// The cache's steps in a connection's exchange: the lookup, waiting for another request's flight, answering
+/// from an entry, and the background refresh behind stale-while-revalidate.
+extension GatewayHandler {
+    /// Looks the response up; the answer comes back on this event loop.
+    func lookUp(_ cache: CacheExchange, _ exchange: Exchange, context: ChannelHandlerContext) {
+        exchange.waiting = true
+        let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        let responseCache = cache.cache
+        let key = cache.key
+        let headers = exchange.context.head.headers
+        Task {
+            let result = await responseCache.lookup(key, headers: headers)
+            loop.execute {
+                let (handler, exchange) = bound.value
+                handler.lookedUp(result, exchange)
+            }
+        }
+    }
+
+    private func lookedUp(_ result: ResponseCache.Lookup, _ exchange: Exchange) {
+        guard let context = channelContext, self.exchange === exchange, !closed, let cache = exchange.cache else {
+            return
+        }
+        exchange.waiting = false
+        let (action, status) = cache.decide(result, now: HTTPDate.nowMilliseconds())
+        switch action {
+        case .serve(let entry, let status, let refresh):
+            if refresh { startRefresh(cache, entry: entry, exchange, context: context) }
+            serveCached(entry, status: status, exchange, context: context)
+        case .forward:
+            exchange.context.cacheStatus = status
+            if case .unavailable = result {
+                // Redis is away: serve from the upstream and store nothing.
+                exchange.cache = nil
+                forwardUpstream(exchange, context: context)
+                return
+            }
+            if cache.isHead {
+                forwardUpstream(exchange, context: context)
+                return
+            }
+            let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+            let waiter = FlightBoard.Waiter(eventLoop: context.eventLoop) { entry in
+                let (handler, exchange) = bound.value
+                handler.flightLanded(entry, exchange)
+            }
+            if cache.cache.flights.join(cache.key.flightKey, waiter: waiter) {
+                cache.leadsFlight = true
+                forwardUpstream(exchange, context: context)
+                return
+            }
+            // Another request for this key is upstream: wait for its entry, but not past the route's timeout.
+            exchange.waiting = true
+            let timeout = Int64(exchange.context.route?.timeoutMilliseconds ?? 30_000)
+            exchange.waitTimer = context.eventLoop.scheduleTask(in: .milliseconds(timeout)) {
+                let (handler, exchange) = bound.value
+                handler.flightLanded(nil, exchange)
+            }
+        }
+    }
+
+    /// The flight this request waited for landed (or the wait timed out): answer from its entry, or go upstream.
+    private func flightLanded(_ entry: CacheEntry?, _ exchange: Exchange) {
+        guard let context = channelContext, self.exchange === exchange, !closed, exchange.waiting else { return }
+        exchange.waiting = false
+        exchange.waitTimer?.cancel()
+        let headers = exchange.context.head.headers
+        if let entry, let cache = exchange.cache,
+            entry.vary.allSatisfy({ headers[$0.name].joined(separator: ", ") == $0.value })
+        {
+            cache.metrics.coalesced.increment()
+            serveCached(entry, status: "gatehouse; fwd=miss; collapsed", exchange, context: context)
+            return
+        }
+        forwardUpstream(exchange, context: context)
+    }
+
+    /// Picks a target and starts the upstream exchange, revalidating the stored entry when there is one.
+    func forwardUpstream(_ exchange: Exchange, context: ChannelHandlerContext) {
+        do throws(GatewayError) {
+            var request = try Pipeline.forward(&exchange.context, runtime: exchange.runtime)
+            if let cache = exchange.cache {
+                cache.addValidators(to: &request)
+                cache.facts.requestTime = HTTPDate.nowMilliseconds()
+            }
+            let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
+            let transfer = core.upstream.start(request, delegate: bridge, worker: workerIndex)
+            exchange.transfer = transfer
+            if exchange.requestEnded { transfer.endBody() }
+        } catch {
+            if let stale = exchange.cache?.staleForError(now: HTTPDate.nowMilliseconds()) {
+                serveStaleForError(stale, upstreamStatus: nil, exchange, context: context)
+                return
+            }
+            exchange.cache?.land(nil)
+            respondError(error, exchange, context: context)
+        }
+    }
+
+    /// Answers from a stored entry: 304 when the client's own conditional matches it, else the whole response.
+    func serveCached(_ entry: CacheEntry, status: String, _ exchange: Exchange, context: ChannelHandlerContext) {
+        exchange.context.cacheStatus = status
+        let notModified = CachePolicy.notModified(exchange.context.head.headers, entry: entry)
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(entry.headers.count + 5)
+        for (name, value) in entry.headers where !notModified || Self.keptOnNotModified(name) {
+            headers.add(name: name, value: value)
+        }
+        let age = max(0, CacheExchange.seconds(entry.age(now: HTTPDate.nowMilliseconds())))
+        headers.add(name: "Age", value: String(age))
+        headers.add(name: "Cache-Status", value: status)
+        headers.add(name: "X-Request-ID", value: exchange.context.requestID)
+        let hasBody = !notModified && entry.status != 204 && entry.status != 304
+        if hasBody { headers.add(name: "Content-Length", value: String(entry.body.readableBytes)) }
+        if !exchange.context.keepAlive { headers.add(name: "Connection", value: "close") }
+        let code = notModified ? 304 : entry.status
+        exchange.context.status = code
+        let head = HTTPResponseHead(
+            version: exchange.context.head.version, status: HTTPResponseStatus(statusCode: code), headers: headers)
+        sendWhole(head, body: hasBody && !exchange.isHead ? entry.body : nil, exchange, context: context)
+    }
+
+    /// Headers a 304 from the cache carries (RFC 9110 §15.4.5).
+    private static func keptOnNotModified(_ name: String) -> Bool {
+        switch name.lowercased() {
+        case "etag", "cache-control", "content-location", "date", "expires", "vary", "last-modified", "via": true
+        default: false
+        }
+    }
+
+    /// The upstream failed (5xx, or no answer) while a stale entry may stand in for it (stale-if-error).
+    func serveStaleForError(
+        _ entry: CacheEntry, upstreamStatus: Int?, _ exchange: Exchange, context: ChannelHandlerContext
+    ) {
+        guard let cache = exchange.cache else { return }
+        cache.metrics.staleIfError.increment()
+        cache.land(nil)
+        let forwarded = upstreamStatus.map { "; fwd-status=\($0)" } ?? ""
+        serveCached(
+            entry, status: "gatehouse; fwd=stale\(forwarded); detail=stale-if-error", exchange, context: context)
+    }
+
+    /// Revalidates a stale entry in the background, once per key on this instance, while the client gets it.
+    private func startRefresh(
+        _ cache: CacheExchange, entry: CacheEntry, _ exchange: Exchange, context: ChannelHandlerContext
+    ) {
+        let refresh = CacheExchange(
+            cache: cache.cache, key: cache.key, config: cache.config, metrics: cache.metrics,
+            request: exchange.context.head)
+        refresh.facts = cache.facts
+        refresh.isHead = false  // the refresh is a GET, whatever the client sent
+        refresh.generation = cache.generation
+        refresh.stored = entry
+        guard refresh.cache.flights.join(refresh.key.flightKey, waiter: nil) else { return }
+        refresh.leadsFlight = true
+        var requestContext = exchange.context
+        do throws(GatewayError) {
+            var request = try Pipeline.forward(&requestContext, runtime: exchange.runtime)
+            if request.method == "HEAD" { request.method = "GET" }
+            refresh.addValidators(to: &request)
+            refresh.facts.requestTime = HTTPDate.nowMilliseconds()
+            cache.metrics.revalidations.increment()
+            let delegate = BackgroundRefresh(refresh, context: requestContext, eventLoop: context.eventLoop)
+            core.upstream.start(request, delegate: delegate, worker: workerIndex).endBody()
+        } catch {
+            refresh.land(nil)
+        }
+    }
+}
+
+/// Receives the answer of a background revalidation and stores it; no client is waiting for it.
+final class BackgroundRefresh: UpstreamTransferDelegate {
+    private let state:
+        NIOLoopBoundBox<(cache: CacheExchange, context: RequestContext, notModified: UpstreamResponseHead?)>
+    let eventLoop: EventLoop
+
+    init(_ cache: CacheExchange, context: RequestContext, eventLoop: EventLoop) {
+        state = NIOLoopBoundBox((cache, context, nil), eventLoop: eventLoop)
+        self.eventLoop = eventLoop
+    }
+
+    func upstreamTransfer(_ transfer: UpstreamTransfer, received events: UpstreamEvents) {
+        let cache = state.value.cache
+        if let head = events.head {
+            if cache.revalidating, head.status == 304 {
+                state.value.notModified = head
+            } else {
+                _ = cache.responseArrived(status: head.status, upstreamHeaders: head.headers, prefix: "")
+                cache.recordHeaders(RespondPhase.head(for: head, state.value.context).headers)
+            }
+        }
+        for chunk in events.body { cache.record(chunk) }
+        guard let completion = events.completion else { return }
+        if completion.error != nil {
+            cache.finish(intact: false)
+        } else if let notModified = state.value.notModified {
+            _ = cache.refresh(
+                with: notModified, responseHeaders: RespondPhase.head(for: notModified, state.value.context).headers)
+        } else {
+            cache.finish(intact: true)
+        }
+    }
+
+    func upstreamTransferWantsRequestBody(_ transfer: UpstreamTransfer) {}
+}

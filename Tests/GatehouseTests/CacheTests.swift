@@ -1,0 +1,455 @@
+import DemoUpstream
+import Foundation
+import GatehouseConfig
+import NIOCore
+import NIOHTTP1
+import Testing
+
+@testable import Gatehouse
+@testable import RedisClient
+
+/// The response cache end to end: a real gateway, a real upstream, entries in a real Redis.
+@Suite struct CacheTests {
+    /// A gateway whose `/cache/...` and `/truncate/...` routes cache in Redis under a key prefix of their own.
+    static func yaml(redis: String, prefix: String, cache: String = "ttl: 30s") -> (Int) -> String {
+        { port in
+            Harness.config(
+                upstreamPort: port, redis: redis, redisKeyPrefix: prefix,
+                routes: """
+                      - id: c
+                        match: { path_prefix: "/cache/" }
+                        upstream: demo
+                        cache: { \(cache) }
+                      - id: t
+                        match: { path_prefix: "/truncate/" }
+                        upstream: demo
+                        cache: { ttl: 30s }
+                      - id: plain
+                        match: { path_prefix: "/" }
+                        upstream: demo
+                    """)
+        }
+    }
+
+    /// Runs `body` against a gateway caching in the test Redis, with a fresh key prefix.
+    static func run(cache: String = "ttl: 30s", _ body: (Harness) async throws -> Void) async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let prefix = "gh-cache-\(UUID().uuidString.prefix(8)):"
+        try await Harness.run(yaml(redis: url, prefix: prefix, cache: cache)) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            try await body(h)
+        }
+        _ = server
+    }
+
+    static func get(_ h: Harness, _ path: String, headers: [(String, String)] = []) async throws -> RawResponse {
+        try await request(port: h.port, path, headers: headers)
+    }
+
+    @Test func freshHitComesFromRedisWithAge() async throws {
+        try await Self.run { h in
+            let first = try await Self.get(h, "/cache/a?cc=max-age%3D60")
+            #expect(first.status == 200)
+            #expect(first.header("Cache-Status") == "gatehouse; fwd=miss; stored")
+            try await waitUntil { h.upstream.requestCount == 1 }
+            try await Task.sleep(for: .milliseconds(100))  // the store is written after the answer
+            let second = try await Self.get(h, "/cache/a?cc=max-age%3D60")
+            #expect(second.status == 200)
+            #expect(second.header("Cache-Status")?.hasPrefix("gatehouse; hit; ttl=") == true)
+            #expect(second.body == first.body)
+            #expect(second.header("Age").flatMap(Int.init) != nil)
+            #expect(second.header("X-Request-ID") != first.header("X-Request-ID"))
+            #expect(h.upstream.requestCount == 1)
+            // Query order does not matter; another query is another entry.
+            let reordered = try await Self.get(h, "/cache/a?cc=max-age%3D60&")
+            #expect(reordered.header("Cache-Status")?.contains("hit") == true)
+            let head = try await request(port: h.port, "/cache/a?cc=max-age%3D60", method: "HEAD")
+            #expect(head.header("Cache-Status")?.contains("hit") == true)
+            #expect(head.header("Content-Length") == String(first.body.count))
+            #expect(h.upstream.requestCount == 1)
+        }
+    }
+
+    @Test func ageAndFreshnessFollowTheOrigin() async throws {
+        try await Self.run(cache: "ttl: 1s, max_ttl: 2s") { h in
+            // The origin says the response is already 50 s old: Age counts from there.
+            _ = try await Self.get(h, "/cache/aged?cc=max-age%3D100&age=50")
+            try await Task.sleep(for: .milliseconds(100))
+            let aged = try await Self.get(h, "/cache/aged?cc=max-age%3D100&age=50")
+            // max_ttl (2 s) caps the origin's 100 s, and the entry is 50 s old: it is stale at once.
+            #expect(aged.header("Cache-Status")?.contains("hit") == false)
+
+            // Without freshness from the origin the route's ttl (1 s) applies.
+            _ = try await Self.get(h, "/cache/ttl")
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(try await Self.get(h, "/cache/ttl").header("Cache-Status")?.contains("hit") == true)
+            try await Task.sleep(for: .milliseconds(1100))
+            #expect(try await Self.get(h, "/cache/ttl").header("Cache-Status")?.contains("hit") == false)
+
+            // An Expires in the past is stale; one in the future is fresh.
+            let future = Self.httpDate(Date().addingTimeInterval(60))
+            let encoded = future.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? ""
+            _ = try await Self.get(h, "/cache/expires?expires=\(encoded)")
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(
+                try await Self.get(h, "/cache/expires?expires=\(encoded)").header("Cache-Status")?.contains("hit")
+                    == true)
+        }
+    }
+
+    static func httpDate(_ date: Date) -> String {
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "GMT")
+        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
+        return formatter.string(from: date)
+    }
+
+    @Test func responsesThatMustNotBeStored() async throws {
+        try await Self.run(cache: "ttl: 30s, max_object_bytes: 1KiB") { h in
+            let cases: [(path: String, headers: [(String, String)], detail: String)] = [
+                ("/cache/ns?cc=no-store", [], "no-store"),
+                ("/cache/p?cc=private%2C%20max-age%3D60", [], "private"),
+                ("/cache/sc?cookie=a%3Db&cc=max-age%3D60", [], "set-cookie"),
+                ("/cache/s500?status=500", [], "status"),
+                ("/cache/s302?status=302", [], "status"),
+                ("/cache/star?vary=*&cc=max-age%3D60", [], "vary-star"),
+                ("/cache/big?size=5000&cc=max-age%3D60", [], "too-large"),
+                ("/cache/rq?cc=max-age%3D60", [("Cache-Control", "no-store")], "no-store"),
+            ]
+            for item in cases {
+                let before = h.upstream.requestCount
+                let first = try await Self.get(h, item.path, headers: item.headers)
+                #expect(first.header("Cache-Status") == "gatehouse; fwd=miss; detail=\(item.detail)", "\(item.path)")
+                try await Task.sleep(for: .milliseconds(50))
+                let second = try await Self.get(h, item.path, headers: item.headers)
+                #expect(second.header("Cache-Status")?.contains("hit") == false, "\(item.path)")
+                #expect(h.upstream.requestCount == before + 2, "\(item.path) reached the upstream twice")
+            }
+            // A body too large to store still reaches the client whole.
+            #expect(try await Self.get(h, "/cache/big?size=5000&cc=max-age%3D60").body.count == 5000)
+            // A request with credentials on a route that is not shared skips the cache.
+            let authorized = try await Self.get(
+                h, "/cache/auth?cc=max-age%3D60", headers: [("Authorization", "Bearer x")])
+            #expect(authorized.header("Cache-Status") == "gatehouse; fwd=bypass; detail=authorization")
+            let metrics = try await request(port: h.adminPort, "/metrics").text
+            #expect(metrics.contains("gatehouse_cache_skipped_total{route=\"c\",reason=\"set-cookie\"} 2"))
+        }
+    }
+
+    @Test func sharedRouteStoresAuthenticatedResponsesOnlyWhenTheyAllowIt() async throws {
+        try await Self.run(cache: "ttl: 30s, shared: true") { h in
+            let auth = [("Authorization", "Bearer x")]
+            _ = try await Self.get(h, "/cache/s1?cc=max-age%3D60", headers: auth)
+            #expect(
+                try await Self.get(h, "/cache/s1?cc=max-age%3D60", headers: auth).header("Cache-Status")?.contains(
+                    "hit") == false)
+            _ = try await Self.get(h, "/cache/s2?cc=s-maxage%3D60", headers: auth)
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(
+                try await Self.get(h, "/cache/s2?cc=s-maxage%3D60", headers: auth).header("Cache-Status")?.contains(
+                    "hit") == true)
+        }
+    }
+
+    @Test func varyKeepsOneEntryPerHeaderValue() async throws {
+        try await Self.run(cache: "ttl: 30s, key_headers: [X-Tenant]") { h in
+            let path = "/cache/v?vary=Accept&cc=max-age%3D60"
+            let a1 = try await Self.get(h, path, headers: [("Accept", "text/a")])
+            try await Task.sleep(for: .milliseconds(100))
+            let b1 = try await Self.get(h, path, headers: [("Accept", "text/b")])
+            #expect(b1.header("Cache-Status") == "gatehouse; fwd=vary-miss; stored")
+            try await Task.sleep(for: .milliseconds(100))
+            let a2 = try await Self.get(h, path, headers: [("Accept", "text/a")])
+            let b2 = try await Self.get(h, path, headers: [("Accept", "text/b")])
+            #expect(a2.header("Cache-Status")?.contains("hit") == true)
+            #expect(b2.header("Cache-Status")?.contains("hit") == true)
+            #expect(a2.json["accept"] as? String == "text/a")
+            #expect(b2.json["accept"] as? String == "text/b")
+            #expect(a1.body == a2.body)
+            #expect(h.upstream.requestCount == 2)
+            // A key header splits the cache too.
+            let tenant = try await Self.get(h, path, headers: [("Accept", "text/a"), ("X-Tenant", "t2")])
+            #expect(tenant.header("Cache-Status")?.contains("hit") == false)
+        }
+    }
+
+    @Test func staleEntriesAreRevalidatedAndA304RefreshesThem() async throws {
+        try await Self.run { h in
+            let path = "/cache/r?cc=max-age%3D1&etag=%22v1%22"
+            let first = try await Self.get(h, path)
+            try await Task.sleep(for: .milliseconds(1200))
+            let revalidated = try await Self.get(h, path)
+            #expect(revalidated.status == 200)
+            #expect(revalidated.header("Cache-Status")?.hasPrefix("gatehouse; fwd=stale") == true)
+            #expect(revalidated.header("Cache-Status")?.contains("fwd-status=304") == true)
+            #expect(revalidated.body == first.body, "the stored body, not the 304's empty one")
+            #expect(h.upstream.requestCount == 2)
+            try await Task.sleep(for: .milliseconds(100))
+            let refreshed = try await Self.get(h, path)
+            #expect(refreshed.header("Cache-Status")?.contains("hit") == true, "the 304 made the entry fresh again")
+            #expect(h.upstream.requestCount == 2)
+
+            // The client's own conditional request is answered 304 from the cache.
+            let conditional = try await Self.get(h, path, headers: [("If-None-Match", "\"v1\"")])
+            #expect(conditional.status == 304)
+            #expect(conditional.header("ETag") == "\"v1\"")
+            #expect(conditional.body.isEmpty)
+            #expect(h.upstream.requestCount == 2)
+            let other = try await Self.get(h, path, headers: [("If-None-Match", "\"v0\"")])
+            #expect(other.status == 200)
+        }
+    }
+
+    @Test func noCacheAndMustRevalidateAreHonoured() async throws {
+        try await Self.run(cache: "ttl: 30s, stale_while_revalidate: 30s, stale_if_error: 30s") { h in
+            // no-cache: stored, but validated before every use.
+            let path = "/cache/nc?cc=no-cache&etag=%22n%22"
+            _ = try await Self.get(h, path)
+            try await Task.sleep(for: .milliseconds(100))
+            let second = try await Self.get(h, path)
+            #expect(second.header("Cache-Status")?.contains("fwd-status=304") == true)
+            #expect(h.upstream.requestCount == 2)
+
+            // must-revalidate: never served stale, even with the route's stale windows.
+            let strict = "/cache/mr?cc=max-age%3D1%2C%20must-revalidate"
+            _ = try await Self.get(h, strict)
+            try await Task.sleep(for: .milliseconds(1200))
+            h.upstream.failing = true
+            let failed = try await Self.get(h, strict)
+            #expect(failed.status == 503, "the origin's error, not the stale entry")
+            h.upstream.failing = false
+
+            // A client's no-cache makes the cache validate first.
+            let fresh = "/cache/cn?cc=max-age%3D60&etag=%22c%22"
+            _ = try await Self.get(h, fresh)
+            try await Task.sleep(for: .milliseconds(100))
+            let before = h.upstream.requestCount
+            let validated = try await Self.get(h, fresh, headers: [("Cache-Control", "no-cache")])
+            #expect(validated.header("Cache-Status")?.contains("fwd=request") == true)
+            #expect(h.upstream.requestCount == before + 1)
+        }
+    }
+
+    @Test func staleWhileRevalidateServesAtOnceAndRefreshesOnce() async throws {
+        try await Self.run(cache: "ttl: 30s, stale_while_revalidate: 10s") { h in
+            let path = "/cache/swr?cc=max-age%3D1&delay=200"
+            let first = try await Self.get(h, path)
+            try await Task.sleep(for: .milliseconds(1200))
+            let clock = ContinuousClock()
+            let start = clock.now
+            let stale = try await Self.get(h, path)
+            #expect(clock.now - start < .milliseconds(200), "served without waiting for the 200 ms origin")
+            #expect(stale.header("Cache-Status")?.hasPrefix("gatehouse; hit; stale") == true)
+            #expect(stale.body == first.body)
+            // More stale reads while the refresh runs do not start another one.
+            _ = try await Self.get(h, path)
+            try await waitUntil { h.upstream.requestCount == 2 }
+            try await Task.sleep(for: .milliseconds(400))
+            #expect(h.upstream.requestCount == 2)
+            let fresh = try await Self.get(h, path)
+            #expect(fresh.header("Cache-Status")?.hasPrefix("gatehouse; hit; ttl=") == true)
+            #expect(fresh.body != first.body, "the refreshed response")
+        }
+    }
+
+    @Test func staleIfErrorCoversFailuresWithinItsWindow() async throws {
+        try await Self.run(cache: "ttl: 30s, stale_if_error: 60s") { h in
+            let path = "/cache/sie?cc=max-age%3D1"
+            let first = try await Self.get(h, path)
+            try await Task.sleep(for: .milliseconds(1200))
+            h.upstream.failing = true
+            let on5xx = try await Self.get(h, path)
+            #expect(on5xx.status == 200)
+            #expect(on5xx.body == first.body)
+            #expect(on5xx.header("Cache-Status") == "gatehouse; fwd=stale; fwd-status=503; detail=stale-if-error")
+            // The origin gone entirely (the config now points at a closed port): refused connections too.
+            let config = try String(contentsOfFile: h.configPath, encoding: .utf8)
+            try config.replacingOccurrences(of: "127.0.0.1:\(h.upstream.port)", with: "127.0.0.1:1")
+                .write(toFile: h.configPath, atomically: true, encoding: .utf8)
+            try h.gateway.reload()
+            let down = try await Self.get(h, path)
+            #expect(down.status == 200)
+            #expect(down.header("Cache-Status") == "gatehouse; fwd=stale; detail=stale-if-error")
+            // Without a stored entry the failure is the client's answer, still with Cache-Status.
+            let missing = try await Self.get(h, "/cache/none")
+            #expect(missing.status == 502)
+            #expect(missing.header("Cache-Status") == "gatehouse; fwd=miss")
+        }
+    }
+
+    @Test func concurrentMissesSendOneUpstreamRequest() async throws {
+        try await Self.run { h in
+            let path = "/cache/slow?delay=300&cc=max-age%3D60"
+            let responses = try await withThrowingTaskGroup(of: RawResponse.self) { group in
+                for _ in 0..<50 { group.addTask { try await Self.get(h, path) } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(h.upstream.requestCount == 1)
+            #expect(responses.allSatisfy { $0.status == 200 && $0.body == responses[0].body })
+            let statuses = responses.compactMap { $0.header("Cache-Status") }
+            #expect(statuses.filter { $0 == "gatehouse; fwd=miss; stored" }.count == 1)
+            #expect(statuses.filter { $0 == "gatehouse; fwd=miss; collapsed" }.count == 49)
+
+            // When the leader's answer cannot be shared, the others go upstream themselves.
+            let unshared = "/cache/slow2?delay=200&cc=no-store"
+            let before = h.upstream.requestCount
+            let answers = try await withThrowingTaskGroup(of: Int.self) { group in
+                for _ in 0..<5 { group.addTask { try await Self.get(h, unshared).status } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(answers == Array(repeating: 200, count: 5))
+            #expect(h.upstream.requestCount == before + 5)
+        }
+    }
+
+    @Test func largeBodiesAreStoredWhileStreamingAndTruncatedOnesNever() async throws {
+        try await Self.run(cache: "ttl: 30s, max_object_bytes: 1MiB") { h in
+            let path = "/cache/large?size=600000&cc=max-age%3D60"
+            let first = try await Self.get(h, path)
+            #expect(first.body.count == 600_000)
+            try await Task.sleep(for: .milliseconds(200))
+            let second = try await Self.get(h, path)
+            #expect(second.header("Cache-Status")?.contains("hit") == true)
+            #expect(second.body == first.body)
+
+            // The upstream breaks off half way: the client's connection is cut, nothing is stored.
+            _ = try? await Self.get(h, "/truncate/2000")
+            try await Task.sleep(for: .milliseconds(100))
+            _ = try? await Self.get(h, "/truncate/2000")
+            #expect(h.upstream.requestCount == 3, "both truncated answers came from the upstream")
+            let metrics = try await request(port: h.adminPort, "/metrics").text
+            #expect(metrics.contains("gatehouse_cache_skipped_total{route=\"t\",reason=\"incomplete\"} 2"))
+        }
+    }
+
+    @Test func unsafeMethodsAndPurgesRemoveEntries() async throws {
+        try await Self.run { h in
+            let a = "/cache/items/a?cc=max-age%3D60"
+            let b = "/cache/items/b?cc=max-age%3D60"
+            for path in [a, b, a + "&v=2"] { _ = try await Self.get(h, path) }
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(try await Self.get(h, a).header("Cache-Status")?.contains("hit") == true)
+
+            // A successful POST invalidates every entry of its path before its answer ends.
+            let post = try await request(port: h.port, "/cache/items/a", method: "POST", body: "x")
+            #expect(post.status == 200)
+            #expect(post.header("Cache-Status") == "gatehouse; fwd=method")
+            #expect(try await Self.get(h, a).header("Cache-Status")?.contains("hit") == false)
+            #expect(try await Self.get(h, b).header("Cache-Status")?.contains("hit") == true)
+
+            try await Task.sleep(for: .milliseconds(100))
+            let onePath = try await request(
+                port: h.adminPort, "/cache/purge", method: "POST", body: "{\"route\":\"c\",\"path\":\"/cache/items/a\"}"
+            )
+            #expect(onePath.status == 200)
+            #expect(onePath.json["purged"] as? Int == 1)
+            #expect(try await Self.get(h, b).header("Cache-Status")?.contains("hit") == true)
+
+            let route = try await request(port: h.adminPort, "/cache/purge", method: "POST", body: "{\"route\":\"c\"}")
+            #expect(route.status == 200)
+            #expect((route.json["purged"] as? Int ?? 0) >= 1)
+            #expect(try await Self.get(h, b).header("Cache-Status")?.contains("hit") == false)
+
+            let unknown = try await request(
+                port: h.adminPort, "/cache/purge", method: "POST", body: "{\"route\":\"x\"}")
+            #expect(unknown.status == 404)
+            #expect(unknown.header("Content-Type") == "application/problem+json")
+            let malformed = try await request(port: h.adminPort, "/cache/purge", method: "POST", body: "nope")
+            #expect(malformed.status == 400)
+        }
+    }
+
+    @Test func redisAwayBypassesTheCacheAndCachingResumes() async throws {
+        let redis = try RedisServerProcess()
+        let yaml = Self.yaml(redis: "redis://127.0.0.1:\(redis.port)/0", prefix: "gh:")
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            let path = "/cache/away?cc=max-age%3D60"
+            _ = try await Self.get(h, path)
+            redis.kill()
+            try await waitUntil { h.gateway.readinessProblem != nil }
+            let away = try await Self.get(h, path)
+            #expect(away.status == 200)
+            #expect(away.header("Cache-Status") == "gatehouse; fwd=bypass; detail=redis-unavailable")
+            try redis.start()
+            try await waitUntil(timeout: .seconds(3)) { h.gateway.readinessProblem == nil }
+            #expect(try await Self.get(h, path).header("Cache-Status") == "gatehouse; fwd=miss; stored")
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(try await Self.get(h, path).header("Cache-Status")?.contains("hit") == true)
+        }
+        redis.kill()
+    }
+
+    @Test func anEntrySurvivesAGatewayRestart() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let prefix = "gh-restart-\(UUID().uuidString.prefix(8)):"
+        let path = "/cache/kept?cc=max-age%3D60"
+        var body: [UInt8] = []
+        try await Harness.run(Self.yaml(redis: url, prefix: prefix)) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            body = try await Self.get(h, path).body
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        try await Harness.run(Self.yaml(redis: url, prefix: prefix)) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            let again = try await Self.get(h, path)
+            #expect(again.header("Cache-Status")?.contains("hit") == true)
+            #expect(again.body == body)
+            #expect(h.upstream.requestCount == 0)
+        }
+        _ = server
+    }
+
+    // MARK: pieces
+
+    @Test func cacheControlAndDates() {
+        let control = CacheControl(["public, max-age=60", "s-maxage=\"30\", stale-if-error=5, private=\"x\""])
+        #expect(control.isPublic && control.isPrivate)
+        #expect(control.maxAge == 60 && control.sharedMaxAge == 30 && control.staleIfError == 5)
+        #expect(CacheControl(["max-age=abc"]).maxAge == 0, "a malformed max-age is stale")
+        #expect(HTTPDate.parse("Sun, 06 Nov 1994 08:49:37 GMT") == 784_111_777)
+        #expect(HTTPDate.parse("Sunday, 06-Nov-94 08:49:37 GMT") == 784_111_777)
+        #expect(HTTPDate.parse("Sun Nov  6 08:49:37 1994") == 784_111_777)
+        #expect(HTTPDate.parse("0") == nil)
+    }
+
+    @Test func entriesRoundTripAndAgeFollowsRFC9111() throws {
+        let entry = CacheEntry(
+            status: 200, headers: [("ETag", "\"x\""), ("Content-Type", "text/plain")],
+            body: ByteBuffer(bytes: [0, 1, 2, 255]), responseTime: 1_000_000, initialAge: 5_000,
+            freshness: .init(
+                lifetime: 60_000, staleWhileRevalidate: 1, staleIfError: 2, noCache: true, mustRevalidate: false),
+            vary: [("accept", "a")])
+        let decoded = try #require(CacheEntry.decode(entry.encoded()))
+        #expect(decoded.body == entry.body && decoded.freshness == entry.freshness && decoded.etag == "\"x\"")
+        #expect(decoded.vary.first?.value == "a")
+        #expect(decoded.age(now: 1_010_000) == 15_000)
+        #expect(decoded.freshnessLeft(now: 1_010_000) == 45_000)
+        #expect(CacheEntry.decode(VaryMarker.encoded(["accept"])) == nil)
+
+        var route = RouteCache()
+        route.maxTTL = .seconds(3600)
+        let facts = CachePolicy.RequestFacts(
+            authenticated: false, keyedPerConsumer: false, noStore: false, headers: [:], requestTime: 99_000)
+        let stored = try CachePolicy.evaluate(
+            status: 200, headers: [("Cache-Control", "max-age=100"), ("Age", "10")], request: facts,
+            responseTime: 100_000, route: route
+        ).get()
+        #expect(stored.initialAge == 11_000, "Age plus the response delay")
+        #expect(stored.freshness.lifetime == 100_000)
+    }
+
+    @Test func keysSeparateConsumersHostsAndQueries() {
+        func key(host: String = "a", query: Substring? = "x=1&y=2", consumer: String? = nil) -> CacheKey {
+            CacheKey(
+                route: "r", scheme: "http", host: host, path: "/p", query: query, droppingParameter: "api_key",
+                keyHeaders: [], headers: [:], consumer: consumer)
+        }
+        #expect(key(consumer: "alice").base != key(consumer: "bob").base)
+        #expect(key(consumer: "alice").base != key().base)
+        #expect(key(host: "b").base != key().base)
+        #expect(key(query: "y=2&x=1").base == key().base)
+        #expect(key(query: "y=2&x=1&api_key=secret").base == key().base)
+    }
+}
