@@ -180,7 +180,8 @@ struct ConfigBuilder {
         var redis = RedisConfig()
         guard
             let f = reader.fields(
-                node, "redis", allowed: ["url", "pool_size", "connect_timeout", "command_timeout", "key_prefix"])
+                node, "redis",
+                allowed: ["url", "pool_size", "connect_timeout", "command_timeout", "key_prefix", "local_cache_bytes"])
         else { return redis }
         if let url = f.string("url") {
             if RedisEndpoint.parse(url) != nil {
@@ -193,6 +194,7 @@ struct ConfigBuilder {
         if let v = f.duration("connect_timeout") { redis.connectTimeout = v }
         if let v = f.duration("command_timeout") { redis.commandTimeout = v }
         if let v = f.string("key_prefix") { redis.keyPrefix = v }
+        if let v = f.size("local_cache_bytes") { redis.localCacheBytes = v }
         return redis
     }
 
@@ -557,8 +559,7 @@ struct ConfigBuilder {
                 node, path,
                 allowed: [
                     "ttl", "max_ttl", "stale_while_revalidate", "stale_if_error", "key_headers", "shared",
-                    "max_object_bytes",
-                    "store_set_cookie",
+                    "max_object_bytes", "store_set_cookie", "local_ttl",
                 ])
         else { return nil }
         var cache = RouteCache()
@@ -570,6 +571,7 @@ struct ConfigBuilder {
         if let v = f.bool("shared") { cache.shared = v }
         if let v = f.size("max_object_bytes") { cache.maxObjectBytes = v }
         if let v = f.bool("store_set_cookie") { cache.storeSetCookie = v }
+        if let v = f.duration("local_ttl") { cache.localTTL = v }
         if cache.ttl.nanoseconds > cache.maxTTL.nanoseconds {
             f.fail("ttl", "is larger than max_ttl (\(cache.maxTTL))")
         }

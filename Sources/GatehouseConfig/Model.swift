@@ -79,6 +79,8 @@ public struct RedisConfig: Sendable, Encodable {
     public var connectTimeout: ConfigDuration = .milliseconds(500)
     public var commandTimeout: ConfigDuration = .milliseconds(100)
     public var keyPrefix: String = "gatehouse:"
+    /// Memory each instance may use to keep hot cache entries from Redis (0: every hit asks Redis).
+    public var localCacheBytes: Int = 64 << 20
 
     enum CodingKeys: String, CodingKey {
         case url
@@ -86,6 +88,7 @@ public struct RedisConfig: Sendable, Encodable {
         case connectTimeout = "connect_timeout"
         case commandTimeout = "command_timeout"
         case keyPrefix = "key_prefix"
+        case localCacheBytes = "local_cache_bytes"
     }
 
     /// Where `url` points; nil only for a URL the loader would have refused.
@@ -423,6 +426,10 @@ public struct RouteCache: Sendable, Encodable {
     public var maxObjectBytes: Int = 1 << 20
     /// Whether responses with `Set-Cookie` may be stored.
     public var storeSetCookie: Bool = false
+    /// How long an instance may answer from its in-memory copy of a fresh entry before asking Redis again.
+    /// Purges and invalidations reach every copy at once; this bounds how long another instance's newer
+    /// version of a still-fresh entry goes unseen.
+    public var localTTL: ConfigDuration = .seconds(1)
 
     public init() {}
 
@@ -435,6 +442,7 @@ public struct RouteCache: Sendable, Encodable {
         case shared
         case maxObjectBytes = "max_object_bytes"
         case storeSetCookie = "store_set_cookie"
+        case localTTL = "local_ttl"
     }
 }
 

@@ -52,6 +52,43 @@ public final class RedisClient: Sendable {
         return reply
     }
 
+    /// Sends one command without leaving the event loops: the reply is delivered on `eventLoop`. A connection
+    /// owned by that loop is preferred, so a caller on an event loop usually gets its reply without any thread
+    /// hop. An error reply fails the future with `.server`.
+    public func send(_ arguments: [RedisArgument], on eventLoop: EventLoop) -> EventLoopFuture<RedisValue> {
+        let start = next.wrappingAdd(1, ordering: .relaxed).oldValue
+        var chosen: Slot?
+        for offset in 0..<slots.count {
+            let slot = slots[(start + offset) % slots.count]
+            guard slot.isConnected else { continue }
+            if slot.eventLoop === eventLoop {
+                chosen = slot
+                break
+            }
+            if chosen == nil { chosen = slot }
+        }
+        guard let slot = chosen else {
+            return eventLoop.makeFailedFuture(RedisError(.unavailable, "Redis is not connected"))
+        }
+        return slot.send(arguments.map(\.bytes)).hop(to: eventLoop).flatMapThrowing { reply in
+            if case .error(let message) = reply { throw RedisError(.server, message) }
+            return reply
+        }
+    }
+
+    /// ``evalsha(_:keys:arguments:)`` delivered on `eventLoop`, as ``send(_:on:)`` does.
+    public func evalsha(_ script: RedisScript, keys: [String], arguments: [RedisArgument], on eventLoop: EventLoop)
+        -> EventLoopFuture<RedisValue>
+    {
+        let tail: [RedisArgument] = [.string(String(keys.count))] + keys.map { .string($0) } + arguments
+        return send(["EVALSHA", .string(script.sha1)] + tail, on: eventLoop).flatMapError { error in
+            guard let error = error as? RedisError, error.kind == .server, error.message.hasPrefix("NOSCRIPT") else {
+                return eventLoop.makeFailedFuture(error)
+            }
+            return self.send(["EVAL", .string(script.source)] + tail, on: eventLoop)
+        }
+    }
+
     public func send(_ arguments: RedisArgument...) async throws(RedisError) -> RedisValue {
         try await send(arguments)
     }
@@ -169,7 +206,8 @@ final class Slot: Sendable {
     }
 
     private let configuration: RedisConfiguration
-    private let eventLoop: EventLoop
+    /// The loop that owns this connection.
+    let eventLoop: EventLoop
     private let logger: Logger
     private let metrics: RedisMetrics?
     private let state = Mutex(State())
@@ -189,42 +227,54 @@ final class Slot: Sendable {
     }
 
     func send(_ argv: [[UInt8]]) async throws(RedisError) -> RedisValue {
-        let started = ContinuousClock.now
         do {
-            let reply = try await sendUnmeasured(argv)
-            metrics?.commands.increment()
-            metrics?.latency.recordNanoseconds(TimeAmount(ContinuousClock.now - started).nanoseconds)
-            if case .error = reply { metrics?.failed(.server) }
-            return reply
-        } catch {
-            metrics?.failed(error.kind)
+            return try await send(argv).get()
+        } catch let error as RedisError {
             throw error
+        } catch {
+            throw RedisError(.connectionLost, "\(error)")
         }
     }
 
-    private func sendUnmeasured(_ argv: [[UInt8]]) async throws(RedisError) -> RedisValue {
+    /// Sends a command on this connection; the future completes on this slot's event loop, with the reply (an
+    /// error reply included) or a ``RedisError``.
+    func send(_ argv: [[UInt8]]) -> EventLoopFuture<RedisValue> {
+        let started = NIODeadline.now()
         guard let handler = state.withLock({ $0.handler }) else {
-            throw RedisError(.unavailable, "Redis is not connected")
+            metrics?.failed(.unavailable)
+            return eventLoop.makeFailedFuture(RedisError(.unavailable, "Redis is not connected"))
         }
         var buffer = ByteBufferAllocator().buffer(capacity: argv.reduce(16) { $0 + $1.count + 16 })
         RESPEncoder.encode(argv, into: &buffer)
         let promise = eventLoop.makePromise(of: RedisValue.self)
         let limit = configuration.maxInFlightPerConnection
         let encoded = buffer
-        eventLoop.execute {
-            let handler = handler.value
-            if handler.inFlight >= limit {
-                promise.fail(RedisError(.overloaded, "too many commands in flight"))
-            } else {
-                handler.send(encoded, promise: promise)
+        if eventLoop.inEventLoop {
+            Self.submit(encoded, to: handler.value, limit: limit, promise: promise)
+        } else {
+            eventLoop.execute { Self.submit(encoded, to: handler.value, limit: limit, promise: promise) }
+        }
+        let metrics = self.metrics
+        promise.futureResult.whenComplete { result in
+            switch result {
+            case .success(let reply):
+                metrics?.commands.increment()
+                metrics?.latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds)
+                if case .error = reply { metrics?.failed(.server) }
+            case .failure(let error):
+                metrics?.failed((error as? RedisError)?.kind ?? .connectionLost)
             }
         }
-        do {
-            return try await promise.futureResult.get()
-        } catch let error as RedisError {
-            throw error
-        } catch {
-            throw RedisError(.connectionLost, "\(error)")
+        return promise.futureResult
+    }
+
+    private static func submit(
+        _ command: ByteBuffer, to handler: RedisHandler, limit: Int, promise: EventLoopPromise<RedisValue>
+    ) {
+        if handler.inFlight >= limit {
+            promise.fail(RedisError(.overloaded, "too many commands in flight"))
+        } else {
+            handler.send(command, promise: promise)
         }
     }
 

@@ -401,7 +401,57 @@ import Testing
         _ = server
     }
 
+    @Test func instancesShareEntriesAndPurgesReachEveryHotCopyAtOnce() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-two-\(UUID().uuidString.prefix(8)):", cache: "ttl: 30s, local_ttl: 60s")
+        func redisCommands(_ h: Harness) async throws -> Double {
+            let text = try await request(port: h.adminPort, "/metrics").text
+            let line = text.split(separator: "\n").first { $0.hasPrefix("gatehouse_redis_commands_total ") }
+            return (line?.split(separator: " ").last).flatMap { Double($0) } ?? -1
+        }
+        try await Harness.run(yaml) { a in
+            try await Harness.run(yaml) { b in
+                try await waitUntil { a.gateway.core.cache.hot?.epoch != nil && b.gateway.core.cache.hot?.epoch != nil }
+                let path = "/cache/shared?cc=max-age%3D60"
+                _ = try await Self.get(a, path)
+                try await Task.sleep(for: .milliseconds(100))
+                #expect(try await Self.get(b, path).header("Cache-Status")?.contains("hit") == true, "from Redis")
+                let before = try await redisCommands(b)
+                #expect(try await Self.get(b, path).header("Cache-Status")?.contains("hit") == true)
+                #expect(try await redisCommands(b) == before, "the second hit came from b's memory")
+                #expect(b.upstream.requestCount == 0)
+
+                // A purge through a reaches b's copy at once.
+                let purge = try await request(
+                    port: a.adminPort, "/cache/purge", method: "POST",
+                    body: "{\"route\":\"c\",\"path\":\"/cache/shared\"}")
+                #expect(purge.json["purged"] as? Int == 1)
+                try await Task.sleep(for: .milliseconds(50))
+                #expect(try await Self.get(b, path).header("Cache-Status") == "gatehouse; fwd=miss; stored")
+                #expect(b.upstream.requestCount == 1)
+
+                // So does a write through a.
+                try await Task.sleep(for: .milliseconds(100))
+                #expect(try await Self.get(b, path).header("Cache-Status")?.contains("hit") == true)
+                #expect(try await request(port: a.port, "/cache/shared", method: "PUT", body: "x").status == 200)
+                try await Task.sleep(for: .milliseconds(50))
+                #expect(try await Self.get(b, path).header("Cache-Status")?.contains("hit") == false)
+            }
+        }
+        _ = server
+    }
+
     // MARK: pieces
+
+    @Test func unstorableKeysSkipCoalescingForAWhile() {
+        let board = FlightBoard()
+        #expect(board.join("k", waiter: nil) == .lead)
+        #expect(board.join("k", waiter: nil) == .pass, "HEAD and refreshes never wait")
+        board.land("k", entry: nil, unstorable: true)
+        #expect(board.join("k", waiter: nil) == .pass)
+        #expect(board.join("other", waiter: nil) == .lead)
+    }
 
     @Test func cacheControlAndDates() {
         let control = CacheControl(["public, max-age=60", "s-maxage=\"30\", stale-if-error=5, private=\"x\""])

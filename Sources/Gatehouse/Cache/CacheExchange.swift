@@ -172,7 +172,7 @@ final class CacheExchange {
 
     /// The upstream's answer ended: store it when it ended intact, and land the flight either way.
     @discardableResult
-    func finish(intact: Bool) -> CacheEntry? {
+    func finish(intact: Bool, on eventLoop: EventLoop) -> CacheEntry? {
         var entry: CacheEntry?
         if let recording {
             if intact {
@@ -186,7 +186,7 @@ final class CacheExchange {
         }
         recording = nil
         if let entry {
-            cache.write(entry, key: key, generation: generation, routeTTL: config.ttl.milliseconds, metrics: metrics)
+            cache.write(entry, key: key, generation: generation, config: config, metrics: metrics, on: eventLoop)
         }
         land(entry)
         return entry
@@ -194,7 +194,9 @@ final class CacheExchange {
 
     /// The upstream answered 304 to a revalidation: the stored entry, with the new headers and freshness
     /// (RFC 9111 §4.3.4), is stored again and returned.
-    func refresh(with notModified: UpstreamResponseHead, responseHeaders: HTTPHeaders) -> CacheEntry? {
+    func refresh(with notModified: UpstreamResponseHead, responseHeaders: HTTPHeaders, on eventLoop: EventLoop)
+        -> CacheEntry?
+    {
         metrics.notModified.increment()
         guard var entry = stored else {
             land(nil)
@@ -218,7 +220,7 @@ final class CacheExchange {
             entry.responseTime = now
             entry.initialAge = storable.initialAge
             entry.freshness = storable.freshness
-            cache.write(entry, key: key, generation: generation, routeTTL: config.ttl.milliseconds, metrics: metrics)
+            cache.write(entry, key: key, generation: generation, config: config, metrics: metrics, on: eventLoop)
             land(entry)
             return entry
         case .failure(let reason):
@@ -228,10 +230,12 @@ final class CacheExchange {
         }
     }
 
-    /// Ends this exchange's flight, if it leads one.
+    /// Ends this exchange's flight, if it leads one. Without an entry, a response that came whole but could not
+    /// be stored makes the key skip coalescing for a while.
     func land(_ entry: CacheEntry?) {
         guard leadsFlight else { return }
         leadsFlight = false
-        cache.flights.land(key.flightKey, entry: entry)
+        let unstorable = entry == nil && skipped != nil && skipped != .incomplete
+        cache.flights.land(key.flightKey, entry: entry, unstorable: unstorable)
     }
 }

@@ -52,11 +52,21 @@ struct CacheKey: Sendable, Hashable {
 final class ResponseCache: Sendable {
     let store: SharedStore
     let flights = FlightBoard()
+    /// Hot entries in this process; nil with a memory store (it is local already) or `local_cache_bytes: 0`.
+    let hot: HotCache?
     private let logger: Logger
 
-    init(store: SharedStore, logger: Logger) {
+    init(store: SharedStore, localBytes: Int, logger: Logger) {
         self.store = store
         self.logger = logger
+        let hot = localBytes > 0 ? HotCache(maxBytes: localBytes) : nil
+        let watching =
+            hot.map { hot in
+                store.watchCachePurges(
+                    onPurge: { route, path in hot.purge(route: route, path: path) },
+                    onLive: { live in hot.setLive(live) })
+            } ?? false
+        self.hot = watching ? hot : nil
     }
 
     /// What a lookup found.
@@ -69,68 +79,109 @@ final class ResponseCache: Sendable {
         case unavailable
     }
 
-    func lookup(_ key: CacheKey, headers: HTTPHeaders) async -> Lookup {
-        do {
-            let record = try await store.cacheRead(
-                route: key.route, path: key.path, fields: [key.base, key.markerField])
-            if let marker = record.values.count > 1 ? record.values[1] : nil, let names = VaryMarker.decode(marker) {
-                let vary = names.map { ($0, headers[$0].joined(separator: ", ")) }
-                let variant = try await store.cacheRead(
-                    route: key.route, path: key.path, fields: [key.variantField(vary)])
-                guard let bytes = variant.values.first ?? nil, let entry = CacheEntry.decode(bytes) else {
-                    return .miss(generation: variant.generation, varyMiss: true)
-                }
-                return .found(entry, generation: variant.generation)
-            }
-            guard let bytes = record.values.first ?? nil, let entry = CacheEntry.decode(bytes) else {
-                return .miss(generation: record.generation, varyMiss: false)
-            }
-            return .found(entry, generation: record.generation)
-        } catch {
-            logger.debug("cache lookup failed", metadata: ["error": "\(error)"])
-            return .unavailable
+    /// Looks a request's response up; the answer arrives on `eventLoop`. A fresh entry in the hot layer answers
+    /// at once; otherwise one store round trip, two when the resource varies (the marker names the headers
+    /// that pick the variant). `localMilliseconds` is how long what Redis returns may stay in the hot layer.
+    func lookup(
+        _ key: CacheKey, headers: HTTPHeaders, localMilliseconds: Int64, mayUseLocal: Bool, on eventLoop: EventLoop
+    ) -> EventLoopFuture<Lookup> {
+        let hot = localMilliseconds > 0 ? self.hot : nil
+        if mayUseLocal, let hot,
+            let (entry, generation) = hot.lookup(key, headers: headers, nowMilliseconds: HTTPDate.nowMilliseconds())
+        {
+            return eventLoop.makeSucceededFuture(.found(entry, generation: generation))
         }
-    }
-
-    /// Writes an entry in the background; a failure only costs a later miss.
-    func write(_ entry: CacheEntry, key: CacheKey, generation: Int64, routeTTL: Int64, metrics: CacheMetrics) {
-        let now = HTTPDate.nowMilliseconds()
-        let keep = entry.storageMilliseconds(now: now, routeTTL: routeTTL)
-        let set: [(field: String, value: [UInt8])]
-        let remove: [String]
-        if entry.vary.isEmpty {
-            set = [(key.base, entry.encoded())]
-            remove = [key.markerField]
-        } else {
-            set = [
-                (key.markerField, VaryMarker.encoded(entry.vary.map(\.name))),
-                (key.variantField(entry.vary), entry.encoded()),
-            ]
-            remove = [key.base]
+        let epoch = hot?.epoch
+        @Sendable func keep(_ set: [(field: String, value: HotCache.Value)], generation: Int64) {
+            guard let hot, let epoch else { return }
+            hot.put(key, set: set, generation: generation, milliseconds: localMilliseconds, epoch: epoch)
         }
         let store = self.store
         let logger = self.logger
-        Task {
-            do {
-                try await store.cacheWrite(
-                    route: key.route, generation: generation, path: key.path, set: set, remove: remove,
-                    expireMilliseconds: keep)
+        return store.cacheRead(route: key.route, path: key.path, fields: [key.base, key.markerField], on: eventLoop)
+            .flatMap { record -> EventLoopFuture<Lookup> in
+                if let marker = record.values.count > 1 ? record.values[1] : nil,
+                    let names = VaryMarker.decode(marker)
+                {
+                    let vary = names.map { ($0, headers[$0].joined(separator: ", ")) }
+                    let field = key.variantField(vary)
+                    return store.cacheRead(route: key.route, path: key.path, fields: [field], on: eventLoop).map {
+                        variant in
+                        guard let bytes = variant.values.first ?? nil, let entry = CacheEntry.decode(bytes) else {
+                            return .miss(generation: variant.generation, varyMiss: true)
+                        }
+                        keep(
+                            [(key.markerField, .marker(names)), (field, .entry(entry))],
+                            generation: variant.generation)
+                        return .found(entry, generation: variant.generation)
+                    }
+                }
+                guard let bytes = record.values.first ?? nil, let entry = CacheEntry.decode(bytes) else {
+                    return eventLoop.makeSucceededFuture(.miss(generation: record.generation, varyMiss: false))
+                }
+                keep([(key.base, .entry(entry))], generation: record.generation)
+                return eventLoop.makeSucceededFuture(.found(entry, generation: record.generation))
+            }
+            .recover { error in
+                logger.debug("cache lookup failed", metadata: ["error": "\(error)"])
+                return .unavailable
+            }
+    }
+
+    /// Writes an entry in the background; a failure only costs a later miss.
+    func write(
+        _ entry: CacheEntry, key: CacheKey, generation: Int64, config: RouteCache, metrics: CacheMetrics,
+        on eventLoop: EventLoop
+    ) {
+        let now = HTTPDate.nowMilliseconds()
+        let keep = entry.storageMilliseconds(now: now, routeTTL: config.ttl.milliseconds)
+        let set: [(field: String, value: [UInt8])]
+        let local: [(field: String, value: HotCache.Value)]
+        let remove: [String]
+        if entry.vary.isEmpty {
+            set = [(key.base, entry.encoded())]
+            local = [(key.base, .entry(entry))]
+            remove = [key.markerField]
+        } else {
+            let names = entry.vary.map(\.name)
+            let field = key.variantField(entry.vary)
+            set = [(key.markerField, VaryMarker.encoded(names)), (field, entry.encoded())]
+            local = [(key.markerField, .marker(names)), (field, .entry(entry))]
+            remove = [key.base]
+        }
+        if let hot, let epoch = hot.epoch {
+            hot.put(
+                key, set: local, remove: remove, generation: generation, milliseconds: config.localTTL.milliseconds,
+                epoch: epoch)
+        }
+        let logger = self.logger
+        store.cacheWrite(
+            route: key.route, generation: generation, path: key.path, set: set, remove: remove,
+            expireMilliseconds: keep, on: eventLoop
+        ).whenComplete { result in
+            switch result {
+            case .success:
                 metrics.stores.increment()
-            } catch {
+            case .failure(let error):
                 metrics.storeErrors.increment()
                 logger.debug("cache store failed", metadata: ["error": "\(error)"])
             }
         }
     }
 
-    /// Removes a path's entries (all variants, hosts and consumers), or a whole route's.
+    /// Removes a path's entries (all variants, hosts and consumers), or a whole route's, here and, through the
+    /// store, in every instance's hot layer.
     func purge(route: String, path: String?) async throws -> Int {
-        try await store.cachePurge(route: route, path: path)
+        hot?.purge(route: route, path: path)
+        return try await store.cachePurge(route: route, path: path)
     }
 }
 
 /// Concurrent misses for one key on this instance: the first request goes upstream, the others wait for the
 /// entry it makes. Shared by every event loop.
+///
+/// A key whose response could not be stored is remembered for a while ("hit-for-pass"): its misses then go
+/// upstream side by side instead of queueing behind one another for an answer they cannot share.
 final class FlightBoard: Sendable {
     /// Someone waiting for a flight, called on its own event loop with the entry, or nil when there is none.
     struct Waiter: Sendable {
@@ -138,27 +189,60 @@ final class FlightBoard: Sendable {
         let callback: @Sendable (CacheEntry?) -> Void
     }
 
-    private let flights = Mutex<[String: [Waiter]]>([:])
+    /// What a request that missed does.
+    enum Role {
+        /// Go upstream; others wait for this request's entry.
+        case lead
+        /// Added as a waiter.
+        case wait
+        /// Go upstream without a flight: the key's responses were not storable lately.
+        case pass
+    }
 
-    /// Whether this request leads (no flight for the key yet) or was added as a waiter.
-    func join(_ key: String, waiter: Waiter?) -> Bool {
-        flights.withLock { flights in
-            if flights[key] == nil {
-                flights[key] = []
-                return true
+    /// How long an unstorable key skips coalescing.
+    static let passNanoseconds: UInt64 = 10_000_000_000
+    /// Keys remembered as unstorable, at most; the oldest half is forgotten beyond it.
+    static let passLimit = 10_000
+
+    private struct State {
+        var flights: [String: [Waiter]] = [:]
+        var passes: [String: UInt64] = [:]
+    }
+
+    private let state = Mutex(State())
+
+    func join(_ key: String, waiter: Waiter?) -> Role {
+        let now = NIODeadline.now().uptimeNanoseconds
+        return state.withLock { state in
+            if let until = state.passes[key] {
+                if until > now { return .pass }
+                state.passes[key] = nil
             }
-            if let waiter { flights[key]?.append(waiter) }
-            return false
+            if state.flights[key] == nil {
+                state.flights[key] = []
+                return .lead
+            }
+            guard let waiter else { return .pass }
+            state.flights[key]?.append(waiter)
+            return .wait
         }
     }
 
-    /// Ends a flight and hands its entry (or nil) to everyone waiting.
-    func land(_ key: String, entry: CacheEntry?) {
-        let waiters = flights.withLock { $0.removeValue(forKey: key) } ?? []
-        for waiter in waiters { waiter.eventLoop.execute { waiter.callback(entry) } }
+    /// Ends a flight and hands its entry (or nil) to everyone waiting; `unstorable` starts a pass period.
+    func land(_ key: String, entry: CacheEntry?, unstorable: Bool = false) {
+        let now = NIODeadline.now().uptimeNanoseconds
+        let waiters = state.withLock { state in
+            if unstorable {
+                if state.passes.count >= Self.passLimit {
+                    let oldest = state.passes.sorted { $0.value < $1.value }.prefix(Self.passLimit / 2)
+                    for (key, _) in oldest { state.passes[key] = nil }
+                }
+                state.passes[key] = now + Self.passNanoseconds
+            }
+            return state.flights.removeValue(forKey: key)
+        }
+        for waiter in waiters ?? [] { waiter.eventLoop.execute { waiter.callback(entry) } }
     }
-
-    var count: Int { flights.withLock { $0.count } }
 }
 
 /// The cache metrics of one route.

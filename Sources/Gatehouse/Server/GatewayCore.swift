@@ -25,7 +25,7 @@ final class GatewayCore: Sendable {
         accessLog: AccessLog?, logger: Logger
     ) {
         self.store = store
-        cache = ResponseCache(store: store, logger: logger)
+        cache = ResponseCache(store: store, localBytes: runtime.config.redis.localCacheBytes, logger: logger)
         var indices: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }
         loopIndices = indices

@@ -9,16 +9,12 @@ extension GatewayHandler {
     func lookUp(_ cache: CacheExchange, _ exchange: Exchange, context: ChannelHandlerContext) {
         exchange.waiting = true
         let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
-        let loop = context.eventLoop
-        let responseCache = cache.cache
-        let key = cache.key
-        let headers = exchange.context.head.headers
-        Task {
-            let result = await responseCache.lookup(key, headers: headers)
-            loop.execute {
-                let (handler, exchange) = bound.value
-                handler.lookedUp(result, exchange)
-            }
+        cache.cache.lookup(
+            cache.key, headers: exchange.context.head.headers, localMilliseconds: cache.config.localTTL.milliseconds,
+            mayUseLocal: !cache.requestNoCache, on: context.eventLoop
+        ).whenSuccess {
+            let (handler, exchange) = bound.value
+            handler.lookedUp($0, exchange)
         }
     }
 
@@ -49,10 +45,16 @@ extension GatewayHandler {
                 let (handler, exchange) = bound.value
                 handler.flightLanded(entry, exchange)
             }
-            if cache.cache.flights.join(cache.key.flightKey, waiter: waiter) {
+            switch cache.cache.flights.join(cache.key.flightKey, waiter: waiter) {
+            case .lead:
                 cache.leadsFlight = true
                 forwardUpstream(exchange, context: context)
                 return
+            case .pass:
+                forwardUpstream(exchange, context: context)
+                return
+            case .wait:
+                break
             }
             // Another request for this key is upstream: wait for its entry, but not past the route's timeout.
             exchange.waiting = true
@@ -156,7 +158,7 @@ extension GatewayHandler {
         refresh.isHead = false  // the refresh is a GET, whatever the client sent
         refresh.generation = cache.generation
         refresh.stored = entry
-        guard refresh.cache.flights.join(refresh.key.flightKey, waiter: nil) else { return }
+        guard case .lead = refresh.cache.flights.join(refresh.key.flightKey, waiter: nil) else { return }
         refresh.leadsFlight = true
         var requestContext = exchange.context
         do throws(GatewayError) {
@@ -197,12 +199,13 @@ final class BackgroundRefresh: UpstreamTransferDelegate {
         for chunk in events.body { cache.record(chunk) }
         guard let completion = events.completion else { return }
         if completion.error != nil {
-            cache.finish(intact: false)
+            cache.finish(intact: false, on: eventLoop)
         } else if let notModified = state.value.notModified {
             _ = cache.refresh(
-                with: notModified, responseHeaders: RespondPhase.head(for: notModified, state.value.context).headers)
+                with: notModified, responseHeaders: RespondPhase.head(for: notModified, state.value.context).headers,
+                on: eventLoop)
         } else {
-            cache.finish(intact: true)
+            cache.finish(intact: true, on: eventLoop)
         }
     }
 

@@ -387,13 +387,14 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             if let notModified = exchange.notModified, let cache = exchange.cache {
                 let responseHeaders = Pipeline.responseHead(for: notModified, exchange.context).headers
-                if let entry = cache.refresh(with: notModified, responseHeaders: responseHeaders) {
+                if let entry = cache.refresh(with: notModified, responseHeaders: responseHeaders, on: context.eventLoop)
+                {
                     let status = (exchange.context.cacheStatus ?? "gatehouse") + "; fwd-status=304"
                     serveCached(entry, status: status, exchange, context: context)
                     return
                 }
             }
-            exchange.cache?.finish(intact: true)
+            exchange.cache?.finish(intact: true, on: context.eventLoop)
             finishUpstreamResponse(exchange, context: context)
             return
         }
@@ -432,7 +433,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             serveStaleForError(stale, upstreamStatus: nil, exchange, context: context)
             return
         }
-        exchange.cache?.finish(intact: false)
+        exchange.cache?.finish(intact: false, on: context.eventLoop)
         let routeID = exchange.context.route?.config.id ?? "-"
         let upstreamName = exchange.context.route?.pool?.config.name ?? "-"
         exchange.context.route?.metrics.recordUpstreamError(upstream: upstreamName, kind: "\(error.kind)")

@@ -2,6 +2,7 @@ import Foundation
 import GatehouseConfig
 import Logging
 import NIOCore
+import NIOPosix
 import RedisClient
 import Synchronization
 
@@ -23,15 +24,24 @@ protocol SharedStore: Sendable {
     // The response cache: per route and normalised path, one record whose fields are the stored variants.
     // A purge of a route moves it to a new generation, so no key listing (`KEYS`, `SCAN`) is ever needed.
 
-    /// Reads fields of a path's record in the route's current generation.
-    func cacheRead(route: String, path: String, fields: [String]) async throws -> CacheRecord
+    /// Reads fields of a path's record in the route's current generation; the answer arrives on `eventLoop`
+    /// (request paths stay on their event loop: no task, no thread hop where the store allows).
+    func cacheRead(route: String, path: String, fields: [String], on eventLoop: EventLoop)
+        -> EventLoopFuture<CacheRecord>
     /// Writes and removes fields of a path's record in `generation`, keeping it at least `expireMilliseconds`.
     func cacheWrite(
         route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
-        expireMilliseconds: Int64
-    ) async throws
+        expireMilliseconds: Int64, on eventLoop: EventLoop
+    ) -> EventLoopFuture<Void>
     /// Removes a path's record, or with no path every record of the route; returns how many entries went.
+    /// Every instance watching purges hears of it.
     func cachePurge(route: String, path: String?) async throws -> Int
+    /// Tells `onPurge` of every purge by any instance, and `onLive` when that news starts and stops flowing;
+    /// false when the store has no other instances to hear from (memory).
+    func watchCachePurges(
+        onPurge: @escaping @Sendable (_ route: String, _ path: String?) -> Void,
+        onLive: @escaping @Sendable (Bool) -> Void
+    ) -> Bool
     func close() async
 }
 
@@ -55,11 +65,19 @@ final class RedisStore: SharedStore {
     let client: RedisClient
     private let prefix: String
     private let display: String
+    private let group: EventLoopGroup
+    private let logger: Logger
+    private let subscription = Mutex<RedisSubscription?>(nil)
 
-    init(client: RedisClient, prefix: String, display: String) {
+    init(
+        client: RedisClient, prefix: String, display: String,
+        group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger = Logger(label: "gatehouse")
+    ) {
         self.client = client
         self.prefix = prefix
         self.display = display
+        self.group = group
+        self.logger = logger
     }
 
     var problem: String? { client.isConnected ? nil : "redis: not connected to \(display)" }
@@ -123,10 +141,12 @@ final class RedisStore: SharedStore {
         return 1
         """)
 
+    /// Purges and tells every instance (`PUBLISH` on the purge channel: route, newline, path or nothing).
     static let cachePurgeScript = RedisScript(
         """
         local g = redis.call('GET', KEYS[1]) or '0'
         local counter = ARGV[1] .. g .. ':#'
+        redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. ARGV[2])
         if ARGV[2] == '' then
           local n = tonumber(redis.call('GET', counter) or '0')
           redis.call('INCR', KEYS[1])
@@ -142,37 +162,63 @@ final class RedisStore: SharedStore {
         return n
         """)
 
-    func cacheRead(route: String, path: String, fields: [String]) async throws -> CacheRecord {
-        let reply = try await client.evalsha(
+    func cacheRead(route: String, path: String, fields: [String], on eventLoop: EventLoop)
+        -> EventLoopFuture<CacheRecord>
+    {
+        client.evalsha(
             Self.cacheReadScript, keys: [cacheKey(route, "gen")],
-            arguments: [.string(cacheKey(route, "")), .string(path)] + fields.map { .string($0) })
-        guard case .array(let items?) = reply, let generation = items.first?.string.flatMap({ Int64($0) }) else {
-            throw RedisError(.protocolError, "unexpected reply to the cache read")
+            arguments: [.string(cacheKey(route, "")), .string(path)] + fields.map { .string($0) }, on: eventLoop
+        ).flatMapThrowing { reply in
+            guard case .array(let items?) = reply, let generation = items.first?.string.flatMap({ Int64($0) }) else {
+                throw RedisError(.protocolError, "unexpected reply to the cache read")
+            }
+            return CacheRecord(generation: generation, values: items.dropFirst().map(\.bytes))
         }
-        return CacheRecord(generation: generation, values: items.dropFirst().map(\.bytes))
     }
 
     func cacheWrite(
         route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
-        expireMilliseconds: Int64
-    ) async throws {
+        expireMilliseconds: Int64, on eventLoop: EventLoop
+    ) -> EventLoopFuture<Void> {
         var arguments: [RedisArgument] = [.string(String(expireMilliseconds)), .string(String(remove.count))]
         arguments += remove.map { .string($0) }
         for (field, value) in set { arguments += [.string(field), .bytes(value)] }
-        _ = try await client.evalsha(
+        return client.evalsha(
             Self.cacheWriteScript,
             keys: [cacheKey(route, "\(generation):\(path)"), cacheKey(route, "\(generation):#")],
-            arguments: arguments)
+            arguments: arguments, on: eventLoop
+        ).map { _ in }
     }
 
     func cachePurge(route: String, path: String?) async throws -> Int {
         let reply = try await client.evalsha(
             Self.cachePurgeScript, keys: [cacheKey(route, "gen")],
-            arguments: [.string(cacheKey(route, "")), .string(path ?? "")])
+            arguments: [.string(cacheKey(route, "")), .string(path ?? ""), .string(purgeChannel), .string(route)])
         return Int(reply.integer ?? 0)
     }
 
-    func close() async { await client.close() }
+    private var purgeChannel: String { prefix + "cache:purge" }
+
+    func watchCachePurges(
+        onPurge: @escaping @Sendable (_ route: String, _ path: String?) -> Void,
+        onLive: @escaping @Sendable (Bool) -> Void
+    ) -> Bool {
+        let watcher = RedisSubscription(
+            configuration: client.configuration, channel: purgeChannel, eventLoop: group.next(), logger: logger,
+            onMessage: { payload in
+                let text = String(decoding: payload, as: UTF8.self)
+                guard let newline = text.firstIndex(of: "\n") else { return }
+                let path = text[text.index(after: newline)...]
+                onPurge(String(text[..<newline]), path.isEmpty ? nil : String(path))
+            }, onLive: onLive)
+        subscription.withLock { $0 = watcher }
+        return true
+    }
+
+    func close() async {
+        await subscription.withLock { $0 }?.close()
+        await client.close()
+    }
 }
 
 /// ``SharedStore`` in this process's memory: exact for one instance, per instance for many.
@@ -241,20 +287,23 @@ final class MemoryStore: SharedStore {
     private let records = Mutex<[String: [String: Record]]>([:])
     private let writes = Atomic<Int>(0)
 
-    func cacheRead(route: String, path: String, fields: [String]) async throws -> CacheRecord {
+    func cacheRead(route: String, path: String, fields: [String], on eventLoop: EventLoop)
+        -> EventLoopFuture<CacheRecord>
+    {
         let now = Self.now()
-        return records.withLock { records in
+        let record = records.withLock { records in
             guard let record = records[route]?[path], record.expires > now else {
                 return CacheRecord(generation: 0, values: fields.map { _ in nil })
             }
             return CacheRecord(generation: 0, values: fields.map { record.fields[$0] })
         }
+        return eventLoop.makeSucceededFuture(record)
     }
 
     func cacheWrite(
         route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
-        expireMilliseconds: Int64
-    ) async throws {
+        expireMilliseconds: Int64, on eventLoop: EventLoop
+    ) -> EventLoopFuture<Void> {
         let now = Self.now()
         let expires = now + UInt64(max(0, expireMilliseconds)) * 1_000_000
         let sweep = writes.wrappingAdd(1, ordering: .relaxed).newValue % 1024 == 0
@@ -269,6 +318,7 @@ final class MemoryStore: SharedStore {
                 for key in records.keys { records[key] = records[key]?.filter { $0.value.expires > now } }
             }
         }
+        return eventLoop.makeSucceededVoidFuture()
     }
 
     func cachePurge(route: String, path: String?) async throws -> Int {
@@ -285,6 +335,11 @@ final class MemoryStore: SharedStore {
             }
         }
     }
+
+    func watchCachePurges(
+        onPurge: @escaping @Sendable (_ route: String, _ path: String?) -> Void,
+        onLive: @escaping @Sendable (Bool) -> Void
+    ) -> Bool { false }
 
     func close() async {}
 
@@ -307,7 +362,7 @@ enum SharedStores {
         configuration.commandTimeout = .nanoseconds(config.commandTimeout.nanoseconds)
         return RedisStore(
             client: RedisClient(configuration: configuration, group: group, logger: logger, metrics: metrics.factory),
-            prefix: config.keyPrefix, display: display(endpoint))
+            prefix: config.keyPrefix, display: display(endpoint), group: group, logger: logger)
     }
 
     /// The client configuration for a Redis endpoint; nil for `memory://`.
