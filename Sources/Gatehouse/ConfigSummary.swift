@@ -22,7 +22,8 @@ public enum ConfigSummary {
             let match = route.match.path ?? (route.match.pathPrefix.map { $0 + "*" } ?? "")
             let methods = route.match.methods?.joined(separator: ",") ?? "*"
             let target = route.upstream.map { "-> \($0)" } ?? "-> respond \(route.respond?.status ?? 200)"
-            lines.append("    \(route.id): \(route.match.host ?? "*") \(methods) \(match) \(target)")
+            let cache = route.cache.map { " (cache: ttl \($0.ttl), max \($0.maxTTL))" } ?? ""
+            lines.append("    \(route.id): \(route.match.host ?? "*") \(methods) \(match) \(target)\(cache)")
         }
         lines.append(
             "  consumers   \(config.consumers.count), rate limit policies \(config.rateLimits.count), jwt issuers \(config.auth.jwt.count)"

@@ -559,7 +559,7 @@ struct ConfigBuilder {
                 node, path,
                 allowed: [
                     "ttl", "max_ttl", "stale_while_revalidate", "stale_if_error", "key_headers", "shared",
-                    "max_object_bytes", "store_set_cookie", "local_ttl",
+                    "max_object_bytes", "store_set_cookie", "local_ttl", "lock_timeout",
                 ])
         else { return nil }
         var cache = RouteCache()
@@ -572,6 +572,7 @@ struct ConfigBuilder {
         if let v = f.size("max_object_bytes") { cache.maxObjectBytes = v }
         if let v = f.bool("store_set_cookie") { cache.storeSetCookie = v }
         if let v = f.duration("local_ttl") { cache.localTTL = v }
+        if let v = f.duration("lock_timeout") { cache.lockTimeout = v }
         if cache.ttl.nanoseconds > cache.maxTTL.nanoseconds {
             f.fail("ttl", "is larger than max_ttl (\(cache.maxTTL))")
         }

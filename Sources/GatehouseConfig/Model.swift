@@ -430,6 +430,9 @@ public struct RouteCache: Sendable, Encodable {
     /// Purges and invalidations reach every copy at once; this bounds how long another instance's newer
     /// version of a still-fresh entry goes unseen.
     public var localTTL: ConfigDuration = .seconds(1)
+    /// When set, a miss takes a short Redis lock so that one instance in the whole fleet fetches it; the others
+    /// wait up to this long for its entry. 0: each instance fetches its own misses (still coalesced inside it).
+    public var lockTimeout: ConfigDuration = .seconds(0)
 
     public init() {}
 
@@ -443,6 +446,7 @@ public struct RouteCache: Sendable, Encodable {
         case maxObjectBytes = "max_object_bytes"
         case storeSetCookie = "store_set_cookie"
         case localTTL = "local_ttl"
+        case lockTimeout = "lock_timeout"
     }
 }
 

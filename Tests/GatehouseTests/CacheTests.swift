@@ -442,6 +442,35 @@ import Testing
         _ = server
     }
 
+    @Test func aRedisLockCoalescesMissesAcrossInstances() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-lock-\(UUID().uuidString.prefix(8)):", cache: "ttl: 30s, lock_timeout: 3s")
+        try await Harness.run(yaml) { a in
+            try await Harness.run(yaml) { b in
+                try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
+                let path = "/cache/fleet?delay=400&cc=max-age%3D60"
+                let answers = try await withThrowingTaskGroup(of: RawResponse.self) { group in
+                    for index in 0..<20 { group.addTask { try await Self.get(index % 2 == 0 ? a : b, path) } }
+                    return try await group.reduce(into: []) { $0.append($1) }
+                }
+                #expect(answers.allSatisfy { $0.status == 200 && $0.body == answers[0].body })
+                #expect(a.upstream.requestCount + b.upstream.requestCount == 1, "one request for the whole fleet")
+
+                // A fetch that cannot be stored releases the lock: the other instance does not wait it out.
+                let clock = ContinuousClock()
+                let start = clock.now
+                let unshared = "/cache/fleet2?delay=200&cc=no-store"
+                async let first = Self.get(a, unshared)
+                try await Task.sleep(for: .milliseconds(50))
+                let second = try await Self.get(b, unshared)
+                #expect(try await first.status == 200 && second.status == 200)
+                #expect(clock.now - start < .milliseconds(2500), "b went upstream once a's lock was released")
+            }
+        }
+        _ = server
+    }
+
     // MARK: pieces
 
     @Test func unstorableKeysSkipCoalescingForAWhile() {

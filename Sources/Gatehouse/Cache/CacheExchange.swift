@@ -22,6 +22,8 @@ final class CacheExchange {
     var revalidating = false
     /// This exchange leads a flight: requests for the same key wait for what it stores.
     var leadsFlight = false
+    /// This exchange holds the fleet-wide fetch lock (`lock_timeout`), released when the flight lands.
+    var holdsLock: EventLoop?
     /// The response being collected for storing; nil when it is not stored.
     private var recording: Recording?
     /// Why the response is not stored, once known.
@@ -233,6 +235,10 @@ final class CacheExchange {
     /// Ends this exchange's flight, if it leads one. Without an entry, a response that came whole but could not
     /// be stored makes the key skip coalescing for a while.
     func land(_ entry: CacheEntry?) {
+        if let loop = holdsLock {
+            holdsLock = nil
+            cache.store.cacheUnlock(route: key.route, name: key.lockName, on: loop)
+        }
         guard leadsFlight else { return }
         leadsFlight = false
         let unstorable = entry == nil && skipped != nil && skipped != .incomplete

@@ -45,6 +45,9 @@ struct CacheKey: Sendable, Hashable {
 
     /// The key concurrent misses coalesce on.
     var flightKey: String { route + "\u{0}" + path + "\u{0}" + base }
+
+    /// The name of the fleet-wide fetch lock (`lock_timeout`).
+    var lockName: String { path + "\u{0}" + base }
 }
 
 /// The response cache of one gateway process: lookups and stores in the shared store, request coalescing,

@@ -48,7 +48,11 @@ extension GatewayHandler {
             switch cache.cache.flights.join(cache.key.flightKey, waiter: waiter) {
             case .lead:
                 cache.leadsFlight = true
-                forwardUpstream(exchange, context: context)
+                if cache.config.lockTimeout.milliseconds > 0 {
+                    lockFleetWide(cache, exchange, context: context)
+                } else {
+                    forwardUpstream(exchange, context: context)
+                }
                 return
             case .pass:
                 forwardUpstream(exchange, context: context)
@@ -63,6 +67,73 @@ extension GatewayHandler {
                 let (handler, exchange) = bound.value
                 handler.flightLanded(nil, exchange)
             }
+        }
+    }
+
+    /// `lock_timeout`: takes the fleet-wide lock on this miss, or, when another instance holds it, waits for the
+    /// entry that instance stores. A Redis error counts as having the lock (never wait on a broken store).
+    private func lockFleetWide(_ cache: CacheExchange, _ exchange: Exchange, context: ChannelHandlerContext) {
+        let timeout = cache.config.lockTimeout.milliseconds
+        let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+        exchange.waiting = true
+        let store = cache.cache.store
+        let (route, name) = (cache.key.route, cache.key.lockName)
+        store.cacheLock(route: route, name: name, milliseconds: timeout, on: context.eventLoop).whenComplete { result in
+            let (handler, exchange) = bound.value
+            guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                let cache = exchange.cache
+            else {
+                if (try? result.get()) == true { store.cacheUnlock(route: route, name: name, on: bound.eventLoop) }
+                return
+            }
+            exchange.waiting = false
+            switch result {
+            case .success(true):
+                cache.holdsLock = context.eventLoop
+                handler.forwardUpstream(exchange, context: context)
+            case .success(false):
+                let deadline = NIODeadline.now() + .milliseconds(timeout)
+                handler.awaitRemoteEntry(cache, exchange, deadline: deadline, context: context)
+            case .failure:
+                handler.forwardUpstream(exchange, context: context)
+            }
+        }
+    }
+
+    /// Polls for the entry another instance is fetching; goes upstream when its lock is gone without an entry,
+    /// or at the deadline.
+    private func awaitRemoteEntry(
+        _ cache: CacheExchange, _ exchange: Exchange, deadline: NIODeadline, context: ChannelHandlerContext
+    ) {
+        exchange.waiting = true
+        let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+        let loop = context.eventLoop
+        let headers = exchange.context.head.headers
+        exchange.waitTimer = loop.scheduleTask(in: .milliseconds(20)) {
+            let (handler, exchange) = bound.value
+            guard handler.exchange === exchange, !handler.closed, exchange.waiting, let cache = exchange.cache else {
+                return
+            }
+            let store = cache.cache.store
+            cache.cache.lookup(cache.key, headers: headers, localMilliseconds: 0, mayUseLocal: false, on: loop)
+                .and(store.cacheLockHeld(route: cache.key.route, name: cache.key.lockName, on: loop))
+                .whenComplete { result in
+                    let (handler, exchange) = bound.value
+                    guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                        exchange.waiting, let cache = exchange.cache
+                    else { return }
+                    exchange.waiting = false
+                    let now = HTTPDate.nowMilliseconds()
+                    if case .success((.found(let entry, _), _)) = result, entry.freshnessLeft(now: now) > 0 {
+                        cache.metrics.coalesced.increment()
+                        cache.land(entry)
+                        handler.serveCached(entry, status: "gatehouse; fwd=miss; collapsed", exchange, context: context)
+                    } else if case .success((_, true)) = result, NIODeadline.now() < deadline {
+                        handler.awaitRemoteEntry(cache, exchange, deadline: deadline, context: context)
+                    } else {
+                        handler.forwardUpstream(exchange, context: context)
+                    }
+                }
         }
     }
 

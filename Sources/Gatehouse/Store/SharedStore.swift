@@ -36,6 +36,11 @@ protocol SharedStore: Sendable {
     /// Removes a path's record, or with no path every record of the route; returns how many entries went.
     /// Every instance watching purges hears of it.
     func cachePurge(route: String, path: String?) async throws -> Int
+    /// Takes the fleet-wide lock on fetching one missing entry for `milliseconds`; true when this caller has it.
+    func cacheLock(route: String, name: String, milliseconds: Int64, on eventLoop: EventLoop) -> EventLoopFuture<Bool>
+    /// Whether some instance holds that lock.
+    func cacheLockHeld(route: String, name: String, on eventLoop: EventLoop) -> EventLoopFuture<Bool>
+    func cacheUnlock(route: String, name: String, on eventLoop: EventLoop)
     /// Tells `onPurge` of every purge by any instance, and `onLive` when that news starts and stops flowing;
     /// false when the store has no other instances to hear from (memory).
     func watchCachePurges(
@@ -199,6 +204,21 @@ final class RedisStore: SharedStore {
 
     private var purgeChannel: String { prefix + "cache:purge" }
 
+    func cacheLock(route: String, name: String, milliseconds: Int64, on eventLoop: EventLoop) -> EventLoopFuture<Bool> {
+        client.send(
+            ["SET", .string(cacheKey(route, "lock:" + name)), "1", "PX", .string(String(milliseconds)), "NX"],
+            on: eventLoop
+        ).map { !$0.isNull }
+    }
+
+    func cacheLockHeld(route: String, name: String, on eventLoop: EventLoop) -> EventLoopFuture<Bool> {
+        client.send(["EXISTS", .string(cacheKey(route, "lock:" + name))], on: eventLoop).map { $0.integer == 1 }
+    }
+
+    func cacheUnlock(route: String, name: String, on eventLoop: EventLoop) {
+        _ = client.send(["DEL", .string(cacheKey(route, "lock:" + name))], on: eventLoop)
+    }
+
     func watchCachePurges(
         onPurge: @escaping @Sendable (_ route: String, _ path: String?) -> Void,
         onLive: @escaping @Sendable (Bool) -> Void
@@ -340,6 +360,17 @@ final class MemoryStore: SharedStore {
         onPurge: @escaping @Sendable (_ route: String, _ path: String?) -> Void,
         onLive: @escaping @Sendable (Bool) -> Void
     ) -> Bool { false }
+
+    // One instance: coalescing inside the process is all there is, so the lock is always this caller's.
+    func cacheLock(route: String, name: String, milliseconds: Int64, on eventLoop: EventLoop) -> EventLoopFuture<Bool> {
+        eventLoop.makeSucceededFuture(true)
+    }
+
+    func cacheLockHeld(route: String, name: String, on eventLoop: EventLoop) -> EventLoopFuture<Bool> {
+        eventLoop.makeSucceededFuture(false)
+    }
+
+    func cacheUnlock(route: String, name: String, on eventLoop: EventLoop) {}
 
     func close() async {}
 
