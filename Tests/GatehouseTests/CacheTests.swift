@@ -471,6 +471,65 @@ import Testing
         _ = server
     }
 
+    @Test func hostileHeadersNeitherCrashNorPoison() async throws {
+        try await Self.run { h in
+            // Huge numbers from the origin are capped, not trapped on.
+            let huge = "/cache/huge?cc=max-age%3D99999999999999999999999&age=99999999999999999999999"
+            #expect(try await Self.get(h, huge).status == 200)
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(try await Self.get(h, huge).status == 200)
+            // A client's absurd date on a hit with Last-Modified.
+            let dated = "/cache/lm?cc=max-age%3D60&lm=Sun%2C%2006%20Nov%201994%2008%3A49%3A37%20GMT"
+            _ = try await Self.get(h, dated)
+            try await Task.sleep(for: .milliseconds(100))
+            let absurd = try await Self.get(
+                h, dated, headers: [("If-Modified-Since", "Sun, 06 Nov 99999999999 08:49:37 GMT")])
+            #expect(absurd.status == 200)
+            let matching = try await Self.get(
+                h, dated, headers: [("If-Modified-Since", "Sun, 06 Nov 1994 08:49:37 GMT")])
+            #expect(matching.status == 304)
+
+            // A Host that is not host[:port] never reaches the cache or the upstream.
+            let bad = try await RawConnection.with(port: h.port) { connection in
+                try await connection.send("GET /cache/h HTTP/1.1\r\nHost: test.local:@evil.example\r\n\r\n")
+                return try await connection.readResponse()
+            }
+            #expect(bad.status == 400)
+            // Ports are part of the key: what the upstream saw as X-Forwarded-Host differs.
+            func withHost(_ host: String) async throws -> RawResponse {
+                try await RawConnection.with(port: h.port) { connection in
+                    try await connection.send(
+                        "GET /cache/h?cc=max-age%3D60 HTTP/1.1\r\nHost: \(host)\r\nConnection: close\r\n\r\n")
+                    return try await connection.readResponse()
+                }
+            }
+            _ = try await withHost("a.example:8080")
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(try await withHost("a.example:8080").header("Cache-Status")?.contains("hit") == true)
+            #expect(try await withHost("a.example:9090").header("Cache-Status")?.contains("hit") == false)
+
+            // A response that varies on a header the gateway sets cannot be keyed by the client's value.
+            let varying = try await Self.get(h, "/cache/xff?vary=X-Forwarded-For&cc=max-age%3D60")
+            #expect(varying.header("Cache-Status") == "gatehouse; fwd=miss; detail=vary-gateway-header")
+        }
+    }
+
+    @Test func aResponseFetchedBeforeAPurgeIsNotStoredAfterIt() async throws {
+        try await Self.run { h in
+            let path = "/cache/race?delay=400&cc=max-age%3D60"
+            async let slow = Self.get(h, path)
+            try await waitUntil { h.upstream.requestCount == 1 }
+            let purge = try await request(
+                port: h.adminPort, "/cache/purge", method: "POST", body: "{\"route\":\"c\",\"path\":\"/cache/race\"}")
+            #expect(purge.status == 200)
+            #expect(try await slow.status == 200)
+            try await Task.sleep(for: .milliseconds(150))
+            let after = try await Self.get(h, path)
+            #expect(after.header("Cache-Status")?.contains("hit") == false, "the pre-purge answer was not kept")
+            #expect(h.upstream.requestCount == 2)
+        }
+    }
+
     // MARK: pieces
 
     @Test func unstorableKeysSkipCoalescingForAWhile() {
@@ -517,6 +576,21 @@ import Testing
         ).get()
         #expect(stored.initialAge == 11_000, "Age plus the response delay")
         #expect(stored.freshness.lifetime == 100_000)
+
+        // The route's stale windows do not apply to s-maxage (it carries proxy-revalidate); the origin's do.
+        route.staleIfError = .seconds(60)
+        let shared = try CachePolicy.evaluate(
+            status: 200, headers: [("Cache-Control", "s-maxage=10")], request: facts, responseTime: 100_000,
+            route: route
+        ).get()
+        #expect(shared.freshness.staleIfError == 0)
+        let explicit = try CachePolicy.evaluate(
+            status: 200, headers: [("Cache-Control", "max-age=10, stale-if-error=999999999")], request: facts,
+            responseTime: 100_000, route: route
+        ).get()
+        #expect(explicit.freshness.staleIfError == route.maxTTL.milliseconds, "capped at max_ttl")
+        #expect(CacheSkip.noStore.startsPass(status: 200) && !CacheSkip.status.startsPass(status: 503))
+        #expect(!CacheSkip.authorization.startsPass(status: 200))
     }
 
     @Test func keysSeparateConsumersHostsAndQueries() {

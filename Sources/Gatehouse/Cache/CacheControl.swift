@@ -39,13 +39,24 @@ struct CacheControl: Equatable {
         }
     }
 
-    /// A delta-seconds argument, quoted or not; huge values are capped rather than rejected.
+    /// A delta-seconds argument, quoted or not; nil when malformed.
     private static func seconds(_ text: Substring) -> Int64? {
         var digits = text.trimmedSpaces
         if digits.hasPrefix("\""), digits.hasSuffix("\""), digits.count >= 2 { digits = digits.dropFirst().dropLast() }
-        guard !digits.isEmpty, digits.allSatisfy(\.isASCIIDigit) else { return nil }
-        return Int64(digits.prefix(10)) ?? Int64(Int32.max)
+        return deltaSeconds(digits)
     }
+
+    /// Decimal seconds, digits only; values beyond 2^31 are capped to it, as RFC 9111 §1.2.2 asks.
+    static func deltaSeconds(_ text: Substring) -> Int64? {
+        guard !text.isEmpty, text.allSatisfy(\.isASCIIDigit) else { return nil }
+        let significant = text.drop { $0 == "0" }
+        guard significant.count <= 10, let value = Int64(significant.isEmpty ? "0" : significant) else {
+            return maxDeltaSeconds
+        }
+        return min(value, maxDeltaSeconds)
+    }
+
+    static let maxDeltaSeconds: Int64 = 1 << 31
 }
 
 extension Character {
@@ -79,8 +90,8 @@ enum HTTPDate {
                 }
             }
         }
-        guard let day, let month, let year, let clock, (1...31).contains(day), clock[0] < 24, clock[1] < 60,
-            clock[2] < 61
+        guard let day, let month, let year, let clock, (1...31).contains(day), (1900...9999).contains(year),
+            clock[0] < 24, clock[1] < 60, clock[2] < 61
         else { return nil }
         var fields = tm()
         (fields.tm_year, fields.tm_mon, fields.tm_mday) = (Int32(year - 1900), Int32(month - 1), Int32(day))

@@ -28,10 +28,17 @@ struct CacheEntry: Sendable {
     }
 
     /// The age now, in milliseconds (RFC 9111 §4.2.3 `current_age`).
-    func age(now: Int64) -> Int64 { initialAge + max(0, now - responseTime) }
+    func age(now: Int64) -> Int64 {
+        let resident = now.subtractingReportingOverflow(responseTime)
+        let sum = initialAge.addingReportingOverflow(resident.overflow ? 0 : max(0, resident.partialValue))
+        return sum.overflow ? Int64.max / 2 : sum.partialValue
+    }
 
     /// Milliseconds of freshness left; negative once stale.
-    func freshnessLeft(now: Int64) -> Int64 { freshness.lifetime - age(now: now) }
+    func freshnessLeft(now: Int64) -> Int64 {
+        let left = freshness.lifetime.subtractingReportingOverflow(age(now: now))
+        return left.overflow ? Int64.min / 2 : left.partialValue
+    }
 
     func header(_ name: String) -> String? {
         headers.first { $0.name.caseInsensitiveEquals(name) }?.value

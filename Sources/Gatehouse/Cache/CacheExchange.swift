@@ -15,7 +15,8 @@ final class CacheExchange {
     let requestNoCache: Bool
     /// A HEAD request: answered from GET's entries, never stored.
     var isHead: Bool
-    var generation: Int64 = 0
+    /// What the lookup saw; a store is dropped when a purge came since.
+    var token = CacheToken.initial
     /// The entry found, kept to revalidate it and for stale-if-error.
     var stored: CacheEntry?
     /// The request went upstream with the stored entry's validators.
@@ -28,6 +29,12 @@ final class CacheExchange {
     private var recording: Recording?
     /// Why the response is not stored, once known.
     private(set) var skipped: CacheSkip?
+    /// The status of the upstream's answer, once it came.
+    private var upstreamStatus = 0
+
+    /// The response is being collected for storing: the upstream is read on even while the client is slow
+    /// (at most `max_object_bytes`), so requests waiting for this entry are not held back by one slow reader.
+    var isRecording: Bool { recording != nil }
 
     private struct Recording {
         var status: Int
@@ -64,16 +71,17 @@ final class CacheExchange {
         case .unavailable:
             metrics.bypassed.increment()
             return (.forward, "gatehouse; fwd=bypass; detail=redis-unavailable")
-        case .miss(let generation, let varyMiss):
-            self.generation = generation
+        case .miss(let token, let varyMiss):
+            self.token = token
             metrics.misses.increment()
             return (.forward, varyMiss ? "gatehouse; fwd=vary-miss" : "gatehouse; fwd=miss")
-        case .found(let entry, let generation):
-            self.generation = generation
+        case .found(let entry, let token):
+            self.token = token
             let left = entry.freshnessLeft(now: now)
             let ttl = "ttl=\(Self.seconds(left))"
             if requestNoCache || entry.freshness.noCache {
-                return forward(revalidating: entry, status: "gatehouse; fwd=request; \(ttl)")
+                return forward(
+                    revalidating: entry, status: requestNoCache ? "gatehouse; fwd=request" : "gatehouse; fwd=stale")
             }
             if left > 0 {
                 metrics.hits.increment()
@@ -84,7 +92,7 @@ final class CacheExchange {
                 let status = "gatehouse; hit; stale; \(ttl); detail=stale-while-revalidate"
                 return (.serve(entry, status: status, refresh: true), "")
             }
-            return forward(revalidating: entry, status: "gatehouse; fwd=stale; \(ttl)")
+            return forward(revalidating: entry, status: "gatehouse; fwd=stale")
         }
     }
 
@@ -97,20 +105,32 @@ final class CacheExchange {
     /// Whole seconds, rounded towards zero, for `ttl=` and `Age`.
     static func seconds(_ milliseconds: Int64) -> Int64 { milliseconds / 1000 }
 
-    /// Adds the stored entry's validators to an upstream request, replacing the client's own conditionals.
+    /// Whether this request may lead a flight that others wait on: not when something in the request itself
+    /// (its own `no-store`, its own conditional headers) could make the answer unusable for them.
+    var mayLead: Bool {
+        !facts.noStore && !facts.headers.contains(name: "If-None-Match")
+            && !facts.headers.contains(name: "If-Modified-Since")
+    }
+
+    /// Adds the stored entry's validator to an upstream request, replacing the client's own conditionals: the
+    /// entity tag when there is one (a date could let a 304 pair another version's tag with this body), else
+    /// the date.
     func addValidators(to request: inout UpstreamRequest) {
         guard let stored, stored.hasValidator else { return }
         request.headers.removeAll {
             $0.name.caseInsensitiveEquals("If-None-Match") || $0.name.caseInsensitiveEquals("If-Modified-Since")
         }
-        if let etag = stored.etag { request.headers.append(("If-None-Match", etag)) }
-        if let modified = stored.lastModified { request.headers.append(("If-Modified-Since", modified)) }
+        if let etag = stored.etag {
+            request.headers.append(("If-None-Match", etag))
+        } else if let modified = stored.lastModified {
+            request.headers.append(("If-Modified-Since", modified))
+        }
         revalidating = true
     }
 
     /// Whether the stored entry may answer instead of an upstream failure (stale-if-error).
     func staleForError(now: Int64) -> CacheEntry? {
-        guard let stored, !stored.freshness.mustRevalidate else { return nil }
+        guard let stored, !stored.freshness.mustRevalidate, !stored.freshness.noCache else { return nil }
         let stale = -stored.freshnessLeft(now: now)
         return stale <= stored.freshness.staleIfError ? stored : nil
     }
@@ -119,6 +139,8 @@ final class CacheExchange {
 
     /// Decides whether the upstream's answer is stored; returns the `Cache-Status` for it.
     func responseArrived(status: Int, upstreamHeaders: [(name: String, value: String)], prefix: String) -> String {
+        upstreamStatus = status
+        if revalidating { metrics.revalidations.increment() }
         let prefix = revalidating || stored != nil ? "\(prefix); fwd-status=\(status)" : prefix
         let now = HTTPDate.nowMilliseconds()
         var decision = CachePolicy.evaluate(
@@ -137,6 +159,8 @@ final class CacheExchange {
             return prefix + "; stored"
         case .failure(let reason):
             skip(reason)
+            // Nothing will be stored: requests waiting for this one go upstream now, not when its body ends.
+            land(nil)
             return prefix + "; detail=\(reason.rawValue)"
         }
     }
@@ -161,6 +185,7 @@ final class CacheExchange {
         if (recording?.body.readableBytes ?? 0) + chunk.readableBytes > config.maxObjectBytes {
             recording = nil
             skip(.tooLarge)
+            land(nil)
             return
         }
         var chunk = chunk
@@ -188,7 +213,7 @@ final class CacheExchange {
         }
         recording = nil
         if let entry {
-            cache.write(entry, key: key, generation: generation, config: config, metrics: metrics, on: eventLoop)
+            cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
         }
         land(entry)
         return entry
@@ -203,6 +228,13 @@ final class CacheExchange {
         guard var entry = stored else {
             land(nil)
             return nil
+        }
+        // A 304 for another version (RFC 9111 §4.3.4): answer with what is stored, but do not update it.
+        if let tag = CachePolicy.header("ETag", in: notModified.headers), let storedTag = entry.etag,
+            tag.trimmingPrefix("W/") != storedTag.trimmingPrefix("W/")
+        {
+            land(nil)
+            return entry
         }
         var headers = entry.headers
         for (name, value) in Self.storable(responseHeaders)
@@ -222,7 +254,7 @@ final class CacheExchange {
             entry.responseTime = now
             entry.initialAge = storable.initialAge
             entry.freshness = storable.freshness
-            cache.write(entry, key: key, generation: generation, config: config, metrics: metrics, on: eventLoop)
+            cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
             land(entry)
             return entry
         case .failure(let reason):
@@ -241,7 +273,7 @@ final class CacheExchange {
         }
         guard leadsFlight else { return }
         leadsFlight = false
-        let unstorable = entry == nil && skipped != nil && skipped != .incomplete
+        let unstorable = entry == nil && skipped?.startsPass(status: upstreamStatus) == true
         cache.flights.land(key.flightKey, entry: entry, unstorable: unstorable)
     }
 }

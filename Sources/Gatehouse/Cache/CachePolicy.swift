@@ -9,9 +9,21 @@ enum CacheSkip: String, Error, Sendable, CaseIterable {
     case authorization
     case status
     case varyAll = "vary-star"
+    /// `Vary` names a header the gateway sets or removes, whose forwarded value the key cannot see.
+    case varyGateway = "vary-gateway-header"
     case notReusable = "not-reusable"
     case tooLarge = "too-large"
     case incomplete
+
+    /// Whether the reason lies in the resource's responses rather than in one request or one failure: such a
+    /// key skips coalescing for a while (its next responses will most likely not be storable either).
+    func startsPass(status: Int) -> Bool {
+        switch self {
+        case .noStore, .privateResponse, .setCookie, .varyAll, .varyGateway, .notReusable, .tooLarge: true
+        case .status: status < 500 && status != 304
+        case .authorization, .incomplete: false
+        }
+    }
 }
 
 /// RFC 9111 for a shared cache: whether a response may be stored, and for how long it is fresh.
@@ -30,6 +42,8 @@ enum CachePolicy {
         var noStore: Bool
         /// The request's values of the headers a `Vary` names.
         var headers: HTTPHeaders
+        /// Lower-cased names of the request headers the gateway sets, replaces or removes on the way upstream.
+        var gatewayHeaders: Set<String> = []
         /// When the request was sent upstream.
         var requestTime: Int64
     }
@@ -63,6 +77,7 @@ enum CachePolicy {
             for token in value.split(separator: ",") {
                 let name = token.trimmedSpaces.lowercased()
                 if name == "*" { return .failure(.varyAll) }
+                if request.gatewayHeaders.contains(name) { return .failure(.varyGateway) }
                 if !name.isEmpty, !varyNames.contains(name) { varyNames.append(name) }
             }
         }
@@ -82,15 +97,27 @@ enum CachePolicy {
         }
         lifetime = max(0, min(lifetime, route.maxTTL.milliseconds))
 
-        let ageValue = (header("Age", in: headers).flatMap { Int64(Substring($0).trimmedSpaces) } ?? 0) * 1000
+        let ageValue =
+            (header("Age", in: headers).flatMap { CacheControl.deltaSeconds(Substring($0).trimmedSpaces) } ?? 0) * 1000
         let apparentAge = max(0, responseTime - (date ?? responseTime))
         let correctedAge = ageValue + max(0, responseTime - request.requestTime)
+        // The route's stale windows apply unless the origin forbids stale use: must-revalidate, or s-maxage, which
+        // carries proxy-revalidate (RFC 9111 §5.2.2.10). The origin's own windows are capped at max_ttl or the
+        // route's window, whichever is larger, so storage stays bounded.
+        let routeDefaults = !control.mustRevalidate && control.sharedMaxAge == nil
+        func window(_ origin: Int64?, _ route: ConfigDuration, cap: Int64) -> Int64 {
+            if control.mustRevalidate { return 0 }
+            if let origin { return min(origin * 1000, cap) }
+            return routeDefaults ? route.milliseconds : 0
+        }
         let freshness = CacheEntry.Freshness(
             lifetime: lifetime,
-            staleWhileRevalidate: control.mustRevalidate
-                ? 0 : (control.staleWhileRevalidate.map { $0 * 1000 } ?? route.staleWhileRevalidate.milliseconds),
-            staleIfError: control.mustRevalidate
-                ? 0 : (control.staleIfError.map { $0 * 1000 } ?? route.staleIfError.milliseconds),
+            staleWhileRevalidate: window(
+                control.staleWhileRevalidate, route.staleWhileRevalidate,
+                cap: max(route.maxTTL.milliseconds, route.staleWhileRevalidate.milliseconds)),
+            staleIfError: window(
+                control.staleIfError, route.staleIfError,
+                cap: max(route.maxTTL.milliseconds, route.staleIfError.milliseconds)),
             noCache: control.noCache, mustRevalidate: control.mustRevalidate)
         // An entry that can never be used without a full download is not worth storing.
         let usableWithoutOrigin =

@@ -16,7 +16,7 @@ final class HotCache: Sendable {
 
     private struct Item {
         var value: Value
-        var generation: Int64
+        var version: CacheVersion
         /// Monotonic deadline in nanoseconds.
         var until: UInt64
         var bytes: Int
@@ -42,9 +42,9 @@ final class HotCache: Sendable {
     var epoch: UInt64? { state.withLock { $0.live ? $0.epoch : nil } }
 
     /// A fresh entry for the key, if this process holds one.
-    func lookup(_ key: CacheKey, headers: HTTPHeaders, nowMilliseconds: Int64) -> (CacheEntry, Int64)? {
+    func lookup(_ key: CacheKey, headers: HTTPHeaders, nowMilliseconds: Int64) -> (CacheEntry, CacheToken)? {
         let now = NIODeadline.now().uptimeNanoseconds
-        return state.withLock { state -> (CacheEntry, Int64)? in
+        return state.withLock { state -> (CacheEntry, CacheToken)? in
             guard state.live, let fields = state.routes[key.route]?[key.path] else { return nil }
             var item = fields[key.base]
             if let marker = fields[key.markerField], marker.until > now, case .marker(let names) = marker.value {
@@ -53,13 +53,13 @@ final class HotCache: Sendable {
             guard let item, item.until > now, case .entry(let entry) = item.value,
                 !entry.freshness.noCache, entry.freshnessLeft(now: nowMilliseconds) > 0
             else { return nil }
-            return (entry, item.generation)
+            return (entry, CacheToken(version: item.version, epoch: state.epoch))
         }
     }
 
     /// Keeps fields of a path's record for `milliseconds`, unless a purge happened since `epoch`.
     func put(
-        _ key: CacheKey, set: [(field: String, value: Value)], remove: [String] = [], generation: Int64,
+        _ key: CacheKey, set: [(field: String, value: Value)], remove: [String] = [], version: CacheVersion,
         milliseconds: Int64, epoch: UInt64
     ) {
         guard milliseconds > 0 else { return }
@@ -71,7 +71,7 @@ final class HotCache: Sendable {
             for (field, value) in set {
                 let bytes = Self.size(of: value) + field.utf8.count
                 state.bytes += bytes - (fields[field]?.bytes ?? 0)
-                fields[field] = Item(value: value, generation: generation, until: until, bytes: bytes)
+                fields[field] = Item(value: value, version: version, until: until, bytes: bytes)
             }
             state.routes[key.route, default: [:]][key.path] = fields
             if state.bytes > maxBytes { Self.evict(&state, limit: maxBytes * 3 / 4) }

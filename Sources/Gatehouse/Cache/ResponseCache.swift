@@ -50,6 +50,15 @@ struct CacheKey: Sendable, Hashable {
     var lockName: String { path + "\u{0}" + base }
 }
 
+/// What a lookup saw, so that what it leads to is written only if no purge came in between: the store's
+/// version of the path, and the hot layer's purge count (nil when that layer is not in use).
+struct CacheToken: Sendable {
+    var version: CacheVersion
+    var epoch: UInt64?
+
+    static let initial = CacheToken(version: .initial, epoch: nil)
+}
+
 /// The response cache of one gateway process: lookups and stores in the shared store, request coalescing,
 /// and metrics. The event-loop side of an exchange lives in ``CacheExchange``.
 final class ResponseCache: Sendable {
@@ -75,9 +84,9 @@ final class ResponseCache: Sendable {
     /// What a lookup found.
     enum Lookup: Sendable {
         /// An entry for this request (fresh or not); `generation` is where a refreshed one is written.
-        case found(CacheEntry, generation: Int64)
+        case found(CacheEntry, CacheToken)
         /// Nothing usable; `varyMiss` when the resource is stored, but not for these header values.
-        case miss(generation: Int64, varyMiss: Bool)
+        case miss(CacheToken, varyMiss: Bool)
         /// The store could not be asked (Redis away or slow).
         case unavailable
     }
@@ -90,14 +99,14 @@ final class ResponseCache: Sendable {
     ) -> EventLoopFuture<Lookup> {
         let hot = localMilliseconds > 0 ? self.hot : nil
         if mayUseLocal, let hot,
-            let (entry, generation) = hot.lookup(key, headers: headers, nowMilliseconds: HTTPDate.nowMilliseconds())
+            let (entry, token) = hot.lookup(key, headers: headers, nowMilliseconds: HTTPDate.nowMilliseconds())
         {
-            return eventLoop.makeSucceededFuture(.found(entry, generation: generation))
+            return eventLoop.makeSucceededFuture(.found(entry, token))
         }
-        let epoch = hot?.epoch
-        @Sendable func keep(_ set: [(field: String, value: HotCache.Value)], generation: Int64) {
+        let epoch = self.hot?.epoch
+        @Sendable func keep(_ set: [(field: String, value: HotCache.Value)], version: CacheVersion) {
             guard let hot, let epoch else { return }
-            hot.put(key, set: set, generation: generation, milliseconds: localMilliseconds, epoch: epoch)
+            hot.put(key, set: set, version: version, milliseconds: localMilliseconds, epoch: epoch)
         }
         let store = self.store
         let logger = self.logger
@@ -111,19 +120,18 @@ final class ResponseCache: Sendable {
                     return store.cacheRead(route: key.route, path: key.path, fields: [field], on: eventLoop).map {
                         variant in
                         guard let bytes = variant.values.first ?? nil, let entry = CacheEntry.decode(bytes) else {
-                            return .miss(generation: variant.generation, varyMiss: true)
+                            return .miss(CacheToken(version: variant.version, epoch: epoch), varyMiss: true)
                         }
-                        keep(
-                            [(key.markerField, .marker(names)), (field, .entry(entry))],
-                            generation: variant.generation)
-                        return .found(entry, generation: variant.generation)
+                        keep([(key.markerField, .marker(names)), (field, .entry(entry))], version: variant.version)
+                        return .found(entry, CacheToken(version: variant.version, epoch: epoch))
                     }
                 }
                 guard let bytes = record.values.first ?? nil, let entry = CacheEntry.decode(bytes) else {
-                    return eventLoop.makeSucceededFuture(.miss(generation: record.generation, varyMiss: false))
+                    let token = CacheToken(version: record.version, epoch: epoch)
+                    return eventLoop.makeSucceededFuture(.miss(token, varyMiss: false))
                 }
-                keep([(key.base, .entry(entry))], generation: record.generation)
-                return eventLoop.makeSucceededFuture(.found(entry, generation: record.generation))
+                keep([(key.base, .entry(entry))], version: record.version)
+                return eventLoop.makeSucceededFuture(.found(entry, CacheToken(version: record.version, epoch: epoch)))
             }
             .recover { error in
                 logger.debug("cache lookup failed", metadata: ["error": "\(error)"])
@@ -133,7 +141,7 @@ final class ResponseCache: Sendable {
 
     /// Writes an entry in the background; a failure only costs a later miss.
     func write(
-        _ entry: CacheEntry, key: CacheKey, generation: Int64, config: RouteCache, metrics: CacheMetrics,
+        _ entry: CacheEntry, key: CacheKey, token: CacheToken, config: RouteCache, metrics: CacheMetrics,
         on eventLoop: EventLoop
     ) {
         let now = HTTPDate.nowMilliseconds()
@@ -152,14 +160,15 @@ final class ResponseCache: Sendable {
             local = [(key.markerField, .marker(names)), (field, .entry(entry))]
             remove = [key.base]
         }
-        if let hot, let epoch = hot.epoch {
+        // The lookup's epoch: when a purge came in between, the memory copy is not kept.
+        if let hot, let epoch = token.epoch {
             hot.put(
-                key, set: local, remove: remove, generation: generation, milliseconds: config.localTTL.milliseconds,
+                key, set: local, remove: remove, version: token.version, milliseconds: config.localTTL.milliseconds,
                 epoch: epoch)
         }
         let logger = self.logger
         store.cacheWrite(
-            route: key.route, generation: generation, path: key.path, set: set, remove: remove,
+            route: key.route, version: token.version, path: key.path, set: set, remove: remove,
             expireMilliseconds: keep, on: eventLoop
         ).whenComplete { result in
             switch result {

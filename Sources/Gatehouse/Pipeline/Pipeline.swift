@@ -69,6 +69,7 @@ enum AcceptPhase {
         let hosts = head.headers["Host"]
         if hosts.count > 1 { throw .badRequest("The request has more than one Host header.") }
         if hosts.isEmpty, head.version.minor >= 1 { throw .badRequest("The request has no Host header.") }
+        if let host = hosts.first, !Self.isValidHost(host) { throw .badRequest("The request's Host is invalid.") }
         context.hostHeader = hosts.first ?? ""
         context.host = Self.hostName(context.hostHeader)
 
@@ -81,6 +82,39 @@ enum AcceptPhase {
                 throw .badRequest("The request's Content-Length is invalid.")
             }
             if length > limits.maxBodyBytes { throw .bodyTooLarge(limit: limits.maxBodyBytes) }
+        }
+    }
+
+    /// Whether a Host header is `host[:port]` (RFC 9110 §7.2): a registered name or IPv4 address made of
+    /// unreserved, sub-delim and %-escaped characters, or an IPv6 literal in brackets; the port all digits.
+    /// Anything else (`@`, `/`, spaces) could make the name the upstream sees differ from the one routed and cached.
+    static func isValidHost(_ header: String) -> Bool {
+        var rest = Substring(header)
+        if rest.hasPrefix("[") {
+            guard let close = rest.firstIndex(of: "]") else { return false }
+            let literal = rest[rest.index(after: rest.startIndex)..<close]
+            guard !literal.isEmpty, literal.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else {
+                return false
+            }
+            rest = rest[rest.index(after: close)...]
+            if rest.isEmpty { return true }
+            guard rest.hasPrefix(":") else { return false }
+            return rest.dropFirst().count <= 5 && rest.dropFirst().allSatisfy(\.isASCIIDigit)
+        }
+        var name = rest
+        if let colon = rest.lastIndex(of: ":") {
+            let port = rest[rest.index(after: colon)...]
+            guard port.count <= 5, port.allSatisfy(\.isASCIIDigit) else { return false }
+            name = rest[..<colon]
+        }
+        return name.utf8.allSatisfy { byte in
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                UInt8(ascii: "0")...UInt8(ascii: "9"):
+                return true
+            default:
+                return "-._~!$&'()*+,;=%".utf8.contains(byte)
+            }
         }
     }
 
@@ -197,13 +231,20 @@ enum CacheLookupPhase {
         // Without a consumer to key by, an authenticated request may only share entries on a `shared` route.
         if authenticated, !config.shared, !perConsumer { return bypass("authorization") }
         if cache.store.problem != nil { return bypass("redis-unavailable") }
+        let origin = ForwardPhase.forwardedOrigin(context)
         let key = CacheKey(
-            route: route.config.id, scheme: context.scheme, host: context.host, path: context.path,
+            route: route.config.id, scheme: origin.proto.lowercased(), host: origin.host?.lowercased() ?? "",
+            path: context.path,
             query: context.query, droppingParameter: runtime.apiKeyQueryParameter, keyHeaders: config.keyHeaders,
             headers: head.headers, consumer: perConsumer ? context.consumer : nil)
         let exchange = CacheExchange(cache: cache, key: key, config: config, metrics: metrics, request: head)
         exchange.facts.authenticated = authenticated
         exchange.facts.keyedPerConsumer = perConsumer
+        // Headers whose forwarded value is not the client's: a response that varies on one cannot be keyed.
+        var gatewayHeaders = ForwardPhase.droppedRequestHeaders.union(route.pool?.droppedHeaders ?? [])
+        for header in route.pool?.config.requestHeaders.set ?? [] { gatewayHeaders.insert(header.name.lowercased()) }
+        gatewayHeaders.formUnion(ForwardPhase.connectionTokens(head.headers))
+        exchange.facts.gatewayHeaders = gatewayHeaders
         return exchange
     }
 }
@@ -266,12 +307,9 @@ enum ForwardPhase {
         let peer = context.peerIP
         headers.append(
             ("X-Forwarded-For", peerTrusted && forwardedFor != nil ? "\(forwardedFor ?? ""), \(peer)" : peer))
-        headers.append(("X-Forwarded-Proto", peerTrusted ? forwardedProto ?? context.scheme : context.scheme))
-        if peerTrusted, let forwardedHost {
-            headers.append(("X-Forwarded-Host", forwardedHost))
-        } else if !context.hostHeader.isEmpty {
-            headers.append(("X-Forwarded-Host", context.hostHeader))
-        }
+        let origin = forwardedOrigin(context, proto: forwardedProto, host: forwardedHost)
+        headers.append(("X-Forwarded-Proto", origin.proto))
+        if let host = origin.host { headers.append(("X-Forwarded-Host", host)) }
         headers.append(("X-Request-ID", context.requestID))
         headers.append(("Via", via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse"))
         if let consumer = context.consumer { headers.append(("X-Consumer-ID", consumer)) }
@@ -291,6 +329,23 @@ enum ForwardPhase {
             connectTimeoutMilliseconds: route?.connectTimeoutMilliseconds ?? 1000,
             timeoutMilliseconds: route?.timeoutMilliseconds ?? 30_000,
             verifyTLS: upstream?.tls.verify ?? true, caFile: upstream?.tls.caFile)
+    }
+
+    /// The X-Forwarded-Proto and X-Forwarded-Host the upstream gets: the client's own values only from a trusted
+    /// proxy (`proto` and `host` are the last ones it sent). The cache keys on these too, so an answer built
+    /// from them is never served for another origin.
+    static func forwardedOrigin(_ context: RequestContext, proto: String?, host: String?) -> (
+        proto: String, host: String?
+    ) {
+        if context.peerTrusted, let host { return (proto ?? context.scheme, host) }
+        let own = context.hostHeader.isEmpty ? nil : context.hostHeader
+        return (context.peerTrusted ? proto ?? context.scheme : context.scheme, own)
+    }
+
+    static func forwardedOrigin(_ context: RequestContext) -> (proto: String, host: String?) {
+        let headers = context.head.headers
+        return forwardedOrigin(
+            context, proto: headers["X-Forwarded-Proto"].last, host: headers["X-Forwarded-Host"].last)
     }
 
     /// The query without `name=...` pairs (the API key's query parameter).

@@ -36,7 +36,7 @@ extension GatewayHandler {
                 forwardUpstream(exchange, context: context)
                 return
             }
-            if cache.isHead {
+            if cache.isHead || !cache.mayLead {
                 forwardUpstream(exchange, context: context)
                 return
             }
@@ -227,7 +227,7 @@ extension GatewayHandler {
             request: exchange.context.head)
         refresh.facts = cache.facts
         refresh.isHead = false  // the refresh is a GET, whatever the client sent
-        refresh.generation = cache.generation
+        refresh.token = cache.token
         refresh.stored = entry
         guard case .lead = refresh.cache.flights.join(refresh.key.flightKey, waiter: nil) else { return }
         refresh.leadsFlight = true
@@ -237,7 +237,6 @@ extension GatewayHandler {
             if request.method == "HEAD" { request.method = "GET" }
             refresh.addValidators(to: &request)
             refresh.facts.requestTime = HTTPDate.nowMilliseconds()
-            cache.metrics.revalidations.increment()
             let delegate = BackgroundRefresh(refresh, context: requestContext, eventLoop: context.eventLoop)
             core.upstream.start(request, delegate: delegate, worker: workerIndex).endBody()
         } catch {

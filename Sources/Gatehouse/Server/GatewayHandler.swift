@@ -240,7 +240,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        exchange?.transfer?.setResponsePaused(!context.channel.isWritable)
+        exchange?.transfer?.setResponsePaused(!context.channel.isWritable && exchange?.cache?.isRecording != true)
         context.fireChannelWritabilityChanged()
     }
 
@@ -399,7 +399,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         context.flush()
-        if !context.channel.isWritable { exchange.transfer?.setResponsePaused(true) }
+        if !context.channel.isWritable, exchange.cache?.isRecording != true {
+            exchange.transfer?.setResponsePaused(true)
+        }
     }
 
     /// The upstream's answer is complete. A successful unsafe request first removes the cached responses of its

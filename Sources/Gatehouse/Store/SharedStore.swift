@@ -22,16 +22,19 @@ protocol SharedStore: Sendable {
     func increment(_ key: String, expireMilliseconds: Int?) async throws -> Int64
 
     // The response cache: per route and normalised path, one record whose fields are the stored variants.
-    // A purge of a route moves it to a new generation, so no key listing (`KEYS`, `SCAN`) is ever needed.
+    // A purge of a route moves it to a new generation, so no key listing (`KEYS`, `SCAN`) is ever needed; a purge
+    // of a path bumps that path's version. A write names the version its lookup saw and is dropped when a purge
+    // came in between, so a response fetched before a purge never lands after it.
 
     /// Reads fields of a path's record in the route's current generation; the answer arrives on `eventLoop`
     /// (request paths stay on their event loop: no task, no thread hop where the store allows).
     func cacheRead(route: String, path: String, fields: [String], on eventLoop: EventLoop)
         -> EventLoopFuture<CacheRecord>
-    /// Writes and removes fields of a path's record in `generation`, keeping it at least `expireMilliseconds`.
+    /// Writes and removes fields of a path's record, keeping it at least `expireMilliseconds`, unless the route
+    /// or path was purged since `version` was read.
     func cacheWrite(
-        route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
-        expireMilliseconds: Int64, on eventLoop: EventLoop
+        route: String, version: CacheVersion, path: String, set: [(field: String, value: [UInt8])],
+        remove: [String], expireMilliseconds: Int64, on eventLoop: EventLoop
     ) -> EventLoopFuture<Void>
     /// Removes a path's record, or with no path every record of the route; returns how many entries went.
     /// Every instance watching purges hears of it.
@@ -50,10 +53,18 @@ protocol SharedStore: Sendable {
     func close() async
 }
 
-/// Fields read from a cached path's record, with the generation they were read in.
+/// Fields read from a cached path's record, with the version they were read in.
 struct CacheRecord: Sendable {
-    var generation: Int64
+    var version: CacheVersion
     var values: [[UInt8]?]
+}
+
+/// Which purges a read has seen: the route's generation and the path's version.
+struct CacheVersion: Sendable, Equatable {
+    var generation: Int64
+    var path: Int64
+
+    static let initial = CacheVersion(generation: 0, path: 0)
 }
 
 /// Field names in a path's record: a variant field ends in a separator and the varying header values; the
@@ -113,35 +124,41 @@ final class RedisStore: SharedStore {
         return reply.integer ?? 0
     }
 
-    /// Keys: `cache:{route}:gen` holds the route's generation; `cache:{route}:{gen}:{path}` is a path's record
-    /// (a hash); `cache:{route}:{gen}:#` counts the entries written in that generation, for the purge answer.
+    /// Keys: `cache:{route}:gen` holds the route's generation; `cache:{route}:pv:{path}` a path's version;
+    /// `cache:{route}:{gen}:{path}` is a path's record (a hash); `cache:{route}:{gen}:#` counts the entries written
+    /// in that generation, for the purge answer.
     private func cacheKey(_ route: String, _ rest: String) -> String { prefix + "cache:" + route + ":" + rest }
 
     static let cacheReadScript = RedisScript(
         """
         local g = redis.call('GET', KEYS[1]) or '0'
-        local out = {g}
+        local out = {g, redis.call('GET', ARGV[1] .. 'pv:' .. ARGV[2]) or '0'}
         local record = ARGV[1] .. g .. ':' .. ARGV[2]
         for i = 3, #ARGV do out[#out + 1] = redis.call('HGET', record, ARGV[i]) end
         return out
         """)
 
+    /// KEYS: record, counter, generation, path version. ARGV: ttl, generation and path version seen, the number of
+    /// fields to remove, those fields, then field/value pairs. Returns 0 when a purge came in between.
     static let cacheWriteScript = RedisScript(
         """
+        if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[2] or (redis.call('GET', KEYS[4]) or '0') ~= ARGV[3] then
+          return 0
+        end
         local ttl = tonumber(ARGV[1])
-        local removals = tonumber(ARGV[2])
-        for i = 3, 2 + removals do
+        local removals = tonumber(ARGV[4])
+        for i = 5, 4 + removals do
           if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 and string.byte(ARGV[i], -1) ~= 1 then
             redis.call('DECR', KEYS[2])
           end
         end
-        for i = 3 + removals, #ARGV, 2 do
+        for i = 5 + removals, #ARGV, 2 do
           if redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 and string.byte(ARGV[i], -1) ~= 1 then
             redis.call('INCR', KEYS[2])
           end
         end
-        for _, key in ipairs(KEYS) do
-          if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+        for i = 1, 2 do
+          if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
         end
         return 1
         """)
@@ -157,6 +174,9 @@ final class RedisStore: SharedStore {
           redis.call('INCR', KEYS[1])
           return n
         end
+        local version = ARGV[1] .. 'pv:' .. ARGV[2]
+        redis.call('INCR', version)
+        redis.call('PEXPIRE', version, 86400000)
         local record = ARGV[1] .. g .. ':' .. ARGV[2]
         local n = 0
         for _, field in ipairs(redis.call('HKEYS', record)) do
@@ -174,23 +194,35 @@ final class RedisStore: SharedStore {
             Self.cacheReadScript, keys: [cacheKey(route, "gen")],
             arguments: [.string(cacheKey(route, "")), .string(path)] + fields.map { .string($0) }, on: eventLoop
         ).flatMapThrowing { reply in
-            guard case .array(let items?) = reply, let generation = items.first?.string.flatMap({ Int64($0) }) else {
+            guard case .array(let items?) = reply, items.count >= 2,
+                let generation = items[0].string.flatMap({ Int64($0) }),
+                let pathVersion = items[1].string.flatMap({ Int64($0) })
+            else {
                 throw RedisError(.protocolError, "unexpected reply to the cache read")
             }
-            return CacheRecord(generation: generation, values: items.dropFirst().map(\.bytes))
+            return CacheRecord(
+                version: CacheVersion(generation: generation, path: pathVersion),
+                values: items.dropFirst(2).map(\.bytes))
         }
     }
 
     func cacheWrite(
-        route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
-        expireMilliseconds: Int64, on eventLoop: EventLoop
+        route: String, version: CacheVersion, path: String, set: [(field: String, value: [UInt8])],
+        remove: [String], expireMilliseconds: Int64, on eventLoop: EventLoop
     ) -> EventLoopFuture<Void> {
-        var arguments: [RedisArgument] = [.string(String(expireMilliseconds)), .string(String(remove.count))]
+        var arguments: [RedisArgument] = [
+            .string(String(expireMilliseconds)), .string(String(version.generation)), .string(String(version.path)),
+            .string(String(remove.count)),
+        ]
         arguments += remove.map { .string($0) }
         for (field, value) in set { arguments += [.string(field), .bytes(value)] }
+        let generation = version.generation
         return client.evalsha(
             Self.cacheWriteScript,
-            keys: [cacheKey(route, "\(generation):\(path)"), cacheKey(route, "\(generation):#")],
+            keys: [
+                cacheKey(route, "\(generation):\(path)"), cacheKey(route, "\(generation):#"), cacheKey(route, "gen"),
+                cacheKey(route, "pv:" + path),
+            ],
             arguments: arguments, on: eventLoop
         ).map { _ in }
     }
@@ -303,8 +335,18 @@ final class MemoryStore: SharedStore {
         var expires: UInt64
     }
 
-    /// Records by route, then by path. A purge removes them at once, so memory needs no generations.
-    private let records = Mutex<[String: [String: Record]]>([:])
+    /// A route's records by path, and the versions purges have moved it and its paths to.
+    private struct RouteRecords {
+        var paths: [String: Record] = [:]
+        var generation: Int64 = 0
+        var pathVersions: [String: Int64] = [:]
+
+        func version(of path: String) -> CacheVersion {
+            CacheVersion(generation: generation, path: pathVersions[path] ?? 0)
+        }
+    }
+
+    private let records = Mutex<[String: RouteRecords]>([:])
     private let writes = Atomic<Int>(0)
 
     func cacheRead(route: String, path: String, fields: [String], on eventLoop: EventLoop)
@@ -312,31 +354,34 @@ final class MemoryStore: SharedStore {
     {
         let now = Self.now()
         let record = records.withLock { records in
-            guard let record = records[route]?[path], record.expires > now else {
-                return CacheRecord(generation: 0, values: fields.map { _ in nil })
+            let routeRecords = records[route] ?? RouteRecords()
+            let version = routeRecords.version(of: path)
+            guard let record = routeRecords.paths[path], record.expires > now else {
+                return CacheRecord(version: version, values: fields.map { _ in nil })
             }
-            return CacheRecord(generation: 0, values: fields.map { record.fields[$0] })
+            return CacheRecord(version: version, values: fields.map { record.fields[$0] })
         }
         return eventLoop.makeSucceededFuture(record)
     }
 
     func cacheWrite(
-        route: String, generation: Int64, path: String, set: [(field: String, value: [UInt8])], remove: [String],
-        expireMilliseconds: Int64, on eventLoop: EventLoop
+        route: String, version: CacheVersion, path: String, set: [(field: String, value: [UInt8])],
+        remove: [String], expireMilliseconds: Int64, on eventLoop: EventLoop
     ) -> EventLoopFuture<Void> {
         let now = Self.now()
         let expires = now + UInt64(max(0, expireMilliseconds)) * 1_000_000
         let sweep = writes.wrappingAdd(1, ordering: .relaxed).newValue % 1024 == 0
         records.withLock { records in
-            var record = records[route]?[path] ?? Record(fields: [:], expires: expires)
+            var routeRecords = records[route] ?? RouteRecords()
+            guard routeRecords.version(of: path) == version else { return }
+            var record = routeRecords.paths[path] ?? Record(fields: [:], expires: expires)
             if record.expires <= now { record = Record(fields: [:], expires: expires) }
             for field in remove { record.fields[field] = nil }
             for (field, value) in set { record.fields[field] = value }
             record.expires = max(record.expires, expires)
-            records[route, default: [:]][path] = record
-            if sweep {
-                for key in records.keys { records[key] = records[key]?.filter { $0.value.expires > now } }
-            }
+            routeRecords.paths[path] = record
+            if sweep { routeRecords.paths = routeRecords.paths.filter { $0.value.expires > now } }
+            records[route] = routeRecords
         }
         return eventLoop.makeSucceededVoidFuture()
     }
@@ -344,12 +389,18 @@ final class MemoryStore: SharedStore {
     func cachePurge(route: String, path: String?) async throws -> Int {
         let now = Self.now()
         return records.withLock { records in
+            var routeRecords = records[route] ?? RouteRecords()
             let removed: [Record]
             if let path {
-                removed = records[route]?.removeValue(forKey: path).map { [$0] } ?? []
+                routeRecords.pathVersions[path, default: 0] += 1
+                removed = routeRecords.paths.removeValue(forKey: path).map { [$0] } ?? []
             } else {
-                removed = records.removeValue(forKey: route).map { Array($0.values) } ?? []
+                routeRecords.generation += 1
+                routeRecords.pathVersions = [:]
+                removed = Array(routeRecords.paths.values)
+                routeRecords.paths = [:]
             }
+            records[route] = routeRecords
             return removed.filter { $0.expires > now }.reduce(0) { total, record in
                 total + record.fields.keys.filter(CacheFields.isEntry).count
             }
