@@ -18,6 +18,7 @@ import Synchronization
 /// | `/truncate/{n}`     | promises n bytes, sends half, closes                            |
 /// | `/drop`             | closes the connection without answering                         |
 /// | `/cache/...`        | a response shaped by the query, for cache tests (see below)     |
+/// | `/document`         | ``document`` as JSON, `max-age=300` (a JWKS in the auth tests)  |
 /// | anything else       | JSON echo of method, path, query and headers                    |
 ///
 /// `/cache/...` takes `cc` (Cache-Control), `etag`, `lm` (Last-Modified), `vary`, `cookie` (Set-Cookie),
@@ -31,6 +32,15 @@ public final class DemoUpstream: Sendable {
     public var port: Int { channel.localAddress?.port ?? 0 }
     /// Requests received so far.
     public var requestCount: Int { counter.value.load(ordering: .relaxed) }
+
+    /// What `/document` serves.
+    public var document: String {
+        get { counter.document.withLock { $0 } }
+        set { counter.document.withLock { $0 = newValue } }
+    }
+
+    /// Requests for `/document` so far.
+    public var documentRequests: Int { counter.documentRequests.load(ordering: .relaxed) }
 
     /// While true, `/cache/...` answers 503.
     public var failing: Bool {
@@ -71,6 +81,8 @@ public final class DemoUpstream: Sendable {
 final class RequestCounter: Sendable {
     let value = Atomic<Int>(0)
     let failing = Atomic<Bool>(false)
+    let document = Mutex("{}")
+    let documentRequests = Atomic<Int>(0)
     func increment() { value.wrappingAdd(1, ordering: .relaxed) }
 }
 
@@ -167,6 +179,19 @@ final class DemoHandler: ChannelInboundHandler {
             }
         case ("drop", _):
             context.close(promise: nil)
+        case ("document", _):
+            stats.documentRequests.wrappingAdd(1, ordering: .relaxed)
+            let body = stats.document.withLock { $0 }
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Type", value: "application/json")
+            headers.add(name: "Cache-Control", value: "max-age=300")
+            headers.add(name: "Content-Length", value: String(body.utf8.count))
+            context.write(
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))),
+                promise: nil)
+            context.write(
+                wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         case ("cache", _):
             let query = Self.queryItems(parts.count > 1 ? parts[1] : "")
             let delay = Int64(query["delay"] ?? "") ?? 0

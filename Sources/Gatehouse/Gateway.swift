@@ -52,6 +52,9 @@ public final class Gateway: Sendable {
             logger.warning("config accepted but not enforced yet: \(feature)")
         }
         let config = runtime.config
+        // JWT issuers' keys first, so the first requests do not wait for them (a failure is logged; requests
+        // then load them on demand).
+        try? await core.authenticator.jwt.preload(config.auth.jwt, on: group.next()).get()
         let sslContext = try config.server.tls.map { files -> NIOSSLContext in
             let chain = try NIOSSLCertificate.fromPEMFile(files.cert).map { NIOSSLCertificateSource.certificate($0) }
             let key = try NIOSSLPrivateKey(file: files.key, format: .pem)
@@ -140,6 +143,7 @@ public final class Gateway: Sendable {
         for feature in runtime.unenforcedFeatures {
             logger.warning("config accepted but not enforced yet: \(feature)")
         }
+        _ = core.authenticator.jwt.preload(config.auth.jwt, on: group.next())
         core.swap(to: runtime)
         logger.info("config reloaded", metadata: ["routes": "\(config.routes.count)"])
     }

@@ -18,9 +18,11 @@ struct Harness {
 
     /// Starts the demo upstream and a gateway whose config is `yaml(upstreamPort)`, runs `body`, stops both.
     static func run(
-        _ yaml: (Int) -> String, environment: [String: String] = [:], _ body: (Harness) async throws -> Void
+        _ yaml: (Int) -> String, environment: [String: String] = [:], upstream given: DemoUpstream? = nil,
+        _ body: (Harness) async throws -> Void
     ) async throws {
-        let upstream = try await DemoUpstream.start()
+        let upstream: DemoUpstream
+        if let given { upstream = given } else { upstream = try await DemoUpstream.start() }
         do {
             let path = FileManager.default.temporaryDirectory.appendingPathComponent(
                 "gatehouse-\(UUID().uuidString).yaml"

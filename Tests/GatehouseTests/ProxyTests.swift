@@ -24,7 +24,7 @@ import Testing
         }
     }
 
-    @Test func apiKeysAreNeverForwardedAndRequiredAuthFailsClosed() async throws {
+    @Test func apiKeysAreNeverForwardedAndRequiredAuthRefusesStrangers() async throws {
         let yaml = { (port: Int) in
             Harness.config(
                 upstreamPort: port,
@@ -41,7 +41,7 @@ import Testing
             #expect(headers["x-api-token"] == nil)
             #expect(echo.json["query"] as? String == "keep=1")
             let closed = try await request(port: h.port, "/private/data")
-            #expect(closed.status == 503)
+            #expect(closed.status == 401)
             #expect(h.upstream.requestCount == 1)
         }
     }

@@ -113,15 +113,64 @@ final class AdminHandler: ChannelInboundHandler {
             return promise.futureResult
         case (.POST, "/cache/purge"):
             return purge(request.body, on: eventLoop)
-        case (.POST, _) where path.hasPrefix("/consumers/"),
-            (.DELETE, _) where path.hasPrefix("/consumers/"):
-            return eventLoop.makeSucceededFuture(.problem(.notImplemented, "This endpoint arrives with its feature."))
+        case (.POST, _) where path.hasPrefix("/consumers/"), (.DELETE, _) where path.hasPrefix("/consumers/"):
+            return consumerKeys(method: method, path: path, on: eventLoop)
         case (_, "/readyz"), (_, "/metrics"), (_, "/config"), (_, "/reload"), (_, "/cache/purge"):
             return eventLoop.makeSucceededFuture(
                 .problem(.methodNotAllowed, "This endpoint does not accept \(method.rawValue)."))
         default:
             return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
         }
+    }
+
+    /// `POST /consumers/{id}/keys` issues a key (returned once, stored hashed); `DELETE
+    /// /consumers/{id}/keys/{sha256}` revokes one. Every instance sees a revocation within a second.
+    private func consumerKeys(method: HTTPMethod, path: String, on eventLoop: EventLoop) -> EventLoopFuture<Answer> {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+        // ["", "consumers", id, "keys"] or ["", "consumers", id, "keys", digest]
+        guard parts.count >= 4, parts[3] == "keys", let consumer = parts[2].removingPercentEncoding,
+            Self.isConsumerID(consumer)
+        else {
+            return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
+        }
+        let keys = gateway.core.authenticator.runtimeKeys
+        switch (method, parts.count) {
+        case (.POST, 4):
+            return eventLoop.makeFutureWithTask {
+                do {
+                    let (key, digest) = try await keys.issue(consumer: consumer)
+                    return Answer(
+                        status: .created,
+                        body: "{\"consumer\":\(Self.quoted(consumer)),\"key\":\(Self.quoted(key)),"
+                            + "\"sha256\":\"sha256:\(digest.hex)\"}")
+                } catch {
+                    return .problem(.serviceUnavailable, "The key could not be stored: \(error)")
+                }
+            }
+        case (.DELETE, 5):
+            guard let digest = KeyDigest(text: parts[4]) else {
+                return eventLoop.makeSucceededFuture(
+                    .problem(.badRequest, "The key is named by its sha256 digest: 64 hex digits."))
+            }
+            return eventLoop.makeFutureWithTask {
+                do {
+                    guard try await keys.revoke(consumer: consumer, digest: digest) else {
+                        return .problem(.notFound, "This consumer has no such key.")
+                    }
+                    return Answer(status: .ok, body: "{\"revoked\":\"sha256:\(digest.hex)\"}")
+                } catch {
+                    return .problem(.serviceUnavailable, "The key could not be revoked: \(error)")
+                }
+            }
+        default:
+            return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
+        }
+    }
+
+    /// A consumer id: 1 to 128 letters, digits and `._:@-`.
+    static func isConsumerID(_ id: String) -> Bool {
+        (1...128).contains(id.utf8.count)
+            && id.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._:@-".contains($0)) }
     }
 
     /// `POST /cache/purge` with `{"route": id}` or `{"route": id, "path": "/v1/users/7"}`: removes the route's

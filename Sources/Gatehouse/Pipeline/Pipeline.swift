@@ -9,7 +9,7 @@ import UpstreamClient
 /// |--------------|------------------------------------------------------------|-----------------------|
 /// | accept       | request id, client address, framing and size limits        | 400 413 431           |
 /// | route        | normalise the path, match host/method/path, bind params    | 404 405, `respond`    |
-/// | authenticate | API key or JWT -> consumer                  (not built yet) | 401 403               |
+/// | authenticate | API key or JWT -> consumer                                 | 401 403 503           |
 /// | rate limit   | every policy that applies                   (not built yet) | 429                   |
 /// | cache lookup | key, fresh hit, 304, stale rules, coalescing               | cached answer         |
 /// | pick target  | balancer (health and breakers later)                       | 503                   |
@@ -27,19 +27,45 @@ enum Pipeline {
     enum Decision {
         case forward(UpstreamRequest)
         case direct(DirectAnswer)
+        /// Authentication needs an answer from elsewhere (Redis for a runtime key, an issuer's keys): continue
+        /// with ``afterAuthentication(_:_:runtime:core:)`` when it completes (the consumer, or nil for none).
+        case authenticating(EventLoopFuture<String?>)
         /// Look the response up in the cache first.
         case lookUp(CacheExchange)
     }
 
-    static func beforeForward(_ context: inout RequestContext, runtime: Runtime, cache: ResponseCache)
-        throws(GatewayError) -> Decision
-    {
+    static func beforeForward(
+        _ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop
+    ) throws(GatewayError) -> Decision {
         try AcceptPhase.run(&context, runtime: runtime)
         if let direct = try RoutePhase.run(&context, runtime: runtime) { return .direct(direct) }
-        try AuthenticatePhase.run(&context)
-        // rate limit plugs in here.
-        if let lookup = CacheLookupPhase.run(&context, runtime: runtime, cache: cache) { return .lookUp(lookup) }
+        if let pending = try AuthenticatePhase.run(&context, runtime: runtime, core: core, eventLoop: eventLoop) {
+            return .authenticating(pending)
+        }
+        return try afterAuthentication(&context, runtime: runtime, core: core)
+    }
+
+    /// The phases after authentication: rate limit (to come), cache lookup, then forward.
+    static func afterAuthentication(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore)
+        throws(GatewayError) -> Decision
+    {
+        if let lookup = CacheLookupPhase.run(&context, runtime: runtime, cache: core.cache) { return .lookUp(lookup) }
         return .forward(try forward(&context, runtime: runtime))
+    }
+
+    /// Continues after an asynchronous authentication with its outcome.
+    static func afterAuthentication(
+        _ outcome: Result<String?, Error>, _ context: inout RequestContext, runtime: Runtime, core: GatewayCore
+    ) throws(GatewayError) -> Decision {
+        switch outcome {
+        case .success(let consumer):
+            context.consumer = consumer
+        case .failure(let error as GatewayError):
+            throw error
+        case .failure(let error):
+            throw GatewayError(status: .serviceUnavailable, detail: "Authentication failed: \(error)", origin: .gateway)
+        }
+        return try afterAuthentication(&context, runtime: runtime, core: core)
     }
 
     /// The phases that send the request upstream: pick target, forward.
@@ -176,15 +202,14 @@ enum RoutePhase {
     }
 }
 
-/// authenticate: not built yet, so it fails closed: a route that requires authentication answers 503
-/// rather than serving anonymous callers. `optional` routes pass as anonymous.
+/// authenticate: API key or JWT -> consumer, as the route's `auth` and `auth_methods` say (``Authenticator``).
+/// Returns nil when decided here (the consumer, if any, is in the context), or the answer still to come.
 enum AuthenticatePhase {
-    static func run(_ context: inout RequestContext) throws(GatewayError) {
-        guard context.route?.config.auth == .required else { return }
-        throw GatewayError(
-            status: .serviceUnavailable,
-            detail: "This route requires authentication, which this build of the gateway does not provide yet.",
-            origin: .gateway)
+    static func run(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop)
+        throws(GatewayError) -> EventLoopFuture<String?>?
+    {
+        guard let route = context.route, route.config.auth != .none else { return nil }
+        return try core.authenticator.authenticate(&context, route: route, runtime: runtime, eventLoop: eventLoop)
     }
 }
 

@@ -10,6 +10,7 @@ final class Runtime: Sendable {
     let trustedProxies: [CIDR]
     /// The API-key query parameter, if configured; never forwarded upstream.
     let apiKeyQueryParameter: String?
+    let auth: AuthSettings
 
     init(config: GatehouseConfiguration, metrics: GatewayMetrics) {
         self.config = config
@@ -25,6 +26,7 @@ final class Runtime: Sendable {
         table = RouteTable(config.routes)
         trustedProxies = config.server.trustedProxies
         apiKeyQueryParameter = config.auth.apiKey.queryParam
+        auth = AuthSettings(config)
     }
 
     /// The config features that are accepted but not enforced by this build, one line each.
@@ -32,14 +34,8 @@ final class Runtime: Sendable {
 
     static func unenforcedFeatures(of c: GatehouseConfiguration) -> [String] {
         var out: [String] = []
-        if !c.consumers.isEmpty { out.append("consumers (authentication is not built yet)") }
-        if !c.auth.jwt.isEmpty { out.append("auth.jwt (authentication is not built yet)") }
         if !c.rateLimits.isEmpty { out.append("rate_limits (rate limiting is not built yet)") }
         for route in c.routes {
-            if route.auth != .none {
-                out.append(
-                    "routes[\(route.id)].auth: \(route.auth.rawValue) (not enforced: requests pass unauthenticated)")
-            }
             if !route.rateLimit.isEmpty { out.append("routes[\(route.id)].rate_limit (not enforced)") }
         }
         for upstream in c.upstreams {

@@ -12,6 +12,8 @@ final class GatewayCore: Sendable {
     let store: SharedStore
     /// The response cache, in `store`.
     let cache: ResponseCache
+    /// API keys and JWTs; its caches outlive reloads.
+    let authenticator: Authenticator
     let metrics: GatewayMetrics
     let accessLog: AccessLog?
     let logger: Logger
@@ -26,6 +28,7 @@ final class GatewayCore: Sendable {
     ) {
         self.store = store
         cache = ResponseCache(store: store, localBytes: runtime.config.redis.localCacheBytes, logger: logger)
+        authenticator = Authenticator(store: store, upstream: upstream, metrics: metrics, logger: logger)
         var indices: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }
         loopIndices = indices

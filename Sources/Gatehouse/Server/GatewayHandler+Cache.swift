@@ -161,10 +161,7 @@ extension GatewayHandler {
                 cache.addValidators(to: &request)
                 cache.facts.requestTime = HTTPDate.nowMilliseconds()
             }
-            let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
-            let transfer = core.upstream.start(request, delegate: bridge, worker: workerIndex)
-            exchange.transfer = transfer
-            if exchange.requestEnded { transfer.endBody() }
+            startTransfer(request, exchange, context: context)
         } catch {
             if let stale = exchange.cache?.staleForError(now: HTTPDate.nowMilliseconds()) {
                 serveStaleForError(stale, upstreamStatus: nil, exchange, context: context)

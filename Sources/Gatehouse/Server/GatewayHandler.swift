@@ -36,6 +36,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var waitTimer: Scheduled<Void>?
         /// The upstream answered 304 to the cache's revalidation: held back, the client gets the stored entry.
         var notModified: UpstreamResponseHead?
+        /// Request body that arrived before the upstream exchange started.
+        var heldBody = CircularBuffer<ByteBuffer>()
+        var heldBodyBytes = 0
         var isHead: Bool { context.head.method == .HEAD }
 
         init(context: RequestContext, runtime: Runtime) {
@@ -52,7 +55,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private let tls: Bool
     var exchange: Exchange?
     var channelContext: ChannelHandlerContext?
-    private var readBlocked = false
+    var readBlocked = false
     private var readPending = false
     private var draining = false
     var closed = false
@@ -136,24 +139,59 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let exchange = Exchange(context: requestContext, runtime: runtime)
         self.exchange = exchange
         do throws(GatewayError) {
-            switch try Pipeline.beforeForward(&exchange.context, runtime: runtime, cache: core.cache) {
-            case .direct(let answer):
-                respondDirect(answer, exchange, context: context)
-            case .lookUp(let cache):
-                exchange.cache = cache
-                lookUp(cache, exchange, context: context)
-            case .forward(let request):
-                if head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
-                    context.writeAndFlush(
-                        wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil
-                    )
-                }
-                let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
-                exchange.transfer = core.upstream.start(request, delegate: bridge, worker: workerIndex)
-            }
+            let decision = try Pipeline.beforeForward(
+                &exchange.context, runtime: runtime, core: core, eventLoop: context.eventLoop)
+            proceed(with: decision, exchange, context: context)
         } catch {
             respondError(error, exchange, context: context)
         }
+    }
+
+    /// Carries out what the pipeline decided before forwarding.
+    func proceed(with decision: Pipeline.Decision, _ exchange: Exchange, context: ChannelHandlerContext) {
+        switch decision {
+        case .direct(let answer):
+            respondDirect(answer, exchange, context: context)
+        case .authenticating(let outcome):
+            exchange.waiting = true
+            let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+            outcome.whenComplete { result in
+                let (handler, exchange) = bound.value
+                guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed else {
+                    return
+                }
+                exchange.waiting = false
+                do throws(GatewayError) {
+                    let decision = try Pipeline.afterAuthentication(
+                        result, &exchange.context, runtime: exchange.runtime, core: handler.core)
+                    handler.proceed(with: decision, exchange, context: context)
+                } catch {
+                    handler.respondError(error, exchange, context: context)
+                }
+            }
+        case .lookUp(let cache):
+            exchange.cache = cache
+            lookUp(cache, exchange, context: context)
+        case .forward(let request):
+            startTransfer(request, exchange, context: context)
+        }
+    }
+
+    /// Starts the upstream exchange, with whatever request body arrived while the pipeline was waiting.
+    func startTransfer(_ request: UpstreamRequest, _ exchange: Exchange, context: ChannelHandlerContext) {
+        let head = exchange.context.head
+        if !exchange.requestEnded, head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
+            context.writeAndFlush(
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+        }
+        let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
+        let transfer = core.upstream.start(request, delegate: bridge, worker: workerIndex)
+        exchange.transfer = transfer
+        var keepReading = true
+        while let buffer = exchange.heldBody.popFirst() { keepReading = transfer.sendBody(buffer) }
+        exchange.heldBodyBytes = 0
+        if exchange.requestEnded { transfer.endBody() }
+        if keepReading, readBlocked { resumeReading(context: context) }
     }
 
     private func requestBody(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
@@ -170,6 +208,11 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         if let transfer = exchange.transfer, !exchange.responseEnded {
             if !transfer.sendBody(buffer) { readBlocked = true }
+        } else if exchange.waiting {
+            // The pipeline is still deciding (authentication, a cache lookup): hold the body, within bounds.
+            exchange.heldBody.append(buffer)
+            exchange.heldBodyBytes += buffer.readableBytes
+            if exchange.heldBodyBytes > UpstreamTransfer.requestBodyHighWater { readBlocked = true }
         }
     }
 
@@ -254,7 +297,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    private func resumeReading(context: ChannelHandlerContext) {
+    func resumeReading(context: ChannelHandlerContext) {
         readBlocked = false
         if readPending {
             readPending = false

@@ -14,6 +14,8 @@ protocol SharedStore: Sendable {
     /// What is wrong with the store for `/readyz`, or nil when it serves.
     var problem: String? { get }
     func get(_ key: String) async throws -> [UInt8]?
+    /// ``get(_:)`` answered on `eventLoop`, for request paths.
+    func get(_ key: String, on eventLoop: EventLoop) -> EventLoopFuture<[UInt8]?>
     /// Sets a value, optionally expiring and only when absent; returns whether it was set.
     func set(_ key: String, _ value: [UInt8], expireMilliseconds: Int?, onlyIfAbsent: Bool) async throws -> Bool
     /// Deletes keys; returns how many existed.
@@ -100,6 +102,10 @@ final class RedisStore: SharedStore {
 
     func get(_ key: String) async throws -> [UInt8]? {
         try await client.get(prefix + key)
+    }
+
+    func get(_ key: String, on eventLoop: EventLoop) -> EventLoopFuture<[UInt8]?> {
+        client.send(["GET", .string(prefix + key)], on: eventLoop).map(\.bytes)
     }
 
     func set(_ key: String, _ value: [UInt8], expireMilliseconds: Int?, onlyIfAbsent: Bool) async throws -> Bool {
@@ -300,6 +306,15 @@ final class MemoryStore: SharedStore {
             }
             return entry.value
         }
+    }
+
+    func get(_ key: String, on eventLoop: EventLoop) -> EventLoopFuture<[UInt8]?> {
+        let now = Self.now()
+        let value = entries.withLock { entries -> [UInt8]? in
+            guard let entry = entries[key], entry.expires.map({ $0 > now }) ?? true else { return nil }
+            return entry.value
+        }
+        return eventLoop.makeSucceededFuture(value)
     }
 
     func set(_ key: String, _ value: [UInt8], expireMilliseconds: Int?, onlyIfAbsent: Bool) async throws -> Bool {
