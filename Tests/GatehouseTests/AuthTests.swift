@@ -91,6 +91,7 @@ enum Mint {
                       - { id: open, match: { path_prefix: "/" }, upstream: demo }
                     consumers:
                       - { id: acme, api_keys: ["sha256:\(KeyDigest(key: configKey).hex)"] }
+                      - { id: partner-7 }
                     auth:
                       api_key: { header: X-API-Key\(queryParam ? ", query_param: api_key" : "") }
                       jwt:
@@ -129,6 +130,7 @@ enum Mint {
                 let seen = Self.upstreamHeaders(ok)
                 #expect(seen["x-consumer-id"] == "acme", "set by the gateway, the client's removed")
                 #expect(seen["x-api-key"] == nil, "the key is never forwarded")
+                #expect(seen["authorization"] == nil, "nor the Authorization header that carried it")
             }
             let viaQuery = try await request(port: h.port, "/private/x?api_key=\(Self.configKey)&a=1")
             #expect(viaQuery.status == 200)
@@ -180,6 +182,12 @@ enum Mint {
                 #expect(refused.header("WWW-Authenticate")?.contains("error=\"invalid_token\"") == true)
                 #expect(refused.text.contains(why), "\(why): \(refused.text)")
             }
+            // A kid in an HMAC token is ignored (the secret has none); the consumer claim must be a plain id.
+            #expect(try await status(Mint.hs256(Mint.claims(), secret: secret, kid: "any")).status == 200)
+            let smuggling = try await status(Mint.hs256(Mint.claims(sub: "x\r\nX-Admin: 1"), secret: secret))
+            #expect(smuggling.status == 401)
+            // The JWT forwarded upstream (the upstream may read it), the consumer set by the gateway.
+            #expect(Self.upstreamHeaders(good)["authorization"]?.hasPrefix("Bearer ") == true)
             // Within the leeway (30 s), a just-expired token still passes; aud may be a list.
             #expect(try await status(Mint.hs256(Mint.claims(exp: -10), secret: secret)).status == 200)
             #expect(try await status(Mint.hs256(Mint.claims(aud: ["x", "gatehouse"]), secret: secret)).status == 200)
@@ -190,7 +198,9 @@ enum Mint {
         let rsa = try _RSA.Signing.PrivateKey(keySize: .bits2048)
         let ec = P256.Signing.PrivateKey()
         let jwksPath = FileManager.default.temporaryDirectory.appendingPathComponent("jwks-\(UUID()).json").path
-        try Mint.jwks([try Mint.jwk(rsa: rsa, kid: "r1"), Mint.jwk(ec: ec, kid: "e1")])
+        // A key of a type jwt-kit does not know is skipped, not fatal for the others (RFC 7517 §5).
+        let unknownKey = "{\"kty\":\"oct\",\"kid\":\"o1\",\"k\":\"c2VjcmV0\"}"
+        try Mint.jwks([unknownKey, try Mint.jwk(rsa: rsa, kid: "r1"), Mint.jwk(ec: ec, kid: "e1")])
             .write(toFile: jwksPath, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(atPath: jwksPath) }
         let issuer = """
@@ -265,6 +275,10 @@ enum Mint {
                 try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
                 let issued = try await request(port: a.adminPort, "/consumers/partner-7/keys", method: "POST", body: "")
                 #expect(issued.status == 201)
+                #expect(
+                    try await request(port: a.adminPort, "/consumers/nobody/keys", method: "POST", body: "").status
+                        == 404, "keys belong to consumers of the config")
+                #expect(try await request(port: a.adminPort, "/consumers/partner-7/keys").status == 405)
                 let key = try #require(issued.json["key"] as? String)
                 let digest = try #require(issued.json["sha256"] as? String)
                 #expect(digest == "sha256:" + KeyDigest(key: key).hex)
@@ -315,5 +329,46 @@ enum Mint {
             #expect(refused.text.contains("Redis"))
         }
         redis.kill()
+    }
+
+    @Test func consumersNeverSeeEachOthersCachedEntries() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let betaKey = "beta-key"
+        let yaml = { (port: Int) in
+            Harness.config(
+                upstreamPort: port, redis: url, redisKeyPrefix: "gh-pc-\(UUID().uuidString.prefix(8)):",
+                routes: """
+                      - id: mine
+                        match: { path_prefix: "/cache/" }
+                        upstream: demo
+                        auth: required
+                        cache: { ttl: 30s }
+                    consumers:
+                      - { id: acme, api_keys: ["sha256:\(KeyDigest(key: Self.configKey).hex)"] }
+                      - { id: beta, api_keys: ["sha256:\(KeyDigest(key: betaKey).hex)"] }
+                    """)
+        }
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            func get(_ key: String) async throws -> RawResponse {
+                try await request(port: h.port, "/cache/mine?cc=max-age%3D60", headers: [("X-API-Key", key)])
+            }
+            let acme = try await get(Self.configKey)
+            #expect(acme.header("Cache-Status") == "gatehouse; fwd=miss; stored")
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(try await get(Self.configKey).header("Cache-Status")?.contains("hit") == true)
+            let beta = try await get(betaKey)
+            #expect(beta.header("Cache-Status") == "gatehouse; fwd=miss; stored", "beta never gets acme's entry")
+            #expect(beta.body != acme.body)
+            try await Task.sleep(for: .milliseconds(100))
+            let betaAgain = try await get(betaKey)
+            #expect(betaAgain.header("Cache-Status")?.contains("hit") == true)
+            #expect(betaAgain.body == beta.body)
+            #expect(h.upstream.requestCount == 2)
+            // Without credentials the route answers 401 and the cache is never consulted.
+            let anonymous = try await request(port: h.port, "/cache/mine?cc=max-age%3D60")
+            #expect(anonymous.status == 401)
+        }
+        _ = server
     }
 }

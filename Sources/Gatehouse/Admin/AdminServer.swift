@@ -115,6 +115,12 @@ final class AdminHandler: ChannelInboundHandler {
             return purge(request.body, on: eventLoop)
         case (.POST, _) where path.hasPrefix("/consumers/"), (.DELETE, _) where path.hasPrefix("/consumers/"):
             return consumerKeys(method: method, path: path, on: eventLoop)
+        case (_, _) where path.hasPrefix("/consumers/"):
+            let allow = path.split(separator: "/").count == 3 ? "POST" : "DELETE"
+            return eventLoop.makeSucceededFuture(
+                .problem(
+                    .methodNotAllowed, "This endpoint does not accept \(method.rawValue).", headers: [("Allow", allow)])
+            )
         case (_, "/readyz"), (_, "/metrics"), (_, "/config"), (_, "/reload"), (_, "/cache/purge"):
             return eventLoop.makeSucceededFuture(
                 .problem(.methodNotAllowed, "This endpoint does not accept \(method.rawValue)."))
@@ -129,9 +135,14 @@ final class AdminHandler: ChannelInboundHandler {
         let parts = path.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
         // ["", "consumers", id, "keys"] or ["", "consumers", id, "keys", digest]
         guard parts.count >= 4, parts[3] == "keys", let consumer = parts[2].removingPercentEncoding,
-            Self.isConsumerID(consumer)
+            ConsumerID.isValid(consumer)
         else {
             return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
+        }
+        // Keys belong to consumers of the config, where their rate limits live.
+        guard gateway.core.runtime.config.consumers.contains(where: { $0.id == consumer }) else {
+            return eventLoop.makeSucceededFuture(
+                .problem(.notFound, "No consumer \(Self.quoted(consumer)) in the running config."))
         }
         let keys = gateway.core.authenticator.runtimeKeys
         switch (method, parts.count) {
@@ -165,12 +176,6 @@ final class AdminHandler: ChannelInboundHandler {
         default:
             return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
         }
-    }
-
-    /// A consumer id: 1 to 128 letters, digits and `._:@-`.
-    static func isConsumerID(_ id: String) -> Bool {
-        (1...128).contains(id.utf8.count)
-            && id.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._:@-".contains($0)) }
     }
 
     /// `POST /cache/purge` with `{"route": id}` or `{"route": id, "path": "/v1/users/7"}`: removes the route's

@@ -11,13 +11,13 @@ import UpstreamClient
 /// issuers by `iss`.
 struct AuthSettings: Sendable {
     let configKeys: ConfigKeyTable
-    let issuers: [String: JWTIssuerConfig]
+    let issuers: [String: JWTVerifier.AcceptedIssuer]
     let apiKey: APIKeyAuthConfig
 
     init(_ config: GatehouseConfiguration) {
         configKeys = ConfigKeyTable(config.consumers)
-        var issuers: [String: JWTIssuerConfig] = [:]
-        for issuer in config.auth.jwt { issuers[issuer.issuer] = issuer }
+        var issuers: [String: JWTVerifier.AcceptedIssuer] = [:]
+        for issuer in config.auth.jwt { issuers[issuer.issuer] = JWTVerifier.AcceptedIssuer(issuer) }
         self.issuers = issuers
         apiKey = config.auth.apiKey
     }
@@ -45,6 +45,9 @@ final class Authenticator: Sendable {
         self.metrics = AuthMetrics(factory: metrics.factory)
     }
 
+    /// Checks the credentials the route accepts: a JWT when it takes JWTs and one came, else an API key when it
+    /// takes keys and one came. Credentials only of a kind the route does not take get 403 when they are valid
+    /// (an API key is checked; a JWT only against keys already loaded), else 401.
     func authenticate(
         _ context: inout RequestContext, route: CompiledRoute, runtime: Runtime, eventLoop: EventLoop
     ) throws(GatewayError) -> EventLoopFuture<String?>? {
@@ -56,44 +59,22 @@ final class Authenticator: Sendable {
             metrics.record(method: "none", result: "missing")
             throw Self.unauthorized("This route requires credentials: an API key or a bearer token.", error: nil)
         }
-        if let token = credentials.jwt, !settings.issuers.isEmpty {
-            let accepted = methods.contains(.jwt)
-            let outcome = jwt.verify(token, accepted: settings.issuers, mayFetch: true, on: eventLoop)
-            switch outcome {
-            case .consumer(let consumer):
-                context.consumer = try allowed(consumer, method: .jwt, accepted: accepted)
-                return nil
-            case .invalid(let detail):
-                metrics.record(method: "jwt", result: "invalid")
-                throw Self.unauthorized(detail, error: "invalid_token")
-            case .wait(let loaded):
-                let verifier = jwt
-                let issuers = settings.issuers
-                return loaded.flatMapThrowing { _ -> String? in
-                    switch verifier.verify(token, accepted: issuers, mayFetch: false, on: eventLoop) {
-                    case .consumer(let consumer):
-                        return try self.allowed(consumer, method: .jwt, accepted: accepted)
-                    case .invalid(let detail):
-                        self.metrics.record(method: "jwt", result: "invalid")
-                        throw Self.unauthorized(detail, error: "invalid_token")
-                    case .wait:
-                        self.metrics.record(method: "jwt", result: "invalid")
-                        throw Self.unauthorized("The token's issuer keys could not be loaded.", error: "invalid_token")
-                    }
-                }
-            }
+        let jwtAccepted = methods.contains(.jwt) && !settings.issuers.isEmpty
+        let keyAccepted = methods.contains(.apiKey)
+        if let token = credentials.jwt, jwtAccepted || credentials.apiKey == nil || !keyAccepted {
+            return try verifyJWT(token, settings: settings, accepted: jwtAccepted, context: &context, on: eventLoop)
         }
-        guard let key = credentials.apiKey ?? credentials.jwt else { return nil }
-        let accepted = methods.contains(.apiKey)
+        guard let key = credentials.apiKey else { return nil }
+        context.authorizationWasAPIKey = credentials.apiKeyInAuthorization
         let digest = KeyDigest(key: key)
         if let consumer = settings.configKeys.consumer(for: digest) {
-            context.consumer = try allowed(consumer, method: .apiKey, accepted: accepted)
+            context.consumer = try allowed(consumer, method: .apiKey, accepted: keyAccepted)
             return nil
         }
         return runtimeKeys.lookup(digest, on: eventLoop).flatMapThrowing { answer -> String? in
             switch answer {
             case .consumer(let consumer):
-                return try self.allowed(consumer, method: .apiKey, accepted: accepted)
+                return try self.allowed(consumer, method: .apiKey, accepted: keyAccepted)
             case .unknown:
                 self.metrics.record(method: "api_key", result: "invalid")
                 throw Self.unauthorized("The API key is not valid.", error: "invalid_token")
@@ -103,6 +84,39 @@ final class Authenticator: Sendable {
                     status: .serviceUnavailable,
                     detail: "The API key cannot be checked now: keys issued at runtime live in Redis, which is away.",
                     origin: .redis)
+            }
+        }
+    }
+
+    private func verifyJWT(
+        _ token: String, settings: AuthSettings, accepted: Bool, context: inout RequestContext, on eventLoop: EventLoop
+    ) throws(GatewayError) -> EventLoopFuture<String?>? {
+        guard !settings.issuers.isEmpty else {
+            metrics.record(method: "jwt", result: "invalid")
+            throw Self.unauthorized("This gateway accepts no JWTs.", error: "invalid_token")
+        }
+        // A route that does not take JWTs never makes the gateway fetch keys for one.
+        switch jwt.verify(token, accepted: settings.issuers, mayFetch: accepted, on: eventLoop) {
+        case .consumer(let consumer):
+            context.consumer = try allowed(consumer, method: .jwt, accepted: accepted)
+            return nil
+        case .invalid(let detail):
+            metrics.record(method: "jwt", result: "invalid")
+            throw Self.unauthorized(detail, error: "invalid_token")
+        case .wait(let loaded):
+            let verifier = jwt
+            let issuers = settings.issuers
+            return loaded.flatMapThrowing { _ -> String? in
+                switch verifier.verify(token, accepted: issuers, mayFetch: false, on: eventLoop) {
+                case .consumer(let consumer):
+                    return try self.allowed(consumer, method: .jwt, accepted: accepted)
+                case .invalid(let detail):
+                    self.metrics.record(method: "jwt", result: "invalid")
+                    throw Self.unauthorized(detail, error: "invalid_token")
+                case .wait:
+                    self.metrics.record(method: "jwt", result: "invalid")
+                    throw Self.unauthorized("The issuer's keys are not available.", error: "invalid_token")
+                }
             }
         }
     }

@@ -7,19 +7,27 @@ import NIOHTTP1
 struct Credentials {
     var apiKey: String?
     var jwt: String?
+    /// The API key came in `Authorization: Bearer`.
+    var apiKeyInAuthorization = false
 
     var isEmpty: Bool { apiKey == nil && jwt == nil }
 
     init(headers: HTTPHeaders, query: Substring?, config: APIKeyAuthConfig) {
         if let bearer = headers.first(name: "Authorization").flatMap(Self.bearerToken) {
             // A JWT is three base64url parts; anything else sent as a bearer token is an API key.
-            if bearer.utf8.lazy.filter({ $0 == UInt8(ascii: ".") }).count == 2 {
+            var dots = 0
+            for byte in bearer.utf8 where byte == UInt8(ascii: ".") { dots += 1 }
+            if dots == 2 {
                 jwt = bearer
             } else {
                 apiKey = bearer
+                apiKeyInAuthorization = true
             }
         }
-        if let key = headers.first(name: config.header), !key.isEmpty { apiKey = key }
+        if let key = headers.first(name: config.header), !key.isEmpty {
+            apiKey = key
+            apiKeyInAuthorization = false
+        }
         if apiKey == nil, let parameter = config.queryParam, let query {
             for pair in query.split(separator: "&") {
                 let parts = pair.split(separator: "=", maxSplits: 1)
@@ -30,11 +38,42 @@ struct Credentials {
         }
     }
 
-    /// The token of `Bearer <token>` (scheme case-insensitive), or nil.
+    /// The token of `Bearer <token>` (scheme case-insensitive), or nil. Works on the UTF-8 bytes: tokens are long
+    /// and this runs for every request.
     static func bearerToken(_ value: String) -> String? {
-        guard value.count > 7, value.prefix(7).lowercased() == "bearer " else { return nil }
-        let token = value.dropFirst(7).trimmingCharacters(in: .whitespaces)
-        return token.isEmpty ? nil : token
+        let bytes = value.utf8
+        var index = bytes.startIndex
+        for expected in "bearer ".utf8 {
+            guard index < bytes.endIndex, bytes[index] | 0x20 == expected | 0x20 else { return nil }
+            index = bytes.index(after: index)
+        }
+        var end = bytes.endIndex
+        while index < end, bytes[index] == UInt8(ascii: " ") || bytes[index] == UInt8(ascii: "\t") {
+            index = bytes.index(after: index)
+        }
+        while end > index {
+            let last = bytes.index(before: end)
+            guard bytes[last] == UInt8(ascii: " ") || bytes[last] == UInt8(ascii: "\t") else { break }
+            end = last
+        }
+        guard index < end else { return nil }
+        return String(value[index..<end])
+    }
+}
+
+/// Consumer ids, as passed upstream in `X-Consumer-ID`: 1 to 128 letters, digits and `._:@-` (a JWT claim that is
+/// anything else is refused, so no header can be smuggled through it).
+enum ConsumerID {
+    static func isValid(_ id: String) -> Bool {
+        (1...128).contains(id.utf8.count)
+            && id.utf8.allSatisfy { byte in
+                switch byte {
+                case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                    UInt8(ascii: "0")...UInt8(ascii: "9"):
+                    true
+                default: "._:@-".utf8.contains(byte)
+                }
+            }
     }
 }
 
@@ -48,16 +87,21 @@ struct KeyDigest: Hashable, Sendable {
 
     /// From `sha256:<hex>` or bare hex; nil when not 32 bytes of hex.
     init?(text: String) {
-        let hex = text.hasPrefix("sha256:") ? text.dropFirst(7) : Substring(text)
-        guard hex.utf8.count == 64 else { return nil }
+        let hex = Array((text.hasPrefix("sha256:") ? text.dropFirst(7) : Substring(text)).utf8)
+        guard hex.count == 64 else { return nil }
+        func value(_ digit: UInt8) -> UInt8? {
+            switch digit {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): digit - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): digit - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): digit - UInt8(ascii: "A") + 10
+            default: nil
+            }
+        }
         var bytes: [UInt8] = []
         bytes.reserveCapacity(32)
-        var index = hex.startIndex
-        while index < hex.endIndex {
-            let next = hex.index(index, offsetBy: 2)
-            guard let byte = UInt8(hex[index..<next], radix: 16) else { return nil }
-            bytes.append(byte)
-            index = next
+        for pair in stride(from: 0, to: 64, by: 2) {
+            guard let high = value(hex[pair]), let low = value(hex[pair + 1]) else { return nil }
+            bytes.append(high << 4 | low)
         }
         self.bytes = bytes
     }

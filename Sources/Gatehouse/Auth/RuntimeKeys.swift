@@ -5,8 +5,8 @@ import Synchronization
 /// API keys issued at runtime (`POST /consumers/{id}/keys`), kept hashed in the shared store as
 /// `apikey:<sha256 hex>` → consumer id, so every instance knows them.
 ///
-/// Answers are remembered for a second, so a revocation reaches every instance within one. While the store
-/// cannot be asked, a key seen valid in the last five minutes still passes; any other key is refused with 503,
+/// Answers are remembered for a second, so a revocation reaches every instance within one. While Redis is away
+/// (disconnected), a key seen valid in the last five minutes still passes; any other key is refused with 503,
 /// never let through.
 final class RuntimeKeys: Sendable {
     enum Answer: Sendable {
@@ -16,17 +16,16 @@ final class RuntimeKeys: Sendable {
         case unavailable
     }
 
-    private struct Remembered {
-        var consumer: String?
-        var at: UInt64
-    }
-
     static let freshNanoseconds: UInt64 = 1_000_000_000
     static let staleNanoseconds: UInt64 = 300_000_000_000
-    static let rememberLimit = 100_000
+    static let validLimit = 100_000
+    static let invalidLimit = 10_000
 
     private let store: SharedStore
-    private let remembered = Mutex<[KeyDigest: Remembered]>([:])
+    /// Keys found valid, by digest: consumer and when Redis said so. Kept apart from the invalid ones, so a flood
+    /// of made-up keys cannot push out the answers that matter while Redis is away.
+    private let valid = Mutex<[KeyDigest: (consumer: String, at: UInt64)]>([:])
+    private let invalid = Mutex<[KeyDigest: UInt64]>([:])
 
     init(store: SharedStore) {
         self.store = store
@@ -36,26 +35,39 @@ final class RuntimeKeys: Sendable {
 
     func lookup(_ digest: KeyDigest, on eventLoop: EventLoop) -> EventLoopFuture<Answer> {
         let now = NIODeadline.now().uptimeNanoseconds
-        let known = remembered.withLock { $0[digest] }
+        let known = valid.withLock { $0[digest] }
         if let known, now &- known.at < Self.freshNanoseconds {
-            return eventLoop.makeSucceededFuture(known.consumer.map(Answer.consumer) ?? .unknown)
+            return eventLoop.makeSucceededFuture(.consumer(known.consumer))
         }
+        if let refused = invalid.withLock({ $0[digest] }), now &- refused < Self.freshNanoseconds {
+            return eventLoop.makeSucceededFuture(.unknown)
+        }
+        let store = self.store
         return store.get(Self.storeKey(digest), on: eventLoop).map { value -> Answer in
-            let consumer = value.map { String(decoding: $0, as: UTF8.self) }
-            self.remember(digest, Remembered(consumer: consumer, at: NIODeadline.now().uptimeNanoseconds))
-            return consumer.map(Answer.consumer) ?? .unknown
+            let at = NIODeadline.now().uptimeNanoseconds
+            guard let value else {
+                self.invalid.withLock { invalid in
+                    if invalid.count >= Self.invalidLimit { invalid.removeAll(keepingCapacity: true) }
+                    invalid[digest] = at
+                }
+                self.valid.withLock { $0[digest] = nil }
+                return .unknown
+            }
+            let consumer = String(decoding: value, as: UTF8.self)
+            self.valid.withLock { valid in
+                if valid.count >= Self.validLimit {
+                    valid = valid.filter { at &- $0.value.at < Self.staleNanoseconds }
+                }
+                if valid.count < Self.validLimit { valid[digest] = (consumer, at) }
+            }
+            return .consumer(consumer)
         }.recover { _ in
-            if let known, let consumer = known.consumer, now &- known.at < Self.staleNanoseconds {
-                return .consumer(consumer)
+            // Only while Redis is away does a recent answer stand in; a single slow reply is no reason to keep a
+            // key that may have been revoked.
+            if store.problem != nil, let known, now &- known.at < Self.staleNanoseconds {
+                return .consumer(known.consumer)
             }
             return .unavailable
-        }
-    }
-
-    private func remember(_ digest: KeyDigest, _ answer: Remembered) {
-        remembered.withLock { remembered in
-            if remembered.count >= Self.rememberLimit { remembered.removeAll(keepingCapacity: true) }
-            remembered[digest] = answer
         }
     }
 
@@ -75,7 +87,7 @@ final class RuntimeKeys: Sendable {
         let owner = try await store.get(Self.storeKey(digest)).map { String(decoding: $0, as: UTF8.self) }
         guard owner == consumer else { return false }
         let removed = try await store.delete([Self.storeKey(digest)]) == 1
-        remembered.withLock { $0[digest] = nil }
+        valid.withLock { $0[digest] = nil }
         return removed
     }
 

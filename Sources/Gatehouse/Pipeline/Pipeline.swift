@@ -323,7 +323,9 @@ enum ForwardPhase {
             case "x-forwarded-host": forwardedHost = value
             default: break
             }
-            if droppedRequestHeaders.contains(lower) || connectionNamed.contains(lower) || removed.contains(lower) {
+            if droppedRequestHeaders.contains(lower) || connectionNamed.contains(lower) || removed.contains(lower)
+                || (context.authorizationWasAPIKey && lower == "authorization")
+            {
                 continue
             }
             headers.append((name, value))

@@ -33,6 +33,8 @@ struct RequestContext {
     var upstreamMicroseconds: Int64?
     /// Set by authentication.
     var consumer: String?
+    /// The `Authorization` header carried an API key: it is not forwarded.
+    var authorizationWasAPIKey = false
     /// The `Cache-Status` of the answer on a caching route; also written to the access log.
     var cacheStatus: String?
     /// The caching route whose entries for this path a successful unsafe request removes.

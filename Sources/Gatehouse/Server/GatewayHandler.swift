@@ -157,9 +157,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
             outcome.whenComplete { result in
                 let (handler, exchange) = bound.value
-                guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed else {
-                    return
-                }
+                guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                    exchange.waiting, !exchange.responseStarted
+                else { return }
                 exchange.waiting = false
                 do throws(GatewayError) {
                     let decision = try Pipeline.afterAuthentication(
@@ -320,6 +320,12 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.context.error = error
         exchange.context.status = Int(error.status.code)
         if error.closeConnection { exchange.context.keepAlive = false }
+        // A client waiting for 100 Continue will not send its body now: close rather than wait for it.
+        if !exchange.requestEnded, exchange.context.bytesIn == 0,
+            exchange.context.head.headers.first(name: "Expect")?.lowercased() == "100-continue"
+        {
+            exchange.context.keepAlive = false
+        }
         let body = ProblemResponse.body(for: error, requestID: exchange.context.requestID)
         let buffer = context.channel.allocator.buffer(string: body)
         let head = ProblemResponse.head(
