@@ -49,6 +49,12 @@ enum Mint {
         return input + "." + base64URL(signature.rawRepresentation)
     }
 
+    static func withCritical(_ claims: [String: Any], secret: [UInt8]) -> String {
+        let input = json(["alg": "HS256", "typ": "JWT", "crit": ["exp"]]) + "." + json(claims)
+        let mac = HMAC<SHA256>.authenticationCode(for: Array(input.utf8), using: SymmetricKey(data: secret))
+        return input + "." + base64URL(mac)
+    }
+
     static func unsigned(_ claims: [String: Any]) -> String {
         json(["alg": "none", "typ": "JWT"]) + "." + json(claims) + "."
     }
@@ -175,6 +181,7 @@ enum Mint {
                 (Mint.unsigned(Mint.claims()), "algorithm"),
                 (Mint.hs256(Mint.claims(), secret: secret, alg: "HS512"), "algorithm"),
                 ("not.a.token", "well-formed"),
+                (Mint.withCritical(Mint.claims(), secret: secret), "crit"),
             ]
             for (token, why) in cases {
                 let refused = try await status(token)

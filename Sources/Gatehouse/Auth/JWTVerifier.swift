@@ -105,6 +105,8 @@ final class JWTVerifier: Sendable {
         guard parsed.algorithm != "none", config.algorithms.contains(parsed.algorithm) else {
             return .invalid("The token's algorithm is not accepted for this issuer.")
         }
+        // RFC 7515 §4.1.11: extensions marked critical must be understood; this verifier understands none.
+        if parsed.header["crit"] != nil { return .invalid("The token has critical header extensions (crit).") }
 
         let identity = issuer.identity
         let nowMonotonic = NIODeadline.now().uptimeNanoseconds
