@@ -25,6 +25,9 @@ final class CacheExchange {
     var leadsFlight = false
     /// This exchange holds the fleet-wide fetch lock (`lock_timeout`), released when the flight lands.
     var holdsLock: EventLoop?
+    /// The store write of this exchange's entry; the fleet-wide lock is released only after it, so another
+    /// instance that sees the lock gone finds the entry.
+    private var pendingWrite: EventLoopFuture<Void>?
     /// The response being collected for storing; nil when it is not stored.
     private var recording: Recording?
     /// Why the response is not stored, once known.
@@ -213,7 +216,7 @@ final class CacheExchange {
         }
         recording = nil
         if let entry {
-            cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
+            pendingWrite = cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
         }
         land(entry)
         return entry
@@ -254,7 +257,7 @@ final class CacheExchange {
             entry.responseTime = now
             entry.initialAge = storable.initialAge
             entry.freshness = storable.freshness
-            cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
+            pendingWrite = cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
             land(entry)
             return entry
         case .failure(let reason):
@@ -269,7 +272,12 @@ final class CacheExchange {
     func land(_ entry: CacheEntry?) {
         if let loop = holdsLock {
             holdsLock = nil
-            cache.store.cacheUnlock(route: key.route, name: key.lockName, on: loop)
+            let (store, route, name) = (cache.store, key.route, key.lockName)
+            if let pendingWrite {
+                pendingWrite.whenComplete { _ in store.cacheUnlock(route: route, name: name, on: loop) }
+            } else {
+                store.cacheUnlock(route: route, name: name, on: loop)
+            }
         }
         guard leadsFlight else { return }
         leadsFlight = false

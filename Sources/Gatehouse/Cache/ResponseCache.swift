@@ -139,11 +139,13 @@ final class ResponseCache: Sendable {
             }
     }
 
-    /// Writes an entry in the background; a failure only costs a later miss.
+    /// Writes an entry in the background; a failure only costs a later miss. The future completes when the
+    /// store has answered (either way).
+    @discardableResult
     func write(
         _ entry: CacheEntry, key: CacheKey, token: CacheToken, config: RouteCache, metrics: CacheMetrics,
         on eventLoop: EventLoop
-    ) {
+    ) -> EventLoopFuture<Void> {
         let now = HTTPDate.nowMilliseconds()
         let keep = entry.storageMilliseconds(now: now, routeTTL: config.ttl.milliseconds)
         let set: [(field: String, value: [UInt8])]
@@ -167,10 +169,10 @@ final class ResponseCache: Sendable {
                 epoch: epoch)
         }
         let logger = self.logger
-        store.cacheWrite(
+        let written = store.cacheWrite(
             route: key.route, version: token.version, path: key.path, set: set, remove: remove,
-            expireMilliseconds: keep, on: eventLoop
-        ).whenComplete { result in
+            expireMilliseconds: keep, on: eventLoop)
+        written.whenComplete { result in
             switch result {
             case .success:
                 metrics.stores.increment()
@@ -179,6 +181,7 @@ final class ResponseCache: Sendable {
                 logger.debug("cache store failed", metadata: ["error": "\(error)"])
             }
         }
+        return written.recover { _ in }
     }
 
     /// Removes a path's entries (all variants, hosts and consumers), or a whole route's, here and, through the
