@@ -10,7 +10,7 @@ import UpstreamClient
 /// | accept       | request id, client address, framing and size limits        | 400 413 431           |
 /// | route        | normalise the path, match host/method/path, bind params    | 404 405, `respond`    |
 /// | authenticate | API key or JWT -> consumer                                 | 401 403 503           |
-/// | rate limit   | every policy that applies                   (not built yet) | 429                   |
+/// | rate limit   | every policy that applies, one Redis round trip            | 429 (503 `deny`)      |
 /// | cache lookup | key, fresh hit, 304, stale rules, coalescing               | cached answer         |
 /// | pick target  | balancer (health and breakers later)                       | 503                   |
 /// | forward      | rewrite path and headers, stream through libcurl           | 502 504               |
@@ -32,6 +32,8 @@ enum Pipeline {
         case authenticating(EventLoopFuture<String?>)
         /// Look the response up in the cache first.
         case lookUp(CacheExchange)
+        /// The rate-limit check is out at Redis: continue with ``afterRateLimit(_:_:runtime:core:)``.
+        case rateLimiting(EventLoopFuture<RateLimitOutcome>)
     }
 
     static func beforeForward(
@@ -42,20 +44,23 @@ enum Pipeline {
         if let pending = try AuthenticatePhase.run(&context, runtime: runtime, core: core, eventLoop: eventLoop) {
             return .authenticating(pending)
         }
-        return try afterAuthentication(&context, runtime: runtime, core: core)
+        return try afterAuthentication(&context, runtime: runtime, core: core, eventLoop: eventLoop)
     }
 
-    /// The phases after authentication: rate limit (to come), cache lookup, then forward.
-    static func afterAuthentication(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore)
-        throws(GatewayError) -> Decision
-    {
-        if let lookup = CacheLookupPhase.run(&context, runtime: runtime, cache: core.cache) { return .lookUp(lookup) }
-        return .forward(try forward(&context, runtime: runtime))
+    /// The phases after authentication: rate limit, cache lookup, then forward.
+    static func afterAuthentication(
+        _ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop
+    ) throws(GatewayError) -> Decision {
+        if let pending = RateLimitPhase.run(&context, runtime: runtime, core: core, eventLoop: eventLoop) {
+            return .rateLimiting(pending)
+        }
+        return try afterRateLimit(&context, runtime: runtime, core: core)
     }
 
     /// Continues after an asynchronous authentication with its outcome.
     static func afterAuthentication(
-        _ outcome: Result<String?, Error>, _ context: inout RequestContext, runtime: Runtime, core: GatewayCore
+        _ outcome: Result<String?, Error>, _ context: inout RequestContext, runtime: Runtime, core: GatewayCore,
+        eventLoop: EventLoop
     ) throws(GatewayError) -> Decision {
         switch outcome {
         case .success(let consumer):
@@ -65,7 +70,23 @@ enum Pipeline {
         case .failure(let error):
             throw GatewayError(status: .serviceUnavailable, detail: "Authentication failed: \(error)", origin: .gateway)
         }
-        return try afterAuthentication(&context, runtime: runtime, core: core)
+        return try afterAuthentication(&context, runtime: runtime, core: core, eventLoop: eventLoop)
+    }
+
+    /// Continues with the rate limit's outcome: 429 when a policy refused, else the cache lookup and forward.
+    static func afterRateLimit(
+        _ outcome: Result<RateLimitOutcome, Error>, _ context: inout RequestContext, runtime: Runtime,
+        core: GatewayCore
+    ) throws(GatewayError) -> Decision {
+        if case .success(let outcome) = outcome { try RateLimitPhase.apply(outcome, &context) }
+        return try afterRateLimit(&context, runtime: runtime, core: core)
+    }
+
+    static func afterRateLimit(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore)
+        throws(GatewayError) -> Decision
+    {
+        if let lookup = CacheLookupPhase.run(&context, runtime: runtime, cache: core.cache) { return .lookUp(lookup) }
+        return .forward(try forward(&context, runtime: runtime))
     }
 
     /// The phases that send the request upstream: pick target, forward.
@@ -210,6 +231,49 @@ enum AuthenticatePhase {
     {
         guard let route = context.route, route.config.auth != .none else { return nil }
         return try core.authenticator.authenticate(&context, route: route, runtime: runtime, eventLoop: eventLoop)
+    }
+}
+
+/// rate limit: every policy that applies (the consumer's own, then the route's), checked together.
+enum RateLimitPhase {
+    static func run(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop)
+        -> EventLoopFuture<RateLimitOutcome>?
+    {
+        guard let route = context.route else { return nil }
+        var names: [String] = []
+        if let consumer = context.consumer, let own = runtime.consumerRateLimits[consumer] { names.append(own) }
+        for name in route.config.rateLimit where !names.contains(name) { names.append(name) }
+        let checks = names.compactMap { name -> RateLimitCheck? in
+            guard let policy = runtime.rateLimitPolicies[name] else { return nil }
+            let identity: String
+            switch policy.by {
+            case .consumer: identity = context.consumer.map { "c:" + $0 } ?? "ip:" + context.clientIP
+            case .ip: identity = "ip:" + context.clientIP
+            case .route: identity = "r:" + route.config.id
+            case .header(let header): identity = "h:" + (context.head.headers.first(name: header) ?? "")
+            }
+            return RateLimitCheck(policy: policy, key: RateLimiter.key(policy, identity: identity))
+        }
+        guard !checks.isEmpty else { return nil }
+        return core.rateLimiter.check(checks, on: eventLoop)
+    }
+
+    /// Keeps the headers for the answer; refuses with 429 (or 503 when a `deny` policy could not be checked).
+    static func apply(_ outcome: RateLimitOutcome, _ context: inout RequestContext) throws(GatewayError) {
+        context.rateLimitHeaders = outcome.headers
+        let refused = outcome.members.filter { !$0.allowed }
+        guard !refused.isEmpty else { return }
+        let retry = String(RateLimitOutcome.seconds(refused.map(\.retryMilliseconds).max() ?? 1000))
+        let names = refused.map { "\"\($0.policy.name)\"" }.joined(separator: ", ")
+        if outcome.degraded, refused.allSatisfy({ $0.policy.onRedisError == .deny }) {
+            throw GatewayError(
+                status: .serviceUnavailable,
+                detail: "The rate limit \(names) cannot be checked while Redis is away, and its policy denies.",
+                origin: .redis, headers: [("Retry-After", retry)])
+        }
+        throw GatewayError(
+            status: .tooManyRequests, detail: "Over the rate limit \(names).", origin: .client,
+            headers: [("Retry-After", retry)])
     }
 }
 
@@ -437,6 +501,7 @@ enum RespondPhase {
         headers.add(name: "X-Request-ID", value: context.requestID)
         headers.add(name: "Via", value: via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse")
         if let cacheStatus = context.cacheStatus { headers.add(name: "Cache-Status", value: cacheStatus) }
+        for (name, value) in context.rateLimitHeaders { headers.add(name: name, value: value) }
         if !context.keepAlive { headers.add(name: "Connection", value: "close") }
         return HTTPResponseHead(
             version: context.head.version, status: HTTPResponseStatus(statusCode: upstream.status), headers: headers)

@@ -33,6 +33,8 @@ struct RequestContext {
     var upstreamMicroseconds: Int64?
     /// Set by authentication.
     var consumer: String?
+    /// `RateLimit-Policy` and `RateLimit` for every answer of a rate-limited route.
+    var rateLimitHeaders: [(String, String)] = []
     /// The `Authorization` header carried an API key: it is not forwarded.
     var authorizationWasAPIKey = false
     /// The `Cache-Status` of the answer on a caching route; also written to the access log.

@@ -11,6 +11,9 @@ final class Runtime: Sendable {
     /// The API-key query parameter, if configured; never forwarded upstream.
     let apiKeyQueryParameter: String?
     let auth: AuthSettings
+    let rateLimitPolicies: [String: RateLimitPolicy]
+    /// Each consumer's own policy, by consumer id.
+    let consumerRateLimits: [String: String]
 
     init(config: GatehouseConfiguration, metrics: GatewayMetrics) {
         self.config = config
@@ -27,6 +30,10 @@ final class Runtime: Sendable {
         trustedProxies = config.server.trustedProxies
         apiKeyQueryParameter = config.auth.apiKey.queryParam
         auth = AuthSettings(config)
+        rateLimitPolicies = Dictionary(config.rateLimits.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        consumerRateLimits = Dictionary(
+            config.consumers.compactMap { consumer in consumer.rateLimit.map { (consumer.id, $0) } },
+            uniquingKeysWith: { first, _ in first })
     }
 
     /// The config features that are accepted but not enforced by this build, one line each.
@@ -34,10 +41,6 @@ final class Runtime: Sendable {
 
     static func unenforcedFeatures(of c: GatehouseConfiguration) -> [String] {
         var out: [String] = []
-        if !c.rateLimits.isEmpty { out.append("rate_limits (rate limiting is not built yet)") }
-        for route in c.routes {
-            if !route.rateLimit.isEmpty { out.append("routes[\(route.id)].rate_limit (not enforced)") }
-        }
         for upstream in c.upstreams {
             if upstream.balance != .roundRobin {
                 out.append("upstreams.\(upstream.name).balance (round_robin is used)")

@@ -14,6 +14,8 @@ final class GatewayCore: Sendable {
     let cache: ResponseCache
     /// API keys and JWTs; its caches outlive reloads.
     let authenticator: Authenticator
+    /// `rate_limits`, in Redis (or memory).
+    let rateLimiter: RateLimiter
     let metrics: GatewayMetrics
     let accessLog: AccessLog?
     let logger: Logger
@@ -29,6 +31,7 @@ final class GatewayCore: Sendable {
         self.store = store
         cache = ResponseCache(store: store, localBytes: runtime.config.redis.localCacheBytes, logger: logger)
         authenticator = Authenticator(store: store, upstream: upstream, metrics: metrics, logger: logger)
+        rateLimiter = RateLimiter(store: store, metrics: metrics, logger: logger)
         var indices: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }
         loopIndices = indices

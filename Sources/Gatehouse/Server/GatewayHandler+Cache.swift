@@ -185,6 +185,7 @@ extension GatewayHandler {
         headers.add(name: "Age", value: String(age))
         headers.add(name: "Cache-Status", value: status)
         headers.add(name: "X-Request-ID", value: exchange.context.requestID)
+        for (name, value) in exchange.context.rateLimitHeaders { headers.add(name: name, value: value) }
         let hasBody = !notModified && entry.status != 204 && entry.status != 304
         if hasBody { headers.add(name: "Content-Length", value: String(entry.body.readableBytes)) }
         if !exchange.context.keepAlive { headers.add(name: "Connection", value: "close") }

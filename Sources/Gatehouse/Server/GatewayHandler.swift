@@ -163,7 +163,26 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 exchange.waiting = false
                 do throws(GatewayError) {
                     let decision = try Pipeline.afterAuthentication(
-                        result, &exchange.context, runtime: exchange.runtime, core: handler.core)
+                        result, &exchange.context, runtime: exchange.runtime, core: handler.core,
+                        eventLoop: context.eventLoop)
+                    handler.proceed(with: decision, exchange, context: context)
+                } catch {
+                    handler.respondError(error, exchange, context: context)
+                }
+            }
+        case .rateLimiting(let outcome):
+            exchange.waiting = true
+            let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+            outcome.whenComplete { result in
+                let (handler, exchange) = bound.value
+                guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                    exchange.waiting, !exchange.responseStarted
+                else { return }
+                exchange.waiting = false
+                do throws(GatewayError) {
+                    let decision = try Pipeline.afterRateLimit(
+                        result.mapError { $0 as Error }, &exchange.context, runtime: exchange.runtime,
+                        core: handler.core)
                     handler.proceed(with: decision, exchange, context: context)
                 } catch {
                     handler.respondError(error, exchange, context: context)
@@ -336,6 +355,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if exchange.context.route?.config.cache != nil {
             headHeaders.add(name: "Cache-Status", value: exchange.context.cacheStatus ?? "gatehouse; fwd=bypass")
         }
+        for (name, value) in exchange.context.rateLimitHeaders { headHeaders.add(name: name, value: value) }
         let fullHead = HTTPResponseHead(version: head.version, status: head.status, headers: headHeaders)
         sendWhole(fullHead, body: exchange.isHead ? nil : buffer, exchange, context: context)
     }

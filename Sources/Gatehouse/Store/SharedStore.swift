@@ -46,6 +46,10 @@ protocol SharedStore: Sendable {
     /// Whether some instance holds that lock.
     func cacheLockHeld(route: String, name: String, on eventLoop: EventLoop) -> EventLoopFuture<Bool>
     func cacheUnlock(route: String, name: String, on eventLoop: EventLoop)
+    /// Whether state is shared with other instances through Redis (false for `memory://`).
+    var usesRedis: Bool { get }
+    /// Runs the rate-limit script over the request's buckets (Redis only).
+    func rateLimit(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome>
     /// Tells `onPurge` of every purge by any instance, and `onLive` when that news starts and stops flowing;
     /// false when the store has no other instances to hear from (memory).
     func watchCachePurges(
@@ -242,6 +246,15 @@ final class RedisStore: SharedStore {
 
     private var purgeChannel: String { prefix + "cache:purge" }
 
+    var usesRedis: Bool { true }
+
+    func rateLimit(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
+        client.evalsha(
+            RateLimiter.script, keys: checks.map { prefix + $0.key }, arguments: RateLimiter.arguments(checks),
+            on: eventLoop
+        ).flatMapThrowing { try RateLimiter.outcome(checks, reply: $0) }
+    }
+
     func cacheLock(route: String, name: String, milliseconds: Int64, on eventLoop: EventLoop) -> EventLoopFuture<Bool> {
         client.send(
             ["SET", .string(cacheKey(route, "lock:" + name)), "1", "PX", .string(String(milliseconds)), "NX"],
@@ -426,6 +439,12 @@ final class MemoryStore: SharedStore {
         onPurge: @escaping @Sendable (_ route: String, _ path: String?) -> Void,
         onLive: @escaping @Sendable (Bool) -> Void
     ) -> Bool { false }
+
+    var usesRedis: Bool { false }
+
+    func rateLimit(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
+        eventLoop.makeFailedFuture(RedisError(.unavailable, "memory:// keeps rate limits in the rate limiter"))
+    }
 
     // One instance: coalescing inside the process is all there is, so the lock is always this caller's.
     func cacheLock(route: String, name: String, milliseconds: Int64, on eventLoop: EventLoop) -> EventLoopFuture<Bool> {

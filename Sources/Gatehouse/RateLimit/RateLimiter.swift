@@ -1,0 +1,332 @@
+import CoreMetrics
+import Crypto
+import GatehouseConfig
+import Logging
+import NIOCore
+import Prometheus
+import RedisClient
+import Synchronization
+
+/// One policy applied to one request: the policy and the bucket key it counts in.
+struct RateLimitCheck: Sendable {
+    let policy: RateLimitPolicy
+    /// `rl:<policy>:<identity>` under the store's prefix.
+    let key: String
+}
+
+/// What the policies said about a request.
+struct RateLimitOutcome: Sendable {
+    struct Member: Sendable {
+        var policy: RateLimitPolicy
+        var allowed: Bool
+        var remaining: Int
+        /// Milliseconds until the bucket is full again (`t` of the RateLimit header).
+        var resetMilliseconds: Int64
+        /// Milliseconds until a request would pass (0 when allowed).
+        var retryMilliseconds: Int64
+    }
+
+    var members: [Member]
+    /// Not counted: Redis was away and a policy said `allow` (or the fallback decided).
+    var degraded = false
+
+    var allowed: Bool { members.allSatisfy(\.allowed) }
+
+    /// `RateLimit-Policy` and `RateLimit` (IETF httpapi-ratelimit-headers), one member per policy.
+    var headers: [(String, String)] {
+        let policies = members.map {
+            "\"\($0.policy.name)\";q=\($0.policy.requests);w=\(Self.seconds($0.policy.per.milliseconds))"
+        }
+        let states = members.map { "\"\($0.policy.name)\";r=\($0.remaining);t=\(Self.seconds($0.resetMilliseconds))" }
+        return [("RateLimit-Policy", policies.joined(separator: ", ")), ("RateLimit", states.joined(separator: ", "))]
+    }
+
+    /// Whole seconds, rounded up.
+    static func seconds(_ milliseconds: Int64) -> Int64 { max(0, (milliseconds + 999) / 1000) }
+}
+
+/// Enforces `rate_limits` across every instance in one Redis round trip per request, with the Redis server's
+/// clock, falling back per policy (`on_redis_error`) while Redis is away.
+///
+/// All the policies of a request are checked by one Lua script: each is evaluated, and only when all pass are
+/// their buckets updated, so a request one policy refuses consumes nothing from the others.
+final class RateLimiter: Sendable {
+    private let store: SharedStore
+    private let local = LocalRateLimiter()
+    private let logger: Logger
+    let metrics: RateLimitMetrics
+
+    init(store: SharedStore, metrics: GatewayMetrics, logger: Logger) {
+        self.store = store
+        self.logger = logger
+        self.metrics = RateLimitMetrics(factory: metrics.factory)
+    }
+
+    func check(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
+        guard store.usesRedis else {
+            // memory://: one instance, so memory is exact.
+            return eventLoop.makeSucceededFuture(record(local.check(checks)))
+        }
+        return store.rateLimit(checks, on: eventLoop).map { self.record($0) }.recover { error in
+            self.logger.debug("rate limit check failed", metadata: ["error": "\(error)"])
+            return self.record(self.fallback(checks))
+        }
+    }
+
+    /// Redis is away: each policy does what its `on_redis_error` says; `local` ones are counted in memory.
+    private func fallback(_ checks: [RateLimitCheck]) -> RateLimitOutcome {
+        let locals = checks.filter { $0.policy.onRedisError == .local }
+        var members = local.check(locals).members
+        for check in checks where check.policy.onRedisError != .local {
+            metrics.fallback(policy: check.policy.name, mode: check.policy.onRedisError.rawValue)
+            let deny = check.policy.onRedisError == .deny
+            members.append(
+                .init(
+                    policy: check.policy, allowed: !deny, remaining: deny ? 0 : check.policy.requests,
+                    resetMilliseconds: check.policy.per.milliseconds, retryMilliseconds: deny ? 1000 : 0))
+        }
+        for check in locals { metrics.fallback(policy: check.policy.name, mode: "local") }
+        // Keep the request's policy order for the headers.
+        let order = checks.map(\.policy.name)
+        members.sort { (order.firstIndex(of: $0.policy.name) ?? 0) < (order.firstIndex(of: $1.policy.name) ?? 0) }
+        return RateLimitOutcome(members: members, degraded: true)
+    }
+
+    private func record(_ outcome: RateLimitOutcome) -> RateLimitOutcome {
+        for member in outcome.members { metrics.record(policy: member.policy.name, allowed: member.allowed) }
+        return outcome
+    }
+
+    /// The bucket key of a policy for a request; long or odd identities are hashed so keys stay short and safe.
+    static func key(_ policy: RateLimitPolicy, identity: String) -> String {
+        let safe = identity.utf8.count <= 128 && identity.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7F }
+        let part =
+            safe ? identity : "h:" + SHA256.hash(data: Array(identity.utf8)).map { String($0, radix: 16) }.joined()
+        return "rl:" + policy.name + ":" + part
+    }
+
+    /// The script: KEYS are the buckets; ARGV holds four numbers per policy: algorithm (1 GCRA, 2 sliding window,
+    /// 3 fixed window), requests, period in ms, burst. Returns, per policy: allowed, remaining, reset ms, retry ms.
+    static let script = RedisScript(
+        """
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local n = #KEYS
+        local out = {}
+        local commits = {}
+        local all = true
+        for i = 1, n do
+          local alg = tonumber(ARGV[i * 4 - 3])
+          local limit = tonumber(ARGV[i * 4 - 2])
+          local period = tonumber(ARGV[i * 4 - 1])
+          local burst = tonumber(ARGV[i * 4])
+          local key = KEYS[i]
+          local allowed, remaining, reset, retry
+          if alg == 1 then
+            local interval = period / limit
+            local capacity = burst * interval
+            local tat = tonumber(redis.call('GET', key) or '0')
+            if tat < now then tat = now end
+            local new = tat + interval
+            if new - now <= capacity then
+              allowed = 1
+              remaining = math.floor((capacity - (new - now)) / interval)
+              reset = new - now
+              retry = 0
+              commits[i] = {'gcra', new, math.ceil(new - now)}
+            else
+              allowed = 0
+              remaining = 0
+              reset = tat - now
+              retry = math.ceil(new - now - capacity)
+            end
+          elseif alg == 2 then
+            local window = math.floor(now / period)
+            local elapsed = (now % period) / period
+            local current = tonumber(redis.call('GET', key .. ':' .. window) or '0')
+            local previous = tonumber(redis.call('GET', key .. ':' .. (window - 1)) or '0')
+            local used = previous * (1 - elapsed) + current
+            reset = period - (now % period)
+            if used + 1 <= limit then
+              allowed = 1
+              remaining = math.floor(limit - used - 1)
+              retry = 0
+              commits[i] = {'count', key .. ':' .. window, period * 2}
+            else
+              allowed = 0
+              remaining = 0
+              retry = reset
+            end
+          else
+            local window = math.floor(now / period)
+            local current = tonumber(redis.call('GET', key .. ':' .. window) or '0')
+            reset = period - (now % period)
+            if current + 1 <= limit then
+              allowed = 1
+              remaining = limit - current - 1
+              retry = 0
+              commits[i] = {'count', key .. ':' .. window, period}
+            else
+              allowed = 0
+              remaining = 0
+              retry = reset
+            end
+          end
+          if allowed == 0 then all = false end
+          out[#out + 1] = allowed
+          out[#out + 1] = remaining
+          out[#out + 1] = math.ceil(reset)
+          out[#out + 1] = retry
+        end
+        if all then
+          for i = 1, n do
+            local c = commits[i]
+            if c[1] == 'gcra' then
+              redis.call('SET', KEYS[i], c[2], 'PX', math.max(c[3], 1))
+            else
+              redis.call('INCR', c[2])
+              redis.call('PEXPIRE', c[2], c[3])
+            end
+          end
+        end
+        return out
+        """)
+
+    static func arguments(_ checks: [RateLimitCheck]) -> [RedisArgument] {
+        checks.flatMap { check -> [RedisArgument] in
+            let policy = check.policy
+            let algorithm =
+                switch policy.algorithm {
+                case .gcra: "1"
+                case .slidingWindow: "2"
+                case .fixedWindow: "3"
+                }
+            return [
+                .string(algorithm), .string(String(max(1, policy.requests))),
+                .string(String(max(1, policy.per.milliseconds))), .string(String(max(1, policy.burst))),
+            ]
+        }
+    }
+
+    static func outcome(_ checks: [RateLimitCheck], reply: RedisValue) throws -> RateLimitOutcome {
+        guard case .array(let items?) = reply, items.count == checks.count * 4 else {
+            throw RedisError(.protocolError, "unexpected reply to the rate limit script")
+        }
+        let numbers = items.map { $0.integer ?? 0 }
+        return RateLimitOutcome(
+            members: checks.enumerated().map { index, check in
+                .init(
+                    policy: check.policy, allowed: numbers[index * 4] == 1, remaining: Int(numbers[index * 4 + 1]),
+                    resetMilliseconds: numbers[index * 4 + 2], retryMilliseconds: numbers[index * 4 + 3])
+            })
+    }
+}
+
+/// The same algorithms in this process's memory: exact for `memory://`, per instance as the `local` fallback.
+final class LocalRateLimiter: Sendable {
+    private struct Bucket {
+        /// GCRA: theoretical arrival time; windows: the count of `window`.
+        var value: Int64
+        var previous: Int64 = 0
+        var window: Int64 = 0
+        var expires: Int64
+    }
+
+    private let buckets = Mutex<[String: Bucket]>([:])
+    private let checksDone = Atomic<Int>(0)
+
+    private static func now() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
+
+    func check(_ checks: [RateLimitCheck]) -> RateLimitOutcome {
+        let now = Self.now()
+        let sweep = checksDone.wrappingAdd(1, ordering: .relaxed).newValue % 4096 == 0
+        return buckets.withLock { buckets in
+            if sweep { buckets = buckets.filter { $0.value.expires > now } }
+            var members: [RateLimitOutcome.Member] = []
+            var commits: [(String, Bucket)] = []
+            for check in checks {
+                let policy = check.policy
+                let limit = Int64(max(1, policy.requests))
+                let period = max(1, policy.per.milliseconds)
+                var bucket = buckets[check.key].flatMap { $0.expires > now ? $0 : nil }
+                switch policy.algorithm {
+                case .gcra:
+                    let interval = Double(period) / Double(limit)
+                    let capacity = Double(max(1, policy.burst)) * interval
+                    let tat = Double(max(bucket?.value ?? 0, now))
+                    let next = tat + interval
+                    if next - Double(now) <= capacity {
+                        members.append(
+                            .init(
+                                policy: policy, allowed: true,
+                                remaining: Int((capacity - (next - Double(now))) / interval),
+                                resetMilliseconds: Int64(next) - now, retryMilliseconds: 0))
+                        commits.append((check.key, Bucket(value: Int64(next.rounded(.up)), expires: Int64(next) + 1)))
+                    } else {
+                        members.append(
+                            .init(
+                                policy: policy, allowed: false, remaining: 0, resetMilliseconds: Int64(tat) - now,
+                                retryMilliseconds: Int64((next - Double(now) - capacity).rounded(.up))))
+                    }
+                case .slidingWindow, .fixedWindow:
+                    let window = now / period
+                    if bucket?.window != window {
+                        let previous = bucket?.window == window - 1 ? bucket?.value ?? 0 : 0
+                        bucket = Bucket(value: 0, previous: previous, window: window, expires: (window + 2) * period)
+                    }
+                    let current = bucket?.value ?? 0
+                    let elapsed = Double(now % period) / Double(period)
+                    let used =
+                        policy.algorithm == .slidingWindow
+                        ? Double(bucket?.previous ?? 0) * (1 - elapsed) + Double(current) : Double(current)
+                    let reset = period - now % period
+                    if used + 1 <= Double(limit) {
+                        members.append(
+                            .init(
+                                policy: policy, allowed: true, remaining: Int(Double(limit) - used - 1),
+                                resetMilliseconds: reset, retryMilliseconds: 0))
+                        var updated = bucket ?? Bucket(value: 0, window: window, expires: (window + 2) * period)
+                        updated.value += 1
+                        commits.append((check.key, updated))
+                    } else {
+                        members.append(
+                            .init(
+                                policy: policy, allowed: false, remaining: 0, resetMilliseconds: reset,
+                                retryMilliseconds: reset))
+                    }
+                }
+            }
+            if members.allSatisfy(\.allowed) { for (key, bucket) in commits { buckets[key] = bucket } }
+            return RateLimitOutcome(members: members)
+        }
+    }
+}
+
+/// `gatehouse_rate_limit_total{policy,result}` and `gatehouse_rate_limit_fallback_total{policy,mode}`.
+final class RateLimitMetrics: Sendable {
+    private let factory: PrometheusMetricsFactory
+    private let counters = Mutex<[String: CoreMetrics.Counter]>([:])
+
+    init(factory: PrometheusMetricsFactory) {
+        self.factory = factory
+    }
+
+    func record(policy: String, allowed: Bool) {
+        counter("gatehouse_rate_limit_total", [("policy", policy), ("result", allowed ? "allowed" : "limited")])
+            .increment()
+    }
+
+    func fallback(policy: String, mode: String) {
+        counter("gatehouse_rate_limit_fallback_total", [("policy", policy), ("mode", mode)]).increment()
+    }
+
+    private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
+        let key = label + dimensions.map { "|" + $0.1 }.joined()
+        return counters.withLock { counters in
+            if let counter = counters[key] { return counter }
+            let counter = CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory)
+            counters[key] = counter
+            return counter
+        }
+    }
+}

@@ -1,0 +1,239 @@
+import Foundation
+import GatehouseConfig
+import Testing
+
+@testable import Gatehouse
+@testable import RedisClient
+
+/// Rate limits end to end: real gateways, real upstream, real Redis (killed and restarted where it matters).
+@Suite struct RateLimitTests {
+    static let acmeKey = "rl-acme-key"
+    static let betaKey = "rl-beta-key"
+
+    /// `/limited` carries `policies`; consumers acme (own policy `own`, when defined) and beta; 127.0.0.1 trusted.
+    static func yaml(redis: String, prefix: String, policies: String, route: String, acmePolicy: Bool = false)
+        -> (Int) -> String
+    {
+        { port in
+            Harness.config(
+                upstreamPort: port,
+                server: "  trusted_proxies: [\"127.0.0.1/32\"]",
+                redis: redis, redisKeyPrefix: prefix,
+                routes: """
+                      - id: limited
+                        match: { path_prefix: "/limited" }
+                        upstream: demo
+                        auth: optional
+                        rate_limit: [\(route)]
+                      - { id: open, match: { path_prefix: "/" }, upstream: demo }
+                    consumers:
+                      - { id: acme, api_keys: ["sha256:\(KeyDigest(key: acmeKey).hex)"]\(acmePolicy ? ", rate_limit: own" : "") }
+                      - { id: beta, api_keys: ["sha256:\(KeyDigest(key: betaKey).hex)"] }
+                    rate_limits:
+                    \(policies)
+                    """)
+        }
+    }
+
+    static func get(_ h: Harness, _ headers: [(String, String)] = [], path: String = "/limited") async throws
+        -> RawResponse
+    {
+        try await request(port: h.port, path, headers: headers)
+    }
+
+    @Test func twoGatewaysTogetherAllowExactlyTheQuota() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: "  shared: { requests: 10, per: 1m, by: route }", route: "shared")
+        try await Harness.run(yaml) { a in
+            try await Harness.run(yaml) { b in
+                try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
+                let statuses = try await withThrowingTaskGroup(of: Int.self) { group in
+                    for index in 0..<30 { group.addTask { try await Self.get(index % 2 == 0 ? a : b).status } }
+                    return try await group.reduce(into: []) { $0.append($1) }
+                }
+                #expect(statuses.filter { $0 == 200 }.count == 10)
+                #expect(statuses.filter { $0 == 429 }.count == 20)
+                #expect(a.upstream.requestCount + b.upstream.requestCount == 10)
+            }
+        }
+        _ = server
+    }
+
+    @Test func headersAnd429() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: "  small: { requests: 3, per: 1m, by: ip }", route: "small")
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            let first = try await Self.get(h)
+            #expect(first.header("RateLimit-Policy") == "\"small\";q=3;w=60")
+            #expect(first.header("RateLimit")?.hasPrefix("\"small\";r=2;t=") == true)
+            #expect(try await Self.get(h).header("RateLimit")?.hasPrefix("\"small\";r=1;") == true)
+            #expect(try await Self.get(h).header("RateLimit")?.hasPrefix("\"small\";r=0;") == true)
+            let limited = try await Self.get(h)
+            #expect(limited.status == 429)
+            #expect(limited.header("Content-Type") == "application/problem+json")
+            #expect(Int(limited.header("Retry-After") ?? "") ?? 0 >= 1)
+            #expect(limited.header("RateLimit")?.hasPrefix("\"small\";r=0;") == true)
+            #expect(h.upstream.requestCount == 3)
+            // Routes without a policy carry no headers.
+            #expect(try await Self.get(h, path: "/open").header("RateLimit") == nil)
+            let metrics = try await request(port: h.adminPort, "/metrics").text
+            #expect(metrics.contains("gatehouse_rate_limit_total{policy=\"small\",result=\"limited\"} 1"))
+        }
+        _ = server
+    }
+
+    @Test func everyKeyKindHasItsOwnBuckets() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: """
+                  per-consumer: { requests: 1, per: 1m, by: consumer }
+                  per-ip: { requests: 2, per: 1m, by: ip }
+                  per-tenant: { requests: 3, per: 1m, by: "header:X-Tenant" }
+                """, route: "per-consumer, per-ip, per-tenant")
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            func send(_ key: String?, ip: String, tenant: String) async throws -> Int {
+                var headers = [("X-Forwarded-For", ip), ("X-Tenant", tenant)]
+                if let key { headers.append(("X-API-Key", key)) }
+                return try await Self.get(h, headers).status
+            }
+            // by consumer: acme and beta each get one; anonymous callers count by IP.
+            #expect(try await send(Self.acmeKey, ip: "10.0.0.1", tenant: "t1") == 200)
+            #expect(try await send(Self.acmeKey, ip: "10.0.0.2", tenant: "t2") == 429)
+            #expect(try await send(Self.betaKey, ip: "10.0.0.3", tenant: "t3") == 200)
+            #expect(try await send(nil, ip: "10.0.0.4", tenant: "t4") == 200)
+            #expect(try await send(nil, ip: "10.0.0.4", tenant: "t5") == 429, "anonymous: the consumer key is the IP")
+            // by ip (2 per IP), and by header (3 per tenant), counted apart from the consumer buckets.
+            #expect(try await send(nil, ip: "10.0.0.5", tenant: "t6") == 200)
+            #expect(try await send(nil, ip: "10.0.0.6", tenant: "t6") == 200)
+            #expect(try await send(nil, ip: "10.0.0.7", tenant: "t6") == 200)
+            #expect(try await send(nil, ip: "10.0.0.8", tenant: "t6") == 429, "the fourth request of tenant t6")
+        }
+        _ = server
+    }
+
+    @Test func aRefusedRequestConsumesNothingFromTheOtherPolicies() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: """
+                  own: { requests: 1, per: 1m, by: consumer }
+                  wide: { requests: 100, per: 1h, by: route, algorithm: fixed_window }
+                """, route: "wide", acmePolicy: true)
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            let first = try await Self.get(h, [("X-API-Key", Self.acmeKey)])
+            #expect(first.status == 200)
+            #expect(first.header("RateLimit-Policy") == "\"own\";q=1;w=60, \"wide\";q=100;w=3600")
+            #expect(first.header("RateLimit")?.contains("\"wide\";r=99;") == true)
+            for _ in 0..<3 { #expect(try await Self.get(h, [("X-API-Key", Self.acmeKey)]).status == 429) }
+            // beta has no own policy: its request sees wide's bucket untouched by acme's refused ones.
+            let beta = try await Self.get(h, [("X-API-Key", Self.betaKey)])
+            #expect(beta.status == 200)
+            #expect(beta.header("RateLimit")?.contains("\"wide\";r=98;") == true)
+        }
+        _ = server
+    }
+
+    @Test func gcraLetsABurstThroughAndThenOnlyTheRate() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: "  paced: { requests: 2, per: 4s, burst: 3, by: route }", route: "paced")
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            // One request every 2 s, three at once: six quick requests get the burst of three, no more.
+            let clock = ContinuousClock()
+            let start = clock.now
+            var statuses: [Int] = []
+            for _ in 0..<6 { statuses.append(try await Self.get(h).status) }
+            if clock.now - start < .milliseconds(1900) {
+                #expect(statuses == [200, 200, 200, 429, 429, 429])
+            }
+            // A refused request's Retry-After says when the next one passes.
+            let refused = try await Self.get(h)
+            let retry = Int(refused.header("Retry-After") ?? "") ?? 0
+            #expect(refused.status == 429 && (1...2).contains(retry))
+            try await Task.sleep(for: .seconds(retry))
+            #expect(try await Self.get(h).status == 200, "after Retry-After, one more")
+        }
+        _ = server
+    }
+
+    @Test func windowAlgorithmsCountTheirWindow() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: """
+                  fixed: { requests: 2, per: 1m, by: route, algorithm: fixed_window }
+                  sliding: { requests: 3, per: 1m, by: ip, algorithm: sliding_window }
+                """, route: "fixed, sliding")
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            let statuses = [try await Self.get(h).status, try await Self.get(h).status, try await Self.get(h).status]
+            #expect(statuses == [200, 200, 429])
+        }
+        _ = server
+    }
+
+    @Test func redisAwayFollowsEachPolicysMode() async throws {
+        let redis = try RedisServerProcess()
+        let yaml = Self.yaml(
+            redis: "redis://127.0.0.1:\(redis.port)/0", prefix: "gh:",
+            policies: """
+                  local-mode: { requests: 2, per: 1m, by: route, on_redis_error: local }
+                  allow-mode: { requests: 1, per: 1m, by: "header:X-A", on_redis_error: allow }
+                  deny-mode: { requests: 100, per: 1m, by: "header:X-D", on_redis_error: deny }
+                """, route: "local-mode")
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            #expect(try await Self.get(h).status == 200)  // counted in Redis
+            redis.kill()
+            try await waitUntil { h.gateway.readinessProblem != nil }
+            // local: the same policy in memory, from zero (so up to N times the quota across N instances).
+            let local = [try await Self.get(h).status, try await Self.get(h).status, try await Self.get(h).status]
+            #expect(local == [200, 200, 429])
+            try redis.start()
+            try await waitUntil(timeout: .seconds(3)) { h.gateway.readinessProblem == nil }
+            // Back on Redis by itself (a fresh one: it kept nothing). The full local bucket would have said 429.
+            #expect(try await Self.get(h).status == 200)
+        }
+        redis.kill()
+
+        // allow and deny, on their own routes.
+        for (policy, expected) in [("allow-mode", 200), ("deny-mode", 503)] {
+            let redis2 = try RedisServerProcess()
+            let yaml2 = Self.yaml(
+                redis: "redis://127.0.0.1:\(redis2.port)/0", prefix: "gh:",
+                policies: """
+                      allow-mode: { requests: 1, per: 1m, by: route, on_redis_error: allow }
+                      deny-mode: { requests: 100, per: 1m, by: route, on_redis_error: deny }
+                    """, route: policy)
+            try await Harness.run(yaml2) { h in
+                try await waitUntil { h.gateway.readinessProblem == nil }
+                redis2.kill()
+                try await waitUntil { h.gateway.readinessProblem != nil }
+                let answers = [try await Self.get(h), try await Self.get(h)]
+                #expect(answers.allSatisfy { $0.status == expected }, "\(policy)")
+                if expected == 503 { #expect(answers[0].header("Retry-After") == "1") }
+            }
+            redis2.kill()
+        }
+    }
+
+    @Test func memoryStoreLimitsExactlyForOneInstance() async throws {
+        let yaml = Self.yaml(
+            redis: "memory://", prefix: "gh:", policies: "  tiny: { requests: 2, per: 1m, by: route }",
+            route: "tiny")
+        try await Harness.run(yaml) { h in
+            let statuses = [try await Self.get(h).status, try await Self.get(h).status, try await Self.get(h).status]
+            #expect(statuses == [200, 200, 429])
+        }
+    }
+}
