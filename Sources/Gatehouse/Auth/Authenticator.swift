@@ -4,7 +4,6 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import Prometheus
-import Synchronization
 import UpstreamClient
 
 /// What one loaded config says about authentication, resolved ahead: the config's API-key digests and the JWT
@@ -147,24 +146,26 @@ final class Authenticator: Sendable {
     }
 }
 
-/// `gatehouse_auth_total{method,result}`: authentication outcomes, never labelled by key or token.
+/// `gatehouse_auth_total{method,result}`: authentication outcomes, never labelled by key or token. Every counter
+/// is made up front: recording one is a dictionary read, no lock.
 final class AuthMetrics: Sendable {
-    private let factory: PrometheusMetricsFactory
-    private let counters = Mutex<[String: CoreMetrics.Counter]>([:])
+    static let methods = ["api_key", "jwt", "none"]
+    static let results = ["ok", "invalid", "missing", "forbidden", "unavailable"]
+    private let counters: [String: CoreMetrics.Counter]
 
     init(factory: PrometheusMetricsFactory) {
-        self.factory = factory
+        var counters: [String: CoreMetrics.Counter] = [:]
+        for method in Self.methods {
+            for result in Self.results {
+                counters[method + "|" + result] = CoreMetrics.Counter(
+                    label: "gatehouse_auth_total", dimensions: [("method", method), ("result", result)],
+                    factory: factory)
+            }
+        }
+        self.counters = counters
     }
 
     func record(method: String, result: String) {
-        let key = method + "|" + result
-        let counter = counters.withLock { counters in
-            if let counter = counters[key] { return counter }
-            let counter = CoreMetrics.Counter(
-                label: "gatehouse_auth_total", dimensions: [("method", method), ("result", result)], factory: factory)
-            counters[key] = counter
-            return counter
-        }
-        counter.increment()
+        counters[method + "|" + result]?.increment()
     }
 }
