@@ -153,46 +153,45 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .direct(let answer):
             respondDirect(answer, exchange, context: context)
         case .authenticating(let outcome):
-            exchange.waiting = true
-            let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
-            outcome.whenComplete { result in
-                let (handler, exchange) = bound.value
-                guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
-                    exchange.waiting, !exchange.responseStarted
-                else { return }
-                exchange.waiting = false
-                do throws(GatewayError) {
-                    let decision = try Pipeline.afterAuthentication(
-                        result, &exchange.context, runtime: exchange.runtime, core: handler.core,
-                        eventLoop: context.eventLoop)
-                    handler.proceed(with: decision, exchange, context: context)
-                } catch {
-                    handler.respondError(error, exchange, context: context)
-                }
+            resume(after: outcome, exchange, context: context) { result, exchange, handler, loop throws(GatewayError) in
+                try Pipeline.afterAuthentication(
+                    result, &exchange.context, runtime: exchange.runtime, core: handler.core, eventLoop: loop)
             }
         case .rateLimiting(let outcome):
-            exchange.waiting = true
-            let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
-            outcome.whenComplete { result in
-                let (handler, exchange) = bound.value
-                guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
-                    exchange.waiting, !exchange.responseStarted
-                else { return }
-                exchange.waiting = false
-                do throws(GatewayError) {
-                    let decision = try Pipeline.afterRateLimit(
-                        result.mapError { $0 as Error }, &exchange.context, runtime: exchange.runtime,
-                        core: handler.core)
-                    handler.proceed(with: decision, exchange, context: context)
-                } catch {
-                    handler.respondError(error, exchange, context: context)
-                }
+            resume(after: outcome, exchange, context: context) { result, exchange, handler, _ throws(GatewayError) in
+                try Pipeline.afterRateLimit(result, &exchange.context, runtime: exchange.runtime, core: handler.core)
             }
         case .lookUp(let cache):
             exchange.cache = cache
             lookUp(cache, exchange, context: context)
         case .forward(let request):
             startTransfer(request, exchange, context: context)
+        }
+    }
+
+    /// Waits for a phase that needs an answer from elsewhere, then proceeds with what `next` decides, unless the
+    /// exchange ended meanwhile (client gone, request answered).
+    private func resume<Value: Sendable>(
+        after outcome: EventLoopFuture<Value>, _ exchange: Exchange, context: ChannelHandlerContext,
+        next:
+            @escaping (Result<Value, Error>, Exchange, GatewayHandler, EventLoop) throws(GatewayError) ->
+            Pipeline
+            .Decision
+    ) {
+        exchange.waiting = true
+        let bound = NIOLoopBound((self, exchange, next), eventLoop: context.eventLoop)
+        outcome.whenComplete { result in
+            let (handler, exchange, next) = bound.value
+            guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                exchange.waiting, !exchange.responseStarted
+            else { return }
+            exchange.waiting = false
+            do throws(GatewayError) {
+                handler.proceed(
+                    with: try next(result, exchange, handler, context.eventLoop), exchange, context: context)
+            } catch {
+                handler.respondError(error, exchange, context: context)
+            }
         }
     }
 
