@@ -288,6 +288,11 @@ struct ConfigBuilder {
             let f = reader.fields(
                 node, path, allowed: ["requests", "per", "burst", "by", "algorithm", "on_redis_error"])
         else { return nil }
+        // The name goes into Redis keys and into RateLimit headers (a quoted string there).
+        if name.isEmpty || !name.utf8.allSatisfy({ $0 < 0x80 && (isalnum(Int32($0)) != 0 || $0 == 0x2D || $0 == 0x5F) })
+        {
+            f.fail("requests", "the policy name \"\(name)\" must be letters, digits, - and _ only")
+        }
         // Read every field before giving up, so that all of its errors are reported at once.
         let requests = f.require("requests").flatMap { reader.int($0, f.path("requests"), min: 1) }
         let per = f.require("per").flatMap { reader.duration($0, f.path("per")) }

@@ -45,7 +45,7 @@ import Testing
         let (url, server) = try StoreTests.sharedRedisURL()
         let yaml = Self.yaml(
             redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
-            policies: "  shared: { requests: 10, per: 1m, by: route }", route: "shared")
+            policies: "  shared: { requests: 10, per: 1h, by: route }", route: "shared")
         try await Harness.run(yaml) { a in
             try await Harness.run(yaml) { b in
                 try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
@@ -168,16 +168,36 @@ import Testing
 
     @Test func windowAlgorithmsCountTheirWindow() async throws {
         let (url, server) = try StoreTests.sharedRedisURL()
-        let yaml = Self.yaml(
-            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
-            policies: """
-                  fixed: { requests: 2, per: 1m, by: route, algorithm: fixed_window }
-                  sliding: { requests: 3, per: 1m, by: ip, algorithm: sliding_window }
-                """, route: "fixed, sliding")
-        try await Harness.run(yaml) { h in
-            try await waitUntil { h.gateway.readinessProblem == nil }
-            let statuses = [try await Self.get(h).status, try await Self.get(h).status, try await Self.get(h).status]
-            #expect(statuses == [200, 200, 429])
+        for (algorithm, quota) in [("fixed_window", 2), ("sliding_window", 3)] {
+            let yaml = Self.yaml(
+                redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+                policies: "  windowed: { requests: \(quota), per: 1h, by: route, algorithm: \(algorithm) }",
+                route: "windowed")
+            try await Harness.run(yaml) { h in
+                try await waitUntil { h.gateway.readinessProblem == nil }
+                var statuses: [Int] = []
+                for _ in 0...quota { statuses.append(try await Self.get(h).status) }
+                #expect(statuses == Array(repeating: 200, count: quota) + [429], "\(algorithm)")
+            }
+        }
+        _ = server
+    }
+
+    @Test func ratesThatAreNotWholeMillisecondsAreExact() async throws {
+        // 6 per second is one every 166.67 ms: six at once must pass, with r=5 on the first, in Redis and in memory.
+        let (url, server) = try StoreTests.sharedRedisURL()
+        for redis in [url, "memory://"] {
+            let yaml = Self.yaml(
+                redis: redis, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+                policies: "  sixth: { requests: 6, per: 1s, burst: 6, by: route }", route: "sixth")
+            try await Harness.run(yaml) { h in
+                try await waitUntil { h.gateway.readinessProblem == nil }
+                let first = try await Self.get(h)
+                #expect(first.header("RateLimit")?.hasPrefix("\"sixth\";r=5;") == true, "\(redis)")
+                var statuses = [first.status]
+                for _ in 0..<5 { statuses.append(try await Self.get(h).status) }
+                #expect(statuses == Array(repeating: 200, count: 6), "\(redis)")
+            }
         }
         _ = server
     }

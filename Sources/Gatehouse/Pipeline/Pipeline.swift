@@ -250,7 +250,9 @@ enum RateLimitPhase {
             case .consumer: identity = context.consumer.map { "c:" + $0 } ?? "ip:" + context.clientIP
             case .ip: identity = "ip:" + context.clientIP
             case .route: identity = "r:" + route.config.id
-            case .header(let header): identity = "h:" + (context.head.headers.first(name: header) ?? "")
+            case .header(let header):
+                // Without the header, a caller counts by its address, never in one bucket shared by all such callers.
+                identity = context.head.headers.first(name: header).map { "h:" + $0 } ?? "ip:" + context.clientIP
             }
             return RateLimitCheck(policy: policy, key: RateLimiter.key(policy, identity: identity))
         }

@@ -41,6 +41,9 @@ final class Runtime: Sendable {
 
     static func unenforcedFeatures(of c: GatehouseConfiguration) -> [String] {
         var out: [String] = []
+        for route in c.routes where route.respond != nil && !route.rateLimit.isEmpty {
+            out.append("routes[\(route.id)].rate_limit (a respond route answers before rate limits are checked)")
+        }
         for upstream in c.upstreams {
             if upstream.balance != .roundRobin {
                 out.append("upstreams.\(upstream.name).balance (round_robin is used)")

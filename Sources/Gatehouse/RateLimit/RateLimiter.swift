@@ -73,27 +73,35 @@ final class RateLimiter: Sendable {
         }
     }
 
-    /// Redis is away: each policy does what its `on_redis_error` says; `local` ones are counted in memory.
+    /// Redis is away: each policy does what its `on_redis_error` says; `local` ones are counted in memory, and only
+    /// when no `deny` policy refuses (a refused request consumes nothing).
     private func fallback(_ checks: [RateLimitCheck]) -> RateLimitOutcome {
-        let locals = checks.filter { $0.policy.onRedisError == .local }
-        var members = local.check(locals).members
-        for check in checks where check.policy.onRedisError != .local {
+        for check in checks {
             metrics.fallback(policy: check.policy.name, mode: check.policy.onRedisError.rawValue)
+        }
+        let denying = checks.contains { $0.policy.onRedisError == .deny }
+        let locals = checks.filter { $0.policy.onRedisError == .local }
+        var members: [RateLimitOutcome.Member] = denying ? [] : local.check(locals).members
+        for check in checks where check.policy.onRedisError != .local || denying {
             let deny = check.policy.onRedisError == .deny
             members.append(
                 .init(
                     policy: check.policy, allowed: !deny, remaining: deny ? 0 : check.policy.requests,
                     resetMilliseconds: check.policy.per.milliseconds, retryMilliseconds: deny ? 1000 : 0))
         }
-        for check in locals { metrics.fallback(policy: check.policy.name, mode: "local") }
         // Keep the request's policy order for the headers.
         let order = checks.map(\.policy.name)
         members.sort { (order.firstIndex(of: $0.policy.name) ?? 0) < (order.firstIndex(of: $1.policy.name) ?? 0) }
         return RateLimitOutcome(members: members, degraded: true)
     }
 
+    /// A request that passed counts as allowed by each of its policies; a refused one as limited by those that
+    /// refused it.
     private func record(_ outcome: RateLimitOutcome) -> RateLimitOutcome {
-        for member in outcome.members { metrics.record(policy: member.policy.name, allowed: member.allowed) }
+        let passed = outcome.allowed
+        for member in outcome.members where passed || !member.allowed {
+            metrics.record(policy: member.policy.name, allowed: passed)
+        }
         return outcome
     }
 
@@ -110,7 +118,7 @@ final class RateLimiter: Sendable {
     static let script = RedisScript(
         """
         local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
         local n = #KEYS
         local out = {}
         local commits = {}
@@ -118,12 +126,13 @@ final class RateLimiter: Sendable {
         for i = 1, n do
           local alg = tonumber(ARGV[i * 4 - 3])
           local limit = tonumber(ARGV[i * 4 - 2])
-          local period = tonumber(ARGV[i * 4 - 1])
+          local period = tonumber(ARGV[i * 4 - 1]) * 1000
           local burst = tonumber(ARGV[i * 4])
           local key = KEYS[i]
           local allowed, remaining, reset, retry
           if alg == 1 then
-            local interval = period / limit
+            -- GCRA in whole microseconds: exact integers in a double.
+            local interval = math.max(1, math.floor(period / limit + 0.5))
             local capacity = burst * interval
             local tat = tonumber(redis.call('GET', key) or '0')
             if tat < now then tat = now end
@@ -133,61 +142,67 @@ final class RateLimiter: Sendable {
               remaining = math.floor((capacity - (new - now)) / interval)
               reset = new - now
               retry = 0
-              commits[i] = {'gcra', new, math.ceil(new - now)}
+              commits[i] = {'gcra', new, new - now}
             else
               allowed = 0
               remaining = 0
               reset = tat - now
-              retry = math.ceil(new - now - capacity)
+              retry = new - now - capacity
             end
-          elseif alg == 2 then
+          else
             local window = math.floor(now / period)
-            local elapsed = (now % period) / period
+            local into = now % period
             local current = tonumber(redis.call('GET', key .. ':' .. window) or '0')
-            local previous = tonumber(redis.call('GET', key .. ':' .. (window - 1)) or '0')
-            local used = previous * (1 - elapsed) + current
-            reset = period - (now % period)
+            local previous = 0
+            if alg == 2 then previous = tonumber(redis.call('GET', key .. ':' .. (window - 1)) or '0') end
+            local used = previous * (1 - into / period) + current
+            reset = period - into
             if used + 1 <= limit then
               allowed = 1
               remaining = math.floor(limit - used - 1)
               retry = 0
-              commits[i] = {'count', key .. ':' .. window, period * 2}
+              commits[i] = {'count', key .. ':' .. window, (alg == 2 and 2 or 1) * period}
             else
               allowed = 0
               remaining = 0
-              retry = reset
-            end
-          else
-            local window = math.floor(now / period)
-            local current = tonumber(redis.call('GET', key .. ':' .. window) or '0')
-            reset = period - (now % period)
-            if current + 1 <= limit then
-              allowed = 1
-              remaining = limit - current - 1
-              retry = 0
-              commits[i] = {'count', key .. ':' .. window, period}
-            else
-              allowed = 0
-              remaining = 0
-              retry = reset
+              if current + 1 > limit then
+                -- Not before the next window; there the current count weighs as the previous one.
+                retry = reset
+                if alg == 2 and current > 0 then
+                  retry = reset + math.max(0, math.ceil((1 - (limit - 1) / current) * period))
+                end
+              else
+                -- The previous window's weight has to fall far enough within this one.
+                retry = math.ceil((1 - (limit - current - 1) / previous) * period) - into
+              end
             end
           end
           if allowed == 0 then all = false end
           out[#out + 1] = allowed
           out[#out + 1] = remaining
-          out[#out + 1] = math.ceil(reset)
+          out[#out + 1] = reset
           out[#out + 1] = retry
         end
         if all then
           for i = 1, n do
             local c = commits[i]
             if c[1] == 'gcra' then
-              redis.call('SET', KEYS[i], c[2], 'PX', math.max(c[3], 1))
+              redis.call('SET', KEYS[i], string.format('%d', c[2]), 'PX', math.max(1, math.ceil(c[3] / 1000)))
             else
               redis.call('INCR', c[2])
-              redis.call('PEXPIRE', c[2], c[3])
+              redis.call('PEXPIRE', c[2], math.ceil(c[3] / 1000))
             end
           end
+        else
+          -- A refused request counted nothing: the others' remaining is one more than computed.
+          for i = 1, n do
+            if out[i * 4 - 3] == 1 then out[i * 4 - 2] = out[i * 4 - 2] + 1 end
+          end
+        end
+        -- Times go back in whole milliseconds, rounded up.
+        for i = 1, n do
+          out[i * 4 - 1] = math.ceil(out[i * 4 - 1] / 1000)
+          out[i * 4] = math.ceil(out[i * 4] / 1000)
         end
         return out
         """)
@@ -222,51 +237,51 @@ final class RateLimiter: Sendable {
     }
 }
 
-/// The same algorithms in this process's memory: exact for `memory://`, per instance as the `local` fallback.
+/// The same algorithms in this process's memory, in whole microseconds like the script: exact for `memory://`,
+/// per instance as the `local` fallback. At most `limit` buckets are kept; past that, expired ones are dropped,
+/// and if none are, all are (counting starts afresh rather than memory growing without bound).
 final class LocalRateLimiter: Sendable {
     private struct Bucket {
-        /// GCRA: theoretical arrival time; windows: the count of `window`.
+        /// GCRA: theoretical arrival time (µs); windows: the count of `window`.
         var value: Int64
         var previous: Int64 = 0
         var window: Int64 = 0
         var expires: Int64
     }
 
+    static let limit = 100_000
     private let buckets = Mutex<[String: Bucket]>([:])
-    private let checksDone = Atomic<Int>(0)
 
-    private static func now() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
+    private static func now() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1000) }
 
     func check(_ checks: [RateLimitCheck]) -> RateLimitOutcome {
         let now = Self.now()
-        let sweep = checksDone.wrappingAdd(1, ordering: .relaxed).newValue % 4096 == 0
         return buckets.withLock { buckets in
-            if sweep { buckets = buckets.filter { $0.value.expires > now } }
             var members: [RateLimitOutcome.Member] = []
             var commits: [(String, Bucket)] = []
             for check in checks {
                 let policy = check.policy
                 let limit = Int64(max(1, policy.requests))
-                let period = max(1, policy.per.milliseconds)
+                let period = max(1, policy.per.milliseconds) * 1000
                 var bucket = buckets[check.key].flatMap { $0.expires > now ? $0 : nil }
                 switch policy.algorithm {
                 case .gcra:
-                    let interval = Double(period) / Double(limit)
-                    let capacity = Double(max(1, policy.burst)) * interval
-                    let tat = Double(max(bucket?.value ?? 0, now))
+                    let interval = max(1, (period + limit / 2) / limit)
+                    let capacity = Int64(max(1, policy.burst)) * interval
+                    let tat = max(bucket?.value ?? 0, now)
                     let next = tat + interval
-                    if next - Double(now) <= capacity {
+                    if next - now <= capacity {
                         members.append(
                             .init(
-                                policy: policy, allowed: true,
-                                remaining: Int((capacity - (next - Double(now))) / interval),
-                                resetMilliseconds: Int64(next) - now, retryMilliseconds: 0))
-                        commits.append((check.key, Bucket(value: Int64(next.rounded(.up)), expires: Int64(next) + 1)))
+                                policy: policy, allowed: true, remaining: Int((capacity - (next - now)) / interval),
+                                resetMilliseconds: Self.milliseconds(next - now), retryMilliseconds: 0))
+                        commits.append((check.key, Bucket(value: next, expires: next)))
                     } else {
                         members.append(
                             .init(
-                                policy: policy, allowed: false, remaining: 0, resetMilliseconds: Int64(tat) - now,
-                                retryMilliseconds: Int64((next - Double(now) - capacity).rounded(.up))))
+                                policy: policy, allowed: false, remaining: 0,
+                                resetMilliseconds: Self.milliseconds(tat - now),
+                                retryMilliseconds: Self.milliseconds(next - now - capacity)))
                     }
                 case .slidingWindow, .fixedWindow:
                     let window = now / period
@@ -275,31 +290,52 @@ final class LocalRateLimiter: Sendable {
                         bucket = Bucket(value: 0, previous: previous, window: window, expires: (window + 2) * period)
                     }
                     let current = bucket?.value ?? 0
-                    let elapsed = Double(now % period) / Double(period)
-                    let used =
-                        policy.algorithm == .slidingWindow
-                        ? Double(bucket?.previous ?? 0) * (1 - elapsed) + Double(current) : Double(current)
-                    let reset = period - now % period
+                    let previous = policy.algorithm == .slidingWindow ? bucket?.previous ?? 0 : 0
+                    let into = now % period
+                    let used = Double(previous) * (1 - Double(into) / Double(period)) + Double(current)
+                    let reset = period - into
                     if used + 1 <= Double(limit) {
                         members.append(
                             .init(
                                 policy: policy, allowed: true, remaining: Int(Double(limit) - used - 1),
-                                resetMilliseconds: reset, retryMilliseconds: 0))
+                                resetMilliseconds: Self.milliseconds(reset), retryMilliseconds: 0))
                         var updated = bucket ?? Bucket(value: 0, window: window, expires: (window + 2) * period)
                         updated.value += 1
                         commits.append((check.key, updated))
                     } else {
+                        var retry = reset
+                        if current + 1 > limit {
+                            if policy.algorithm == .slidingWindow, current > 0 {
+                                let fraction = 1 - Double(limit - 1) / Double(current)
+                                retry = reset + max(0, Int64((fraction * Double(period)).rounded(.up)))
+                            }
+                        } else {
+                            let fraction = 1 - Double(limit - current - 1) / Double(previous)
+                            retry = Int64((fraction * Double(period)).rounded(.up)) - into
+                        }
                         members.append(
                             .init(
-                                policy: policy, allowed: false, remaining: 0, resetMilliseconds: reset,
-                                retryMilliseconds: reset))
+                                policy: policy, allowed: false, remaining: 0,
+                                resetMilliseconds: Self.milliseconds(reset),
+                                retryMilliseconds: Self.milliseconds(retry)))
                     }
                 }
             }
-            if members.allSatisfy(\.allowed) { for (key, bucket) in commits { buckets[key] = bucket } }
+            if members.allSatisfy(\.allowed) {
+                if buckets.count + commits.count > Self.limit {
+                    buckets = buckets.filter { $0.value.expires > now }
+                    if buckets.count + commits.count > Self.limit { buckets.removeAll(keepingCapacity: true) }
+                }
+                for (key, bucket) in commits { buckets[key] = bucket }
+            } else {
+                for index in members.indices where members[index].allowed { members[index].remaining += 1 }
+            }
             return RateLimitOutcome(members: members)
         }
     }
+
+    /// Microseconds as whole milliseconds, rounded up.
+    private static func milliseconds(_ microseconds: Int64) -> Int64 { max(0, (microseconds + 999) / 1000) }
 }
 
 /// `gatehouse_rate_limit_total{policy,result}` and `gatehouse_rate_limit_fallback_total{policy,mode}`.
