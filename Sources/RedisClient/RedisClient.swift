@@ -196,34 +196,35 @@ final class RedisMetrics: Sendable {
     func failed(_ kind: RedisError.Kind) { errors[kind]?.increment() }
 }
 
-/// One pooled connection: its channel while it is up, and the loop that reconnects it.
+/// One pooled connection, kept up by a ``Reconnector``; commands go to its handler.
 final class Slot: Sendable {
-    private struct State {
-        var channel: Channel?
-        var handler: NIOLoopBound<RedisHandler>?
-        var closed = false
-        var task: Task<Void, Never>?
-    }
 
     private let configuration: RedisConfiguration
     /// The loop that owns this connection.
     let eventLoop: EventLoop
     private let logger: Logger
     private let metrics: RedisMetrics?
-    private let state = Mutex(State())
+    private let reconnector: Reconnector
+    /// The connection's handler, set as soon as it is connected (AUTH and SELECT go through it).
+    private let handler = Mutex<NIOLoopBound<RedisHandler>?>(nil)
 
     init(configuration: RedisConfiguration, eventLoop: EventLoop, logger: Logger, metrics: RedisMetrics?) {
         self.configuration = configuration
         self.eventLoop = eventLoop
         self.logger = logger
         self.metrics = metrics
+        reconnector = Reconnector(logger: logger)
     }
 
-    var isConnected: Bool { state.withLock { $0.channel != nil } }
+    /// Offered to callers only once AUTH and SELECT have passed.
+    var isConnected: Bool { reconnector.channel != nil }
 
     func start() {
-        let task = Task { await self.maintain() }
-        state.withLock { $0.task = task }
+        let metrics = self.metrics
+        reconnector.start(
+            open: { try await self.connect() },
+            opened: { again in if again { metrics?.reconnects.increment() } },
+            lost: { self.handler.withLock { $0 = nil } })
     }
 
     func send(_ argv: [[UInt8]]) async throws(RedisError) -> RedisValue {
@@ -240,7 +241,7 @@ final class Slot: Sendable {
     /// error reply included) or a ``RedisError``.
     func send(_ argv: [[UInt8]]) -> EventLoopFuture<RedisValue> {
         let started = NIODeadline.now()
-        guard let handler = state.withLock({ $0.handler }) else {
+        guard let handler = handler.withLock({ $0 }) else {
             metrics?.failed(.unavailable)
             return eventLoop.makeFailedFuture(RedisError(.unavailable, "Redis is not connected"))
         }
@@ -278,86 +279,35 @@ final class Slot: Sendable {
         }
     }
 
-    /// Connects, serves until the connection drops, waits, and connects again, until closed.
-    private func maintain() async {
-        var backoff = Duration.milliseconds(25)
-        var connectedBefore = false
-        while !state.withLock({ $0.closed }) {
-            do {
-                let channel = try await connect()
-                if connectedBefore { metrics?.reconnects.increment() }
-                connectedBefore = true
-                backoff = .milliseconds(25)
-                try await channel.closeFuture.get()
-            } catch {
-                logger.debug("redis connection failed", metadata: ["error": "\(error)"])
-            }
-            state.withLock {
-                $0.channel = nil
-                $0.handler = nil
-            }
-            if state.withLock({ $0.closed }) { break }
-            // Capped exponential backoff with jitter: never more than 500 ms between tries.
-            let jittered = backoff * Double.random(in: 0.5...1.0)
-            try? await Task.sleep(for: jittered)
-            backoff = min(backoff * 2, .milliseconds(500))
-        }
-    }
-
     private func connect() async throws -> Channel {
         let timeout = TimeAmount(configuration.commandTimeout)
-        let connectTimeout = TimeAmount(configuration.connectTimeout)
-        let bootstrap = ClientBootstrap(group: eventLoop)
-            .connectTimeout(connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(RedisHandler(commandTimeout: timeout))
-                }
-            }
-        let channel: Channel
-        switch configuration.address {
-        case .tcp(let host, let port): channel = try await bootstrap.connect(host: host, port: port).get()
-        case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
+        let channel = try await Reconnector.connect(configuration, on: eventLoop) {
+            try RedisHandler(commandTimeout: timeout)
         }
-        let handler = try await channel.eventLoop.submit {
+        let bound = try await channel.eventLoop.submit {
             NIOLoopBound(
                 try channel.pipeline.syncOperations.handler(type: RedisHandler.self), eventLoop: channel.eventLoop)
         }.get()
-        state.withLock {
-            $0.handler = handler
-        }
+        handler.withLock { $0 = bound }
         do {
-            if let password = configuration.password {
-                let auth: [[UInt8]] =
-                    configuration.username.map { [Array("AUTH".utf8), Array($0.utf8), Array(password.utf8)] }
-                    ?? [Array("AUTH".utf8), Array(password.utf8)]
-                if case .error(let message) = try await send(auth) { throw RedisError(.server, message) }
+            if let auth = Reconnector.authCommand(configuration),
+                case .error(let message) = try await send(auth)
+            {
+                throw RedisError(.server, message)
             }
             if configuration.database != 0 {
                 let select = [Array("SELECT".utf8), Array(String(configuration.database).utf8)]
                 if case .error(let message) = try await send(select) { throw RedisError(.server, message) }
             }
         } catch {
-            state.withLock { $0.handler = nil }
+            handler.withLock { $0 = nil }
             try? await channel.close()
             throw error
         }
-        // Only now is the connection offered to callers.
-        state.withLock { $0.channel = channel }
-        if state.withLock({ $0.closed }) { try? await channel.close() }
         return channel
     }
 
-    func close() async {
-        let (channel, task) = state.withLock { state -> (Channel?, Task<Void, Never>?) in
-            state.closed = true
-            return (state.channel, state.task)
-        }
-        try? await channel?.close()
-        task?.cancel()
-        await task?.value
-    }
+    func close() async { await reconnector.close() }
 }
 
 extension TimeAmount {

@@ -9,19 +9,13 @@ import Synchronization
 /// reconnect) and when it is lost (false): messages sent while it was down are gone, so a receiver that keeps
 /// state in step with them must start afresh. Both are called on the subscription's event loop.
 public final class RedisSubscription: Sendable {
-    private struct State {
-        var channel: Channel?
-        var closed = false
-        var task: Task<Void, Never>?
-    }
-
     private let configuration: RedisConfiguration
     private let name: String
     private let eventLoop: EventLoop
     private let logger: Logger
     private let onMessage: @Sendable ([UInt8]) -> Void
     private let onLive: @Sendable (Bool) -> Void
-    private let state = Mutex(State())
+    private let reconnector: Reconnector
     private let live = Atomic<Bool>(false)
 
     public init(
@@ -35,30 +29,18 @@ public final class RedisSubscription: Sendable {
         self.logger = logger
         self.onMessage = onMessage
         self.onLive = onLive
-        let task = Task { await self.maintain() }
-        state.withLock { $0.task = task }
+        reconnector = Reconnector(logger: logger)
+        reconnector.start(
+            open: { [weak self] in
+                guard let self else { throw RedisError(.unavailable, "subscription closed") }
+                return try await self.connect()
+            },
+            opened: { _ in },
+            lost: { [weak self] in self?.setLive(false) })
     }
 
     /// Whether the subscription is up now.
     public var isLive: Bool { live.load(ordering: .acquiring) }
-
-    private func maintain() async {
-        var backoff = Duration.milliseconds(25)
-        while !state.withLock({ $0.closed }) {
-            do {
-                let channel = try await connect()
-                backoff = .milliseconds(25)
-                try await channel.closeFuture.get()
-            } catch {
-                logger.debug("redis subscription failed", metadata: ["error": "\(error)"])
-            }
-            state.withLock { $0.channel = nil }
-            setLive(false)
-            if state.withLock({ $0.closed }) { break }
-            try? await Task.sleep(for: backoff * Double.random(in: 0.5...1.0))
-            backoff = min(backoff * 2, .milliseconds(500))
-        }
-    }
 
     private func setLive(_ value: Bool) {
         guard live.exchange(value, ordering: .acquiringAndReleasing) != value else { return }
@@ -67,31 +49,13 @@ public final class RedisSubscription: Sendable {
 
     private func connect() async throws -> Channel {
         let deliver: @Sendable (RedisValue) -> Void = { [weak self] value in self?.received(value) }
-        let bootstrap = ClientBootstrap(group: eventLoop)
-            .connectTimeout(TimeAmount(configuration.connectTimeout))
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(try PushHandler(deliver: deliver))
-                }
-            }
-        let channel: Channel
-        switch configuration.address {
-        case .tcp(let host, let port): channel = try await bootstrap.connect(host: host, port: port).get()
-        case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
+        let channel = try await Reconnector.connect(configuration, on: eventLoop) {
+            try PushHandler(deliver: deliver)
         }
-        var commands: [[[UInt8]]] = []
-        if let password = configuration.password {
-            commands.append(
-                configuration.username.map { [Array("AUTH".utf8), Array($0.utf8), Array(password.utf8)] }
-                    ?? [Array("AUTH".utf8), Array(password.utf8)])
-        }
-        commands.append([Array("SUBSCRIBE".utf8), Array(name.utf8)])
         var buffer = channel.allocator.buffer(capacity: 64)
-        for command in commands { RESPEncoder.encode(command, into: &buffer) }
+        if let auth = Reconnector.authCommand(configuration) { RESPEncoder.encode(auth, into: &buffer) }
+        RESPEncoder.encode([Array("SUBSCRIBE".utf8), Array(name.utf8)], into: &buffer)
         try await channel.writeAndFlush(buffer)
-        state.withLock { $0.channel = channel }
-        if state.withLock({ $0.closed }) { try? await channel.close() }
         return channel
     }
 
@@ -100,7 +64,7 @@ public final class RedisSubscription: Sendable {
         guard case .array(let items?) = value, let kind = items.first?.string else {
             if case .error(let message) = value {
                 logger.warning("redis subscription refused", metadata: ["error": "\(message)"])
-                state.withLock { $0.channel }?.close(promise: nil)
+                reconnector.channel?.close(promise: nil)
             }
             return
         }
@@ -112,15 +76,7 @@ public final class RedisSubscription: Sendable {
     }
 
     /// Stops the subscription and does not reconnect.
-    public func close() async {
-        let (channel, task) = state.withLock { state -> (Channel?, Task<Void, Never>?) in
-            state.closed = true
-            return (state.channel, state.task)
-        }
-        try? await channel?.close()
-        task?.cancel()
-        await task?.value
-    }
+    public func close() async { await reconnector.close() }
 }
 
 /// Decodes everything a subscription connection receives and hands it on.

@@ -332,10 +332,10 @@ enum CacheLookupPhase {
         exchange.facts.authenticated = authenticated
         exchange.facts.keyedPerConsumer = perConsumer
         // Headers whose forwarded value is not the client's: a response that varies on one cannot be keyed.
-        var gatewayHeaders = ForwardPhase.droppedRequestHeaders.union(route.pool?.droppedHeaders ?? [])
-        for header in route.pool?.config.requestHeaders.set ?? [] { gatewayHeaders.insert(header.name.lowercased()) }
-        gatewayHeaders.formUnion(ForwardPhase.connectionTokens(head.headers))
-        exchange.facts.gatewayHeaders = gatewayHeaders
+        exchange.facts.gatewayHeaders = route.gatewayHeaders
+        if head.headers.contains(name: "Connection") {
+            exchange.facts.gatewayHeaders.formUnion(ForwardPhase.connectionTokens(head.headers))
+        }
         return exchange
     }
 }

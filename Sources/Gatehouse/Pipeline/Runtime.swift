@@ -68,12 +68,17 @@ struct CompiledRoute: Sendable {
     let metrics: RouteMetrics
     /// Set on routes with `cache:`.
     let cacheMetrics: CacheMetrics?
+    /// Request headers (lower-cased) the gateway sets, replaces or removes on the way to this route's upstream.
+    let gatewayHeaders: Set<String>
 
     init(_ config: RouteConfig, pool: UpstreamPool?, metrics: RouteMetrics, cacheMetrics: CacheMetrics? = nil) {
         self.config = config
         self.pool = pool
         self.metrics = metrics
         self.cacheMetrics = cacheMetrics
+        var gatewayHeaders = ForwardPhase.droppedRequestHeaders.union(pool?.droppedHeaders ?? [])
+        for header in pool?.config.requestHeaders.set ?? [] { gatewayHeaders.insert(header.name.lowercased()) }
+        self.gatewayHeaders = gatewayHeaders
         direct = config.respond.map(DirectAnswer.init)
         let upstreamTimeout = pool?.config.timeout.milliseconds ?? 30_000
         timeoutMilliseconds = Int(max(1, config.timeout?.milliseconds ?? upstreamTimeout))
