@@ -35,6 +35,22 @@ import Testing
         }
     }
 
+    /// Runs `body` against one gateway whose `/limited` route carries `route`, counting in the test Redis under
+    /// a prefix of its own.
+    static func run(
+        policies: String, route: String, acmePolicy: Bool = false, _ body: (Harness) async throws -> Void
+    ) async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):", policies: policies, route: route,
+            acmePolicy: acmePolicy)
+        try await Harness.run(yaml) { h in
+            try await waitUntil { h.gateway.readinessProblem == nil }
+            try await body(h)
+        }
+        _ = server
+    }
+
     static func get(_ h: Harness, _ headers: [(String, String)] = [], path: String = "/limited") async throws
         -> RawResponse
     {
@@ -62,12 +78,9 @@ import Testing
     }
 
     @Test func headersAnd429() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
-        let yaml = Self.yaml(
-            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
-            policies: "  small: { requests: 3, per: 1m, by: ip }", route: "small")
-        try await Harness.run(yaml) { h in
-            try await waitUntil { h.gateway.readinessProblem == nil }
+        try await Self.run(
+            policies: "  small: { requests: 3, per: 1m, by: ip }", route: "small"
+        ) { h in
             let first = try await Self.get(h)
             #expect(first.header("RateLimit-Policy") == "\"small\";q=3;w=60")
             #expect(first.header("RateLimit")?.hasPrefix("\"small\";r=2;t=") == true)
@@ -84,20 +97,16 @@ import Testing
             let metrics = try await request(port: h.adminPort, "/metrics").text
             #expect(metrics.contains("gatehouse_rate_limit_total{policy=\"small\",result=\"limited\"} 1"))
         }
-        _ = server
     }
 
     @Test func everyKeyKindHasItsOwnBuckets() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
-        let yaml = Self.yaml(
-            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+        try await Self.run(
             policies: """
                   per-consumer: { requests: 1, per: 1m, by: consumer }
                   per-ip: { requests: 2, per: 1m, by: ip }
                   per-tenant: { requests: 3, per: 1m, by: "header:X-Tenant" }
-                """, route: "per-consumer, per-ip, per-tenant")
-        try await Harness.run(yaml) { h in
-            try await waitUntil { h.gateway.readinessProblem == nil }
+                """, route: "per-consumer, per-ip, per-tenant"
+        ) { h in
             func send(_ key: String?, ip: String, tenant: String) async throws -> Int {
                 var headers = [("X-Forwarded-For", ip), ("X-Tenant", tenant)]
                 if let key { headers.append(("X-API-Key", key)) }
@@ -115,19 +124,15 @@ import Testing
             #expect(try await send(nil, ip: "10.0.0.7", tenant: "t6") == 200)
             #expect(try await send(nil, ip: "10.0.0.8", tenant: "t6") == 429, "the fourth request of tenant t6")
         }
-        _ = server
     }
 
     @Test func aRefusedRequestConsumesNothingFromTheOtherPolicies() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
-        let yaml = Self.yaml(
-            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+        try await Self.run(
             policies: """
                   own: { requests: 1, per: 1m, by: consumer }
                   wide: { requests: 100, per: 1h, by: route, algorithm: fixed_window }
-                """, route: "wide", acmePolicy: true)
-        try await Harness.run(yaml) { h in
-            try await waitUntil { h.gateway.readinessProblem == nil }
+                """, route: "wide", acmePolicy: true
+        ) { h in
             let first = try await Self.get(h, [("X-API-Key", Self.acmeKey)])
             #expect(first.status == 200)
             #expect(first.header("RateLimit-Policy") == "\"own\";q=1;w=60, \"wide\";q=100;w=3600")
@@ -138,16 +143,12 @@ import Testing
             #expect(beta.status == 200)
             #expect(beta.header("RateLimit")?.contains("\"wide\";r=98;") == true)
         }
-        _ = server
     }
 
     @Test func gcraLetsABurstThroughAndThenOnlyTheRate() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
-        let yaml = Self.yaml(
-            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
-            policies: "  paced: { requests: 2, per: 4s, burst: 3, by: route }", route: "paced")
-        try await Harness.run(yaml) { h in
-            try await waitUntil { h.gateway.readinessProblem == nil }
+        try await Self.run(
+            policies: "  paced: { requests: 2, per: 4s, burst: 3, by: route }", route: "paced"
+        ) { h in
             // One request every 2 s, three at once: six quick requests get the burst of three, no more.
             let clock = ContinuousClock()
             let start = clock.now
@@ -163,7 +164,6 @@ import Testing
             try await Task.sleep(for: .seconds(retry))
             #expect(try await Self.get(h).status == 200, "after Retry-After, one more")
         }
-        _ = server
     }
 
     @Test func windowAlgorithmsCountTheirWindow() async throws {
