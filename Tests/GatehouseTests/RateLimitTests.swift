@@ -51,6 +51,13 @@ import Testing
         _ = server
     }
 
+    /// A request from `ip` (via a trusted proxy) for tenant `tenant`, with an API key when given.
+    static func send(_ h: Harness, _ key: String?, ip: String, tenant: String) async throws -> Int {
+        var headers = [("X-Forwarded-For", ip), ("X-Tenant", tenant)]
+        if let key { headers.append(("X-API-Key", key)) }
+        return try await get(h, headers).status
+    }
+
     static func get(_ h: Harness, _ headers: [(String, String)] = [], path: String = "/limited") async throws
         -> RawResponse
     {
@@ -106,23 +113,20 @@ import Testing
                   per-ip: { requests: 2, per: 1m, by: ip }
                   per-tenant: { requests: 3, per: 1m, by: "header:X-Tenant" }
                 """, route: "per-consumer, per-ip, per-tenant"
-        ) { h in
-            func send(_ key: String?, ip: String, tenant: String) async throws -> Int {
-                var headers = [("X-Forwarded-For", ip), ("X-Tenant", tenant)]
-                if let key { headers.append(("X-API-Key", key)) }
-                return try await Self.get(h, headers).status
-            }
+        ) { (h: Harness) async throws in
             // by consumer: acme and beta each get one; anonymous callers count by IP.
-            #expect(try await send(Self.acmeKey, ip: "10.0.0.1", tenant: "t1") == 200)
-            #expect(try await send(Self.acmeKey, ip: "10.0.0.2", tenant: "t2") == 429)
-            #expect(try await send(Self.betaKey, ip: "10.0.0.3", tenant: "t3") == 200)
-            #expect(try await send(nil, ip: "10.0.0.4", tenant: "t4") == 200)
-            #expect(try await send(nil, ip: "10.0.0.4", tenant: "t5") == 429, "anonymous: the consumer key is the IP")
+            #expect(try await Self.send(h, Self.acmeKey, ip: "10.0.0.1", tenant: "t1") == 200)
+            #expect(try await Self.send(h, Self.acmeKey, ip: "10.0.0.2", tenant: "t2") == 429)
+            #expect(try await Self.send(h, Self.betaKey, ip: "10.0.0.3", tenant: "t3") == 200)
+            #expect(try await Self.send(h, nil, ip: "10.0.0.4", tenant: "t4") == 200)
+            #expect(
+                try await Self.send(h, nil, ip: "10.0.0.4", tenant: "t5") == 429,
+                "anonymous: the consumer key is the IP")
             // by ip (2 per IP), and by header (3 per tenant), counted apart from the consumer buckets.
-            #expect(try await send(nil, ip: "10.0.0.5", tenant: "t6") == 200)
-            #expect(try await send(nil, ip: "10.0.0.6", tenant: "t6") == 200)
-            #expect(try await send(nil, ip: "10.0.0.7", tenant: "t6") == 200)
-            #expect(try await send(nil, ip: "10.0.0.8", tenant: "t6") == 429, "the fourth request of tenant t6")
+            #expect(try await Self.send(h, nil, ip: "10.0.0.5", tenant: "t6") == 200)
+            #expect(try await Self.send(h, nil, ip: "10.0.0.6", tenant: "t6") == 200)
+            #expect(try await Self.send(h, nil, ip: "10.0.0.7", tenant: "t6") == 200)
+            #expect(try await Self.send(h, nil, ip: "10.0.0.8", tenant: "t6") == 429, "the fourth request of tenant t6")
         }
     }
 
