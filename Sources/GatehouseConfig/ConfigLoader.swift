@@ -329,8 +329,7 @@ struct ConfigBuilder {
                 node, path,
                 allowed: [
                     "targets", "balance", "connect_timeout", "timeout", "retries", "health_check", "circuit_breaker",
-                    "tls",
-                    "request_headers",
+                    "passive_health", "tls", "request_headers", "oauth2",
                 ])
         else { return nil }
         var upstream = UpstreamConfig(name: name)
@@ -356,7 +355,9 @@ struct ConfigBuilder {
         }
         if let v = f.duration("connect_timeout") { upstream.connectTimeout = v }
         if let v = f.duration("timeout") { upstream.timeout = v }
-        if let node = f["retries"], let r = reader.fields(node, f.path("retries"), allowed: ["attempts", "on"]) {
+        if let node = f["retries"],
+            let r = reader.fields(node, f.path("retries"), allowed: ["attempts", "on", "budget"])
+        {
             var retries = RetryPolicy()
             if let v = r.int("attempts", min: 1, max: 10) { retries.attempts = v }
             if let items = r.strings("on") {
@@ -367,6 +368,7 @@ struct ConfigBuilder {
                     return nil
                 }
             }
+            if let n = r["budget"], let v = reader.double(n, r.path("budget"), min: 0, max: 1) { retries.budget = v }
             upstream.retries = retries
         }
         if let node = f["health_check"],
@@ -394,6 +396,17 @@ struct ConfigBuilder {
             if let v = c.duration("open_for") { breaker.openFor = v }
             upstream.circuitBreaker = breaker
         }
+        if let node = f["passive_health"],
+            let p = reader.fields(node, f.path("passive_health"), allowed: ["failures", "eject_for", "max_eject_for"])
+        {
+            if let v = p.int("failures", min: 0) { upstream.passiveHealth.failures = v }
+            if let v = p.duration("eject_for") { upstream.passiveHealth.ejectFor = v }
+            if let v = p.duration("max_eject_for") { upstream.passiveHealth.maxEjectFor = v }
+            if upstream.passiveHealth.maxEjectFor.milliseconds < upstream.passiveHealth.ejectFor.milliseconds {
+                p.fail("max_eject_for", "must not be shorter than eject_for")
+            }
+        }
+        if let node = f["oauth2"] { upstream.oauth2 = oauth2(node, f.path("oauth2")) }
         if let node = f["tls"], let t = reader.fields(node, f.path("tls"), allowed: ["verify", "ca_file"]) {
             if let v = t.bool("verify") { upstream.tls.verify = v }
             upstream.tls.caFile = t.string("ca_file")
@@ -405,6 +418,33 @@ struct ConfigBuilder {
             upstream.requestHeaders = headerRewrite(node, f.path("request_headers"))
         }
         return upstream
+    }
+
+    private func oauth2(_ node: Node, _ path: String) -> OAuth2Config? {
+        guard
+            let f = reader.fields(
+                node, path, allowed: ["token_url", "client_id", "client_secret", "scopes", "audience", "client_auth"]),
+            let tokenURL = f.require("token_url").flatMap({ reader.string($0, f.path("token_url")) }),
+            let clientID = f.require("client_id").flatMap({ reader.string($0, f.path("client_id")) }),
+            let secret = f.require("client_secret").flatMap({ reader.string($0, f.path("client_secret")) })
+        else { return nil }
+        guard let parsed = URLComponents(string: tokenURL), let scheme = parsed.scheme,
+            ["http", "https"].contains(scheme), parsed.host?.isEmpty == false
+        else {
+            f.fail("token_url", "expected an http:// or https:// URL, found \"\(tokenURL)\"")
+            return nil
+        }
+        var config = OAuth2Config(tokenURL: tokenURL, clientID: clientID, clientSecret: Secret(secret))
+        if let scopes = f.strings("scopes") { config.scopes = scopes }
+        config.audience = f.string("audience")
+        if let text = f.string("client_auth") {
+            if let auth = OAuth2Config.ClientAuth(rawValue: text) {
+                config.clientAuth = auth
+            } else {
+                f.fail("client_auth", "expected basic | body, found \"\(text)\"")
+            }
+        }
+        return config
     }
 
     private func target(_ node: Node, _ path: String) -> UpstreamTarget? {

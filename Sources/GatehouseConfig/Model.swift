@@ -251,8 +251,12 @@ public struct UpstreamConfig: Sendable, Encodable {
     public var retries: RetryPolicy?
     public var healthCheck: HealthCheckConfig?
     public var circuitBreaker: CircuitBreakerConfig?
+    /// Ejection of targets that keep failing real requests; on by default.
+    public var passiveHealth = PassiveHealthConfig()
     public var tls = UpstreamTLS()
     public var requestHeaders = HeaderRewrite()
+    /// Client-credentials tokens fetched for this upstream and sent as `Authorization: Bearer`.
+    public var oauth2: OAuth2Config?
 
     enum CodingKeys: String, CodingKey {
         case name, targets, balance
@@ -260,8 +264,52 @@ public struct UpstreamConfig: Sendable, Encodable {
         case timeout, retries
         case healthCheck = "health_check"
         case circuitBreaker = "circuit_breaker"
+        case passiveHealth = "passive_health"
         case tls
         case requestHeaders = "request_headers"
+        case oauth2
+    }
+}
+
+/// `passive_health:` of an upstream: `failures` consecutive failed requests eject a target for `eject_for`,
+/// doubled on each ejection that follows without a success in between, up to `max_eject_for`.
+public struct PassiveHealthConfig: Sendable, Encodable {
+    /// 0 turns passive ejection off.
+    public var failures: Int = 5
+    public var ejectFor: ConfigDuration = .seconds(5)
+    public var maxEjectFor: ConfigDuration = .seconds(300)
+
+    enum CodingKeys: String, CodingKey {
+        case failures
+        case ejectFor = "eject_for"
+        case maxEjectFor = "max_eject_for"
+    }
+}
+
+/// `oauth2:` of an upstream: the OAuth 2.0 client-credentials grant (RFC 6749 §4.4).
+public struct OAuth2Config: Sendable, Encodable {
+    /// How the client authenticates at the token endpoint (RFC 6749 §2.3.1).
+    public enum ClientAuth: String, Sendable, Encodable {
+        /// HTTP Basic with the client id and secret (the default every server must support).
+        case basic
+        /// `client_id` and `client_secret` in the form body.
+        case body
+    }
+
+    public var tokenURL: String
+    public var clientID: String
+    public var clientSecret: Secret
+    public var scopes: [String] = []
+    /// Sent as `audience` when set (Auth0 and others need it).
+    public var audience: String?
+    public var clientAuth: ClientAuth = .basic
+
+    enum CodingKeys: String, CodingKey {
+        case tokenURL = "token_url"
+        case clientID = "client_id"
+        case clientSecret = "client_secret"
+        case scopes, audience
+        case clientAuth = "client_auth"
     }
 }
 
@@ -290,6 +338,9 @@ public struct RetryPolicy: Sendable, Encodable {
     /// Every try, the first included.
     public var attempts: Int = 1
     public var on: [Condition] = [.connectFailure]
+    /// Retries may add at most this fraction of the upstream's requests (plus a small reserve), so retries
+    /// cannot multiply an outage.
+    public var budget: Double = 0.2
 }
 
 /// `health_check:` of an upstream.
