@@ -19,7 +19,12 @@ import Synchronization
 /// | `/drop`             | closes the connection without answering                         |
 /// | `/cache/...`        | a response shaped by the query, for cache tests (see below)     |
 /// | `/document`         | ``document`` as JSON, `max-age=300` (a JWKS in the auth tests)  |
+/// | `/oauth/token`      | an OAuth2 token for client `demo-client`/`demo-secret` (Basic)  |
+/// | `/protected`        | the echo, with the latest token as `Bearer`; else 401           |
 /// | anything else       | JSON echo of method, path, query and headers                    |
+///
+/// Echo answers carry `X-Served-By: <port>`. While ``failure`` is set, every path but `/oauth/token` answers
+/// with its status (and `Retry-After` when given).
 ///
 /// `/cache/...` takes `cc` (Cache-Control), `etag`, `lm` (Last-Modified), `vary`, `cookie` (Set-Cookie),
 /// `expires`, `age`, `status`, `delay` (ms) and `size` (body bytes, else a small JSON body with the request
@@ -48,7 +53,22 @@ public final class DemoUpstream: Sendable {
         set { counter.failing.store(newValue, ordering: .relaxed) }
     }
 
-    private init(channel: Channel, counter: RequestCounter) {
+    /// While set, every path but `/oauth/token` answers with this status and `Retry-After` value.
+    public var failure: (status: Int, retryAfter: String?)? {
+        get { counter.failure.withLock { $0 } }
+        set { counter.failure.withLock { $0 = newValue } }
+    }
+
+    /// Tokens issued by `/oauth/token` so far.
+    public var tokenRequests: Int { counter.tokenRequests.load(ordering: .relaxed) }
+
+    /// Makes `/protected` refuse the token it accepts now, as if it had been revoked.
+    public func revokeToken() { counter.acceptedToken.withLock { $0 = nil } }
+
+    private let connections: ConnectionTracker
+
+    private init(channel: Channel, counter: RequestCounter, connections: ConnectionTracker) {
+        self.connections = connections
         self.channel = channel
         self.counter = counter
     }
@@ -58,23 +78,40 @@ public final class DemoUpstream: Sendable {
         host: String = "127.0.0.1", port: Int = 0, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     ) async throws -> DemoUpstream {
         let stats = RequestCounter()
+        let connections = ConnectionTracker()
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 1024)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                connections.add(channel)
+                return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(DemoHandler(stats: stats))
                 }
             }
             .bind(host: host, port: port).get()
-        return DemoUpstream(channel: channel, counter: stats)
+        return DemoUpstream(channel: channel, counter: stats, connections: connections)
     }
 
+    /// Stops listening and closes every open connection, as a killed server would.
     public func stop() async {
         try? await channel.close()
+        for connection in connections.all() { try? await connection.close() }
     }
+}
+
+/// The server's open connections.
+final class ConnectionTracker: Sendable {
+    private let channels = Mutex<[ObjectIdentifier: Channel]>([:])
+
+    func add(_ channel: Channel) {
+        let id = ObjectIdentifier(channel)
+        channels.withLock { $0[id] = channel }
+        channel.closeFuture.whenComplete { _ in _ = self.channels.withLock { $0.removeValue(forKey: id) } }
+    }
+
+    func all() -> [Channel] { channels.withLock { Array($0.values) } }
 }
 
 /// Counts the requests a server received.
@@ -83,6 +120,9 @@ final class RequestCounter: Sendable {
     let failing = Atomic<Bool>(false)
     let document = Mutex("{}")
     let documentRequests = Atomic<Int>(0)
+    let failure = Mutex<(status: Int, retryAfter: String?)?>(nil)
+    let tokenRequests = Atomic<Int>(0)
+    let acceptedToken = Mutex<String?>(nil)
     func increment() { value.wrappingAdd(1, ordering: .relaxed) }
 }
 
@@ -138,7 +178,28 @@ final class DemoHandler: ChannelInboundHandler {
         let parts = head.uri.split(separator: "?", maxSplits: 1)
         let path = parts.first.map(String.init) ?? "/"
         let segments = path.split(separator: "/").map(String.init)
+        if path != "/oauth/token", let failure = stats.failure.withLock({ $0 }) {
+            var headers = HTTPHeaders()
+            if let retryAfter = failure.retryAfter { headers.add(name: "Retry-After", value: retryAfter) }
+            send(
+                status: HTTPResponseStatus(statusCode: failure.status), body: "{\"failure\":true}", head: head,
+                context: context, extra: headers)
+            return
+        }
         switch (segments.first, segments.count) {
+        case ("oauth", 2) where segments[1] == "token":
+            issueToken(head, context: context)
+        case ("protected", _):
+            let accepted = stats.acceptedToken.withLock { $0 }
+            if let accepted, head.headers["Authorization"].first == "Bearer " + accepted {
+                send(status: .ok, body: echo(head, path: path, query: nil), head: head, context: context)
+            } else {
+                var headers = HTTPHeaders()
+                headers.add(name: "WWW-Authenticate", value: "Bearer error=\"invalid_token\"")
+                send(
+                    status: .unauthorized, body: "{\"error\":\"invalid_token\"}", head: head, context: context,
+                    extra: headers)
+            }
         case ("count", _):
             send(status: .ok, body: "{\"bytes\":\(received)}", head: head, context: context)
         case ("echo-body", _):
@@ -287,8 +348,31 @@ final class DemoHandler: ChannelInboundHandler {
         }
     }
 
-    private func send(status: HTTPResponseStatus, body: String, head: HTTPRequestHead, context: ChannelHandlerContext) {
-        var headers = HTTPHeaders()
+    /// The OAuth2 token endpoint: client credentials by Basic auth, a new token each time (after 100 ms, so that
+    /// concurrent callers overlap), which becomes the one `/protected` accepts.
+    private func issueToken(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let expected = "Basic " + Data("demo-client:demo-secret".utf8).base64EncodedString()
+        guard head.method == .POST, head.headers["Authorization"].first == expected else {
+            send(status: .unauthorized, body: "{\"error\":\"invalid_client\"}", head: head, context: context)
+            return
+        }
+        let number = stats.tokenRequests.wrappingAdd(1, ordering: .relaxed).newValue
+        let token = "token-\(number)-\(UInt32.random(in: 0...UInt32.max))"
+        stats.acceptedToken.withLock { $0 = token }
+        let body = "{\"access_token\":\"\(token)\",\"token_type\":\"Bearer\",\"expires_in\":3600}"
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: .milliseconds(100)) {
+            let (handler, context) = bound.value
+            handler.send(status: .ok, body: body, head: head, context: context)
+        }
+    }
+
+    private func send(
+        status: HTTPResponseStatus, body: String, head: HTTPRequestHead, context: ChannelHandlerContext,
+        extra: HTTPHeaders = HTTPHeaders()
+    ) {
+        var headers = extra
+        headers.add(name: "X-Served-By", value: String(context.channel.localAddress?.port ?? 0))
         headers.add(name: "Content-Type", value: "application/json")
         headers.add(name: "Content-Length", value: String(body.utf8.count))
         context.write(
