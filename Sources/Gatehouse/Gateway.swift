@@ -61,6 +61,7 @@ public final class Gateway: Sendable {
             return try NIOSSLContext(
                 configuration: .makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)))
         }
+        for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
         let server = try await bindServer(config: config, sslContext: sslContext)
         let admin = try await AdminServer.bind(gateway: self, group: group, address: config.admin.listen)
         channels.withLock { $0 = (server, admin) }
@@ -125,7 +126,8 @@ public final class Gateway: Sendable {
 
     /// Swaps in a new config. Listener addresses and thread counts only change on restart.
     public func apply(_ config: GatehouseConfiguration) throws {
-        let old = core.runtime.config
+        let oldRuntime = core.runtime
+        let old = oldRuntime.config
         if old.server.listen != config.server.listen || old.admin.listen != config.admin.listen {
             logger.warning("listen addresses change only on restart; the old ones stay bound")
         }
@@ -144,6 +146,8 @@ public final class Gateway: Sendable {
             logger.warning("config accepted but not enforced yet: \(feature)")
         }
         _ = core.authenticator.jwt.preload(config.auth.jwt, on: group.next())
+        for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
+        for pool in oldRuntime.pools { pool.stopHealthChecks() }
         core.swap(to: runtime)
         logger.info("config reloaded", metadata: ["routes": "\(config.routes.count)"])
     }
@@ -152,6 +156,7 @@ public final class Gateway: Sendable {
     public func shutdown() async {
         let (server, admin) = channels.withLock { $0 }
         try? await server?.close()
+        for pool in core.runtime.pools { pool.stopHealthChecks() }
         let open = connections.withLock { Array($0.values) }
         for channel in open { channel.pipeline.fireUserInboundEventTriggered(DrainEvent()) }
         let deadline = ContinuousClock.now + .nanoseconds(core.runtime.config.server.drainTimeout.nanoseconds)

@@ -85,6 +85,8 @@ final class AdminHandler: ChannelInboundHandler {
                 Answer(
                     status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
                     body: gateway.core.metrics.render()))
+        case (.GET, "/upstreams"):
+            return eventLoop.makeSucceededFuture(Answer(status: .ok, body: upstreams()))
         case (.GET, "/config"):
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
@@ -121,12 +123,25 @@ final class AdminHandler: ChannelInboundHandler {
                 .problem(
                     .methodNotAllowed, "This endpoint does not accept \(method.rawValue).", headers: [("Allow", allow)])
             )
-        case (_, "/readyz"), (_, "/metrics"), (_, "/config"), (_, "/reload"), (_, "/cache/purge"):
+        case (_, "/readyz"), (_, "/metrics"), (_, "/config"), (_, "/reload"), (_, "/cache/purge"), (_, "/upstreams"):
             return eventLoop.makeSucceededFuture(
                 .problem(.methodNotAllowed, "This endpoint does not accept \(method.rawValue)."))
         default:
             return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
         }
+    }
+
+    /// `GET /upstreams`: each upstream's targets with their state (healthy, unhealthy, ejected, circuit-open,
+    /// circuit-half-open, paused) and requests in flight.
+    private func upstreams() -> String {
+        let upstreams = gateway.core.runtime.pools.map { pool in
+            let targets = pool.snapshot().map { target in
+                "{\"url\":\(Self.quoted(target.url)),\"weight\":\(target.weight),\"state\":\(Self.quoted(target.state)),"
+                    + "\"in_flight\":\(target.inFlight)}"
+            }
+            return Self.quoted(pool.config.name) + ":{\"targets\":[" + targets.joined(separator: ",") + "]}"
+        }
+        return "{" + upstreams.joined(separator: ",") + "}"
     }
 
     /// `POST /consumers/{id}/keys` issues a key (returned once, stored hashed); `DELETE

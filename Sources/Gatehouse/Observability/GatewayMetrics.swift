@@ -28,6 +28,13 @@ final class GatewayMetrics: Sendable {
     }
 
     func routeMetrics(_ routeID: String) -> RouteMetrics { RouteMetrics(route: routeID, factory: factory) }
+
+    /// Token requests sent to an upstream's OAuth2 token endpoint.
+    func oauth2Fetches(_ upstream: String) -> CoreMetrics.Counter {
+        CoreMetrics.Counter(
+            label: "gatehouse_upstream_oauth2_token_fetches_total", dimensions: [("upstream", upstream)],
+            factory: factory)
+    }
 }
 
 /// The metrics of one route: requests by status, latency, upstream errors.

@@ -12,7 +12,7 @@ import UpstreamClient
 /// | authenticate | API key or JWT -> consumer                                 | 401 403 503           |
 /// | rate limit   | every policy that applies, one Redis round trip            | 429 (503 `deny`)      |
 /// | cache lookup | key, fresh hit, 304, stale rules, coalescing               | cached answer         |
-/// | pick target  | balancer (health and breakers later)                       | 503                   |
+/// | pick target  | balancer over healthy targets, breakers, Retry-After pauses | 503 (429)             |
 /// | forward      | rewrite path and headers, stream through libcurl           | 502 504               |
 /// | cache store  | decide cacheability, store while streaming to the client   |                       |
 /// | respond      | response headers (X-Request-ID, Via, Cache-Status)         |                       |
@@ -343,11 +343,17 @@ enum CacheLookupPhase {
 /// pick target: chooses the upstream server.
 enum PickTargetPhase {
     static func run(_ context: inout RequestContext) throws(GatewayError) {
-        guard let pool = context.route?.pool, let target = pool.pickTarget() else {
+        guard let pool = context.route?.pool else {
             throw GatewayError(
                 status: .serviceUnavailable, detail: "No upstream target is available.", origin: .gateway)
         }
-        context.targetURL = target
+        switch pool.pick(hashKey: pool.hashHeader.flatMap { context.head.headers.first(name: $0) }) {
+        case .success(let lease):
+            context.targetURL = lease.url
+            context.lease = lease
+        case .failure(let error):
+            throw error
+        }
     }
 }
 

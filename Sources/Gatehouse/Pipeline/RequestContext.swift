@@ -27,6 +27,8 @@ struct RequestContext {
     var route: CompiledRoute?
     var parameters: [(name: String, value: Substring)] = []
     var targetURL: String?
+    /// The target the current upstream attempt uses.
+    var lease: TargetLease?
     var status = 0
     var bytesIn = 0
     var bytesOut = 0

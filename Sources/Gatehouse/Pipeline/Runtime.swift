@@ -14,16 +14,18 @@ final class Runtime: Sendable {
     let rateLimitPolicies: [String: RateLimitPolicy]
     /// Each consumer's own policy, by consumer id.
     let consumerRateLimits: [String: String]
+    /// The upstreams, in config order.
+    let pools: [UpstreamPool]
 
     init(config: GatehouseConfiguration, metrics: GatewayMetrics) {
         self.config = config
-        var pools: [String: UpstreamPool] = [:]
-        for upstream in config.upstreams {
-            pools[upstream.name] = UpstreamPool(upstream, apiKeyHeader: config.auth.apiKey.header)
+        pools = config.upstreams.map {
+            UpstreamPool($0, apiKeyHeader: config.auth.apiKey.header, factory: metrics.factory)
         }
+        let byName = Dictionary(pools.map { ($0.config.name, $0) }, uniquingKeysWith: { first, _ in first })
         routes = config.routes.map { route in
             CompiledRoute(
-                route, pool: route.upstream.flatMap { pools[$0] }, metrics: metrics.routeMetrics(route.id),
+                route, pool: route.upstream.flatMap { byName[$0] }, metrics: metrics.routeMetrics(route.id),
                 cacheMetrics: route.cache.map { _ in CacheMetrics(route: route.id, factory: metrics.factory) })
         }
         table = RouteTable(config.routes)
@@ -43,16 +45,6 @@ final class Runtime: Sendable {
         var out: [String] = []
         for route in c.routes where route.respond != nil && !route.rateLimit.isEmpty {
             out.append("routes[\(route.id)].rate_limit (a respond route answers before rate limits are checked)")
-        }
-        for upstream in c.upstreams {
-            if upstream.balance != .roundRobin {
-                out.append("upstreams.\(upstream.name).balance (round_robin is used)")
-            }
-            if upstream.retries != nil { out.append("upstreams.\(upstream.name).retries (no retries yet)") }
-            if upstream.healthCheck != nil { out.append("upstreams.\(upstream.name).health_check (not run yet)") }
-            if upstream.circuitBreaker != nil {
-                out.append("upstreams.\(upstream.name).circuit_breaker (not enforced yet)")
-            }
         }
         return out
     }

@@ -16,6 +16,8 @@ final class GatewayCore: Sendable {
     let authenticator: Authenticator
     /// `rate_limits`, in Redis (or memory).
     let rateLimiter: RateLimiter
+    /// OAuth2 client-credentials tokens for upstreams; they outlive reloads.
+    let oauth2: OAuth2Tokens
     let metrics: GatewayMetrics
     let accessLog: AccessLog?
     let logger: Logger
@@ -32,6 +34,7 @@ final class GatewayCore: Sendable {
         cache = ResponseCache(store: store, localBytes: runtime.config.redis.localCacheBytes, logger: logger)
         authenticator = Authenticator(store: store, upstream: upstream, metrics: metrics, logger: logger)
         rateLimiter = RateLimiter(store: store, metrics: metrics, logger: logger)
+        oauth2 = OAuth2Tokens(store: store, client: upstream, metrics: metrics, logger: logger)
         var indices: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }
         loopIndices = indices

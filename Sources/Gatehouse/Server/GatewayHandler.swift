@@ -1,3 +1,4 @@
+import GatehouseConfig
 import NIOCore
 import NIOHTTP1
 import UpstreamClient
@@ -39,6 +40,21 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         /// Request body that arrived before the upstream exchange started.
         var heldBody = CircularBuffer<ByteBuffer>()
         var heldBodyBytes = 0
+        /// The request as last sent upstream, for a retry or a resend with a fresh OAuth2 token.
+        var upstreamRequest: UpstreamRequest?
+        /// Upstream attempts so far, and the targets they used.
+        var attempts = 0
+        var triedTargets: [Int] = []
+        /// Monotonic nanoseconds when the first attempt started: retries share the route's timeout.
+        var firstAttemptStart: UInt64 = 0
+        /// Whether this request may be sent again (retries or OAuth2); only then is its body kept in `replay`.
+        var mayResend = false
+        /// The request body sent so far, while it stays within ``GatewayHandler/replayLimit``.
+        var replay: [ByteBuffer] = []
+        var replayBytes = 0
+        /// The OAuth2 token the current attempt carries, and whether it was already refreshed once.
+        var token: String?
+        var tokenRefreshed = false
         var isHead: Bool { context.head.method == .HEAD }
 
         init(context: RequestContext, runtime: Runtime) {
@@ -195,21 +211,184 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    /// Starts the upstream exchange, with whatever request body arrived while the pipeline was waiting.
+    /// Request bodies up to this size are kept while they may have to be sent again.
+    static let replayLimit = 1 << 20
+
+    /// Starts an upstream attempt, with whatever request body arrived while the pipeline was waiting. On an
+    /// upstream with `oauth2`, the attempt waits for a token when this instance holds none.
     func startTransfer(_ request: UpstreamRequest, _ exchange: Exchange, context: ChannelHandlerContext) {
-        let head = exchange.context.head
-        if !exchange.requestEnded, head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
-            context.writeAndFlush(
-                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+        exchange.attempts += 1
+        if let lease = exchange.context.lease { exchange.triedTargets.append(lease.index) }
+        let pool = exchange.context.route?.pool
+        if exchange.attempts == 1 {
+            exchange.firstAttemptStart = UpstreamPool.now()
+            exchange.mayResend =
+                pool?.config.oauth2 != nil
+                || ((pool?.config.retries?.attempts ?? 1) > 1 && Self.isIdempotent(exchange.context.head.method))
+            let head = exchange.context.head
+            if !exchange.requestEnded, head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
+                context.writeAndFlush(
+                    wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
+            }
         }
+        guard let pool, pool.config.oauth2 != nil else {
+            launch(request, token: nil, exchange, context: context)
+            return
+        }
+        if let token = core.oauth2.heldToken(for: pool.config) {
+            launch(request, token: token, exchange, context: context)
+            return
+        }
+        exchange.waiting = true
+        let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+        core.oauth2.token(for: pool.config, on: context.eventLoop).whenComplete { result in
+            let (handler, exchange) = bound.value
+            guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                exchange.waiting, !exchange.responseStarted
+            else { return }
+            exchange.waiting = false
+            switch result {
+            case .success(let token):
+                handler.launch(request, token: token, exchange, context: context)
+            case .failure(let error):
+                exchange.context.lease?.record(.neutral)
+                exchange.context.lease?.end()
+                handler.respondError(
+                    error as? GatewayError
+                        ?? GatewayError(status: .badGateway, detail: "No upstream token.", origin: .upstream),
+                    exchange, context: context)
+            }
+        }
+    }
+
+    private func launch(
+        _ request: UpstreamRequest, token: String?, _ exchange: Exchange, context: ChannelHandlerContext
+    ) {
+        var request = request
+        if let token {
+            request.headers.removeAll { $0.name.lowercased() == "authorization" }
+            request.headers.append(("Authorization", "Bearer " + token))
+            exchange.token = token
+        }
+        if exchange.mayResend { exchange.upstreamRequest = request }
         let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
         let transfer = core.upstream.start(request, delegate: bridge, worker: workerIndex)
         exchange.transfer = transfer
         var keepReading = true
-        while let buffer = exchange.heldBody.popFirst() { keepReading = transfer.sendBody(buffer) }
+        if exchange.attempts > 1 {
+            for buffer in exchange.replay { keepReading = transfer.sendBody(buffer) }
+        }
+        while let buffer = exchange.heldBody.popFirst() { keepReading = send(buffer, exchange, to: transfer) }
         exchange.heldBodyBytes = 0
         if exchange.requestEnded { transfer.endBody() }
         if keepReading, readBlocked { resumeReading(context: context) }
+    }
+
+    /// Sends request body upstream, keeping a copy while the request may be sent again.
+    private func send(_ buffer: ByteBuffer, _ exchange: Exchange, to transfer: UpstreamTransfer) -> Bool {
+        if exchange.mayResend {
+            exchange.replayBytes += buffer.readableBytes
+            if exchange.replayBytes <= Self.replayLimit {
+                exchange.replay.append(buffer)
+            } else {
+                exchange.replay.removeAll()
+            }
+        }
+        return transfer.sendBody(buffer)
+    }
+
+    /// Whether the request can be sent again: nothing reached the client yet and its whole body so far is kept.
+    private func canResend(_ exchange: Exchange) -> Bool {
+        exchange.mayResend && !exchange.responseStarted && exchange.upstreamRequest != nil
+            && exchange.replayBytes <= Self.replayLimit
+    }
+
+    /// RFC 9110 §9.2.2: the methods whose repetition has the effect of one request.
+    static func isIdempotent(_ method: HTTPMethod) -> Bool {
+        switch method {
+        case .GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE: true
+        default: false
+        }
+    }
+
+    /// Whether `retries` allows another attempt after `condition`; takes one retry from the budget when it does.
+    private func mayRetry(_ exchange: Exchange, after condition: RetryPolicy.Condition) -> Bool {
+        guard let pool = exchange.context.route?.pool, let policy = pool.config.retries, policy.on.contains(condition),
+            exchange.attempts < policy.attempts, Self.isIdempotent(exchange.context.head.method), canResend(exchange)
+        else { return false }
+        return pool.allowRetry()
+    }
+
+    /// Sends the request again, to another target when `preferOther` and one is available, within what is left of
+    /// the route's timeout; `after` is waited for first. False when it cannot (the current attempt then goes on).
+    private func resend(
+        _ exchange: Exchange, context: ChannelHandlerContext, preferOther: Bool,
+        after: EventLoopFuture<Void>? = nil
+    ) -> Bool {
+        guard var request = exchange.upstreamRequest, let route = exchange.context.route, let pool = route.pool
+        else { return false }
+        let elapsed = Int((UpstreamPool.now() - exchange.firstAttemptStart) / 1_000_000)
+        let remaining = route.timeoutMilliseconds - elapsed
+        guard remaining > 0 else { return false }
+        let hashKey = pool.hashHeader.flatMap { exchange.context.head.headers.first(name: $0) }
+        guard
+            case .success(let lease) = pool.pick(hashKey: hashKey, excluding: preferOther ? exchange.triedTargets : [])
+        else { return false }
+        exchange.transfer?.cancel()
+        exchange.transfer = nil
+        exchange.context.lease?.end()
+        let oldBase = exchange.context.targetURL ?? ""
+        request.url = lease.url + request.url.dropFirst(oldBase.count)
+        request.timeoutMilliseconds = remaining
+        exchange.context.lease = lease
+        exchange.context.targetURL = lease.url
+        guard let after else {
+            startTransfer(request, exchange, context: context)
+            return true
+        }
+        exchange.waiting = true
+        let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+        let resent = request
+        after.hop(to: context.eventLoop).whenComplete { _ in
+            let (handler, exchange) = bound.value
+            guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                exchange.waiting, !exchange.responseStarted
+            else { return }
+            exchange.waiting = false
+            handler.startTransfer(resent, exchange, context: context)
+        }
+        return true
+    }
+
+    /// Reports an upstream answer to its target and decides whether it goes to the client: a 401 to an OAuth2
+    /// token is resent once with a fresh token, and a status listed in `retries.on` is retried. True when the
+    /// request was sent again instead.
+    private func upstreamAnswered(_ head: UpstreamResponseHead, _ exchange: Exchange, context: ChannelHandlerContext)
+        -> Bool
+    {
+        let lease = exchange.context.lease
+        lease?.record(.of(status: head.status))
+        if head.status == 429 || head.status == 503,
+            let value = head.headers.first(where: { $0.name.lowercased() == "retry-after" })?.value,
+            let seconds = Self.retryAfterSeconds(value)
+        {
+            lease?.pause(status: head.status, seconds: seconds)
+        }
+        guard !exchange.responseStarted, let pool = exchange.context.route?.pool else { return false }
+        if head.status == 401, let token = exchange.token, !exchange.tokenRefreshed, canResend(exchange) {
+            exchange.tokenRefreshed = true
+            let refreshed = core.oauth2.invalidate(token, for: pool.config, on: context.eventLoop)
+            return resend(exchange, context: context, preferOther: false, after: refreshed)
+        }
+        return mayRetry(exchange, after: .status(head.status)) && resend(exchange, context: context, preferOther: true)
+    }
+
+    /// `Retry-After` as seconds from now: delay-seconds or an HTTP date.
+    static func retryAfterSeconds(_ value: String) -> Int? {
+        let trimmed = value.trimmingCharacters(in: .whitespaces)
+        if let seconds = Int(trimmed) { return seconds >= 0 ? seconds : nil }
+        guard let date = HTTPDate.parse(trimmed) else { return nil }
+        return Int(max(0, date - HTTPDate.nowMilliseconds() / 1000))
     }
 
     private func requestBody(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
@@ -225,7 +404,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         if let transfer = exchange.transfer, !exchange.responseEnded {
-            if !transfer.sendBody(buffer) { readBlocked = true }
+            if !send(buffer, exchange, to: transfer) { readBlocked = true }
         } else if exchange.waiting {
             // The pipeline is still deciding (authentication, a cache lookup): hold the body, within bounds.
             exchange.heldBody.append(buffer)
@@ -399,9 +578,11 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if let head = events.head {
             guard (200...599).contains(head.status), !exchange.responseStarted else {
                 exchange.transfer?.cancel()
+                exchange.context.lease?.record(.failure)
                 upstreamFailed(UpstreamError(kind: .reset, detail: "invalid status line"), exchange, context: context)
                 return
             }
+            if upstreamAnswered(head, exchange, context: context) { return }
             if let cache = exchange.cache {
                 if cache.revalidating, head.status == 304 {
                     exchange.notModified = head
@@ -450,9 +631,18 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             exchange.context.upstreamMicroseconds = completion.totalMicroseconds
             exchange.transfer = nil
             if let error = completion.error {
+                let lease = exchange.context.lease
+                lease?.record(error.kind == .cancelled || error.kind == .requestBody ? .neutral : .failure)
+                if error.kind == .connect || error.kind == .connectTimeout, !exchange.responseStarted,
+                    mayRetry(exchange, after: .connectFailure), resend(exchange, context: context, preferOther: true)
+                {
+                    return
+                }
+                lease?.end()
                 upstreamFailed(error, exchange, context: context)
                 return
             }
+            exchange.context.lease?.end()
             if let notModified = exchange.notModified, let cache = exchange.cache {
                 let responseHeaders = Pipeline.responseHead(for: notModified, exchange.context).headers
                 if let entry = cache.refresh(with: notModified, responseHeaders: responseHeaders, on: context.eventLoop)
@@ -580,6 +770,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func log(_ exchange: Exchange) {
         guard !exchange.logged else { return }
         exchange.logged = true
+        exchange.context.lease?.record(.neutral)
+        exchange.context.lease?.end()
         // Whatever happened, requests waiting for this one's flight must not wait on.
         exchange.cache?.land(nil)
         exchange.waitTimer?.cancel()
@@ -602,6 +794,8 @@ final class UpstreamBridge: UpstreamTransferDelegate {
 
     func upstreamTransfer(_ transfer: UpstreamTransfer, received events: UpstreamEvents) {
         let (handler, exchange) = target.value
+        // A cancelled attempt's last events (a retry replaced it) are not the current answer.
+        guard exchange.transfer === transfer else { return }
         handler.upstreamEvents(events, for: exchange)
     }
 

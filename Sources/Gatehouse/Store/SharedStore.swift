@@ -20,6 +20,8 @@ protocol SharedStore: Sendable {
     func set(_ key: String, _ value: [UInt8], expireMilliseconds: Int?, onlyIfAbsent: Bool) async throws -> Bool
     /// Deletes keys; returns how many existed.
     func delete(_ keys: [String]) async throws -> Int
+    /// Deletes `key` only while it still holds `value`; true when it did.
+    func delete(_ key: String, ifEqualTo value: [UInt8]) async throws -> Bool
     /// Adds one to a counter, giving it an expiry when it is new; returns the new value.
     func increment(_ key: String, expireMilliseconds: Int?) async throws -> Int64
 
@@ -119,6 +121,14 @@ final class RedisStore: SharedStore {
     func delete(_ keys: [String]) async throws -> Int {
         guard !keys.isEmpty else { return 0 }
         return Int(try await client.send(["DEL"] + keys.map { .string(prefix + $0) }).integer ?? 0)
+    }
+
+    static let deleteIfEqualScript = RedisScript(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+
+    func delete(_ key: String, ifEqualTo value: [UInt8]) async throws -> Bool {
+        let reply = try await client.evalsha(Self.deleteIfEqualScript, keys: [prefix + key], arguments: [.bytes(value)])
+        return reply.integer == 1
     }
 
     static let incrementScript = RedisScript(
@@ -342,6 +352,14 @@ final class MemoryStore: SharedStore {
 
     func delete(_ keys: [String]) async throws -> Int {
         entries.withLock { entries in keys.reduce(0) { $0 + (entries.removeValue(forKey: $1) == nil ? 0 : 1) } }
+    }
+
+    func delete(_ key: String, ifEqualTo value: [UInt8]) async throws -> Bool {
+        entries.withLock { entries in
+            guard entries[key]?.value == value else { return false }
+            entries[key] = nil
+            return true
+        }
     }
 
     func increment(_ key: String, expireMilliseconds: Int?) async throws -> Int64 {

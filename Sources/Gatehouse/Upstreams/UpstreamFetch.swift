@@ -26,12 +26,22 @@ final class UpstreamFetch: UpstreamTransferDelegate {
         _ url: String, client: UpstreamClient, on eventLoop: EventLoop, timeoutMilliseconds: Int = 5000,
         limit: Int = 1 << 20
     ) -> EventLoopFuture<Answer> {
-        let fetch = UpstreamFetch(eventLoop: eventLoop, limit: limit)
         let request = UpstreamRequest(
             url: url, method: "GET", headers: [("Accept", "application/json"), ("User-Agent", "gatehouse")],
             bodyLength: nil, connectTimeoutMilliseconds: min(timeoutMilliseconds, 2000),
             timeoutMilliseconds: timeoutMilliseconds)
-        client.start(request, delegate: fetch).endBody()
+        return send(request, client: client, on: eventLoop, limit: limit)
+    }
+
+    /// Sends `request` with `body` (whose length must match `request.bodyLength`) and collects the answer.
+    static func send(
+        _ request: UpstreamRequest, body: [UInt8]? = nil, client: UpstreamClient, on eventLoop: EventLoop,
+        limit: Int = 1 << 20
+    ) -> EventLoopFuture<Answer> {
+        let fetch = UpstreamFetch(eventLoop: eventLoop, limit: limit)
+        let transfer = client.start(request, delegate: fetch)
+        if let body, !body.isEmpty { _ = transfer.sendBody(ByteBuffer(bytes: body)) }
+        transfer.endBody()
         return fetch.promise.futureResult
     }
 

@@ -1,0 +1,254 @@
+import Crypto
+import Foundation
+import GatehouseConfig
+import Logging
+import NIOCore
+import RedisClient
+import Synchronization
+import UpstreamClient
+
+/// OAuth 2.0 client-credentials tokens for upstreams with `oauth2:`, shared by every instance through the store.
+///
+/// Each instance keeps the current token in memory until its refresh time. When it needs a new one it reads the
+/// store first; if no instance has stored one, the instance that wins a short lock asks the token endpoint and
+/// stores the token until shortly before it expires, and the others wait for it. Without Redis, each instance
+/// fetches its own. Concurrent requests of one instance share one acquisition. Outlives config reloads.
+final class OAuth2Tokens: Sendable {
+    private struct Slot {
+        var token: String?
+        /// Wall-clock milliseconds after which the token is renewed.
+        var refreshAt: Int64 = 0
+        var pending: EventLoopFuture<String>?
+    }
+
+    private let store: SharedStore
+    private let client: UpstreamClient
+    private let logger: Logger
+    private let slots = Mutex<[String: Slot]>([:])
+    private let metrics: GatewayMetrics
+    /// Identifies this instance's lock.
+    private let owner = UUID().uuidString
+
+    init(store: SharedStore, client: UpstreamClient, metrics: GatewayMetrics, logger: Logger) {
+        self.store = store
+        self.client = client
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// The token this instance holds for `upstream`, while it is fresh.
+    func heldToken(for upstream: UpstreamConfig) -> String? {
+        guard let config = upstream.oauth2 else { return nil }
+        let key = Self.storeKey(upstream.name, config)
+        let now = Self.wallMilliseconds()
+        return slots.withLock { slots in
+            guard let slot = slots[key], let token = slot.token, slot.refreshAt > now else { return nil }
+            return token
+        }
+    }
+
+    /// The current token: at once when this instance holds a fresh one, else when it has been acquired.
+    func token(for upstream: UpstreamConfig, on loop: EventLoop) -> EventLoopFuture<String> {
+        guard let config = upstream.oauth2 else {
+            return loop.makeFailedFuture(GatewayError(status: .badGateway, detail: "no oauth2", origin: .gateway))
+        }
+        let key = Self.storeKey(upstream.name, config)
+        let now = Self.wallMilliseconds()
+        let found = slots.withLock { slots -> EventLoopFuture<String> in
+            var slot = slots[key] ?? Slot()
+            if let token = slot.token, slot.refreshAt > now { return loop.makeSucceededFuture(token) }
+            if let pending = slot.pending { return pending }
+            let promise = loop.makePromise(of: String.self)
+            slot.pending = promise.futureResult
+            slots[key] = slot
+            Task { await self.acquire(key: key, upstream: upstream, config: config, loop: loop, promise: promise) }
+            return promise.futureResult
+        }
+        return found.hop(to: loop)
+    }
+
+    /// The upstream refused `token` (401): it is dropped here and in the store, unless another instance has
+    /// already replaced it there. Completes when the store no longer offers it.
+    func invalidate(_ token: String, for upstream: UpstreamConfig, on loop: EventLoop) -> EventLoopFuture<Void> {
+        let promise = loop.makePromise(of: Void.self)
+        promise.completeWithTask { await self.invalidate(token, for: upstream) }
+        return promise.futureResult
+    }
+
+    private func invalidate(_ token: String, for upstream: UpstreamConfig) async {
+        guard let config = upstream.oauth2 else { return }
+        let key = Self.storeKey(upstream.name, config)
+        slots.withLock { slots in
+            if slots[key]?.token == token {
+                slots[key]?.token = nil
+                slots[key]?.refreshAt = 0
+            }
+        }
+        if let current = try? await store.get(key), Self.decodeStored(current)?.token == token {
+            _ = try? await store.delete(key, ifEqualTo: current)
+        }
+    }
+
+    private func acquire(
+        key: String, upstream: UpstreamConfig, config: OAuth2Config, loop: EventLoop, promise: EventLoopPromise<String>
+    ) async {
+        do {
+            let (token, refreshAt) = try await sharedToken(key: key, upstream: upstream, config: config, loop: loop)
+            slots.withLock { slots in
+                slots[key] = Slot(token: token, refreshAt: refreshAt, pending: nil)
+            }
+            promise.succeed(token)
+        } catch {
+            slots.withLock { slots in slots[key]?.pending = nil }
+            logger.warning(
+                "oauth2: no token for the upstream",
+                metadata: ["upstream": "\(upstream.name)", "error": "\(error)"])
+            promise.fail(
+                GatewayError(
+                    status: .badGateway,
+                    detail: "The gateway could not obtain a token for the upstream \(upstream.name).",
+                    origin: .upstream))
+        }
+    }
+
+    /// A token from the store, or fetched by this instance (under the store's lock when Redis is there).
+    private func sharedToken(key: String, upstream: UpstreamConfig, config: OAuth2Config, loop: EventLoop)
+        async throws -> (String, Int64)
+    {
+        guard store.usesRedis else { return try await fetch(upstream: upstream, config: config, loop: loop) }
+        let lockKey = key + ":lock"
+        do {
+            for _ in 0..<2 {
+                if let stored = try await freshStored(key) { return stored }
+                if try await store.set(lockKey, Array(owner.utf8), expireMilliseconds: 10_000, onlyIfAbsent: true) {
+                    do {
+                        let (token, refreshAt) = try await fetch(upstream: upstream, config: config, loop: loop)
+                        let ttl = Int(refreshAt - Self.wallMilliseconds())
+                        if ttl > 0 {
+                            _ = try? await store.set(
+                                key, Self.encodeStored(token: token, refreshAt: refreshAt), expireMilliseconds: ttl,
+                                onlyIfAbsent: false)
+                        }
+                        _ = try? await store.delete(lockKey, ifEqualTo: Array(owner.utf8))
+                        return (token, refreshAt)
+                    } catch {
+                        _ = try? await store.delete(lockKey, ifEqualTo: Array(owner.utf8))
+                        throw error
+                    }
+                }
+                // Another instance is fetching: wait for its token, up to the lock's lifetime.
+                for _ in 0..<200 {
+                    try await Task.sleep(for: .milliseconds(50))
+                    if let stored = try await freshStored(key) { return stored }
+                    if try await store.get(lockKey) == nil { break }
+                }
+            }
+        } catch let error as RedisError {
+            logger.info(
+                "oauth2: the store is unavailable; fetching a token for this instance", metadata: ["error": "\(error)"])
+        }
+        return try await fetch(upstream: upstream, config: config, loop: loop)
+    }
+
+    private func freshStored(_ key: String) async throws -> (String, Int64)? {
+        guard let bytes = try await store.get(key), let stored = Self.decodeStored(bytes),
+            let refreshAt = stored.refreshAt, refreshAt > Self.wallMilliseconds()
+        else { return nil }
+        return (stored.token, refreshAt)
+    }
+
+    /// Asks the token endpoint (RFC 6749 §4.4); the token is renewed 10% of its lifetime (at most a minute)
+    /// before it expires.
+    private func fetch(upstream: UpstreamConfig, config: OAuth2Config, loop: EventLoop) async throws -> (String, Int64)
+    {
+        var form = [("grant_type", "client_credentials")]
+        if !config.scopes.isEmpty { form.append(("scope", config.scopes.joined(separator: " "))) }
+        if let audience = config.audience { form.append(("audience", audience)) }
+        var headers: [(name: String, value: String)] = [
+            ("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json"),
+            ("User-Agent", "gatehouse"),
+        ]
+        switch config.clientAuth {
+        case .basic:
+            let credentials = Self.formEncode(config.clientID) + ":" + Self.formEncode(config.clientSecret.value)
+            headers.append(("Authorization", "Basic " + Data(credentials.utf8).base64EncodedString()))
+        case .body:
+            form.append(("client_id", config.clientID))
+            form.append(("client_secret", config.clientSecret.value))
+        }
+        let body = Array(form.map { Self.formEncode($0.0) + "=" + Self.formEncode($0.1) }.joined(separator: "&").utf8)
+        let request = UpstreamRequest(
+            url: config.tokenURL, method: "POST", headers: headers, bodyLength: Int64(body.count),
+            connectTimeoutMilliseconds: Int(max(1, upstream.connectTimeout.milliseconds)),
+            timeoutMilliseconds: 10_000, verifyTLS: upstream.tls.verify, caFile: upstream.tls.caFile)
+        metrics.oauth2Fetches(upstream.name).increment()
+        let answer = try await UpstreamFetch.send(
+            request, body: body, client: client, on: loop, limit: 64 * 1024
+        ).get()
+        guard (200..<300).contains(answer.status) else {
+            throw TokenError.refused(
+                status: answer.status, body: String(decoding: answer.body.prefix(200), as: UTF8.self))
+        }
+        guard let object = try? JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: Any],
+            let token = object["access_token"] as? String, !token.isEmpty,
+            token.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f })
+        else { throw TokenError.malformed }
+        if let type = object["token_type"] as? String, type.lowercased() != "bearer" {
+            throw TokenError.unsupportedType(type)
+        }
+        let lifetime: Int64
+        if let seconds = object["expires_in"] as? Int {
+            lifetime = Int64(max(1, seconds)) * 1000
+        } else if let text = object["expires_in"] as? String, let seconds = Int64(text) {
+            lifetime = max(1, seconds) * 1000
+        } else {
+            lifetime = 300_000  // RFC 6749 leaves it optional; assume five minutes.
+        }
+        let margin = min(lifetime / 10, 60_000)
+        return (token, Self.wallMilliseconds() + lifetime - margin)
+    }
+
+    enum TokenError: Error, CustomStringConvertible {
+        case refused(status: Int, body: String)
+        case malformed
+        case unsupportedType(String)
+
+        var description: String {
+            switch self {
+            case .refused(let status, let body): "the token endpoint answered \(status): \(body)"
+            case .malformed: "the token endpoint's answer has no access_token"
+            case .unsupportedType(let type): "token_type \(type) is not Bearer"
+            }
+        }
+    }
+
+    // MARK: helpers
+
+    /// `oauth2:<upstream>:<digest of what identifies the grant>`, so a changed grant never reuses an old token.
+    static func storeKey(_ upstream: String, _ config: OAuth2Config) -> String {
+        let identity = [config.tokenURL, config.clientID, config.scopes.joined(separator: " "), config.audience ?? ""]
+            .joined(separator: "\n")
+        let digest = SHA256.hash(data: Data(identity.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
+        return "oauth2:" + upstream + ":" + digest
+    }
+
+    /// `<refreshAt ms> <token>`.
+    static func encodeStored(token: String, refreshAt: Int64?) -> [UInt8] {
+        Array("\(refreshAt ?? 0) \(token)".utf8)
+    }
+
+    static func decodeStored(_ bytes: [UInt8]) -> (token: String, refreshAt: Int64?)? {
+        guard let space = bytes.firstIndex(of: 0x20) else { return nil }
+        let refreshAt = Int64(String(decoding: bytes[..<space], as: UTF8.self))
+        return (String(decoding: bytes[(space + 1)...], as: UTF8.self), refreshAt)
+    }
+
+    /// application/x-www-form-urlencoded.
+    static func formEncode(_ text: String) -> String {
+        let allowed = CharacterSet(charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._*")
+        return (text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text).replacingOccurrences(
+            of: "%20", with: "+")
+    }
+
+    static func wallMilliseconds() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+}

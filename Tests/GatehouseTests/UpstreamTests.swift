@@ -1,0 +1,328 @@
+import DemoUpstream
+import Foundation
+import NIOCore
+import Testing
+
+@testable import Gatehouse
+
+/// Balancing, health, retries, breakers, Retry-After and OAuth2, against several real demo upstreams.
+@Suite struct UpstreamTests {
+    /// Starts one demo upstream per weight and a gateway whose upstream `pool` lists them with `settings`
+    /// (YAML lines under the upstream), routing everything there; runs `body`; stops all of it.
+    static func run(
+        weights: [Int], settings: String = "", redis: String = "memory://", prefix: String = "gatehouse:",
+        environment: [String: String] = [:], servers given: [DemoUpstream]? = nil,
+        _ body: (Harness, [DemoUpstream]) async throws -> Void
+    ) async throws {
+        var servers: [DemoUpstream] = given ?? []
+        if given == nil { for _ in weights { servers.append(try await DemoUpstream.start()) } }
+        let targets = zip(servers, weights).map { server, weight in
+            "      - { url: \"http://127.0.0.1:\(server.port)\", weight: \(weight) }"
+        }
+        let yaml = """
+            server:
+              listen: "127.0.0.1:0"
+              threads: 1
+              access_log: "off"
+            admin:
+              listen: "127.0.0.1:0"
+            redis:
+              url: "\(redis)"
+              key_prefix: "\(prefix)"
+            upstreams:
+              pool:
+                targets:
+            \(targets.joined(separator: "\n"))
+            \(settings.split(separator: "\n").map { "    " + $0 }.joined(separator: "\n"))
+            routes:
+              - { id: api, match: { path_prefix: "/" }, upstream: pool }
+            """
+        let extra = Array(servers.dropFirst())
+        do {
+            try await Harness.run({ _ in yaml }, environment: environment, upstream: servers[0]) { h in
+                try await body(h, servers)
+            }
+        } catch {
+            for server in extra { await server.stop() }
+            throw error
+        }
+        for server in extra { await server.stop() }
+    }
+
+    /// The port of the target that answered.
+    static func servedBy(_ response: RawResponse) -> Int { Int(response.header("X-Served-By") ?? "") ?? 0 }
+
+    /// `count` GETs of `path` over one keep-alive connection; the port that served each.
+    static func servedBy(port: Int, count: Int, path: String = "/") async throws -> [Int] {
+        try await RawConnection.with(port: port) { connection in
+            var ports: [Int] = []
+            for _ in 0..<count {
+                try await connection.send("GET \(path) HTTP/1.1\r\nHost: test.local\r\n\r\n")
+                ports.append(servedBy(try await connection.readResponse()))
+            }
+            return ports
+        }
+    }
+
+    @Test(arguments: ["round_robin", "least_requests", "random"])
+    func distributionFollowsTheWeights(balance: String) async throws {
+        try await Self.run(weights: [1, 2, 5], settings: "balance: \(balance)") {
+            (h: Harness, servers: [DemoUpstream]) async throws in
+            let ports = try await Self.servedBy(port: h.port, count: 1000)
+            for (server, weight) in zip(servers, [1, 2, 5]) {
+                let share = Double(ports.filter { $0 == server.port }.count) / 1000
+                let expected = Double(weight) / 8
+                // Round robin and least requests (sequential requests tie, ties share by weight) are exact;
+                // random is within 5 percentage points.
+                #expect(abs(share - expected) <= (balance == "random" ? 0.05 : 0.002), "\(balance) \(weight)")
+            }
+        }
+    }
+
+    @Test func leastRequestsAvoidsTheBusyTarget() async throws {
+        try await Self.run(weights: [1, 1], settings: "balance: least_requests") {
+            (h: Harness, servers: [DemoUpstream]) async throws in
+            async let slow = request(port: h.port, "/delay/1500")
+            try await waitUntil { servers.map(\.requestCount).reduce(0, +) == 1 }
+            let busy = servers.first { $0.requestCount == 1 }?.port
+            let ports = try await Self.servedBy(port: h.port, count: 10)
+            #expect(busy != nil)
+            #expect(!ports.contains(busy ?? 0))
+            #expect(try await slow.status == 200)
+        }
+    }
+
+    @Test func hashHeaderIsStickyAndMovesOnlyTheKeysOfALeavingTarget() async throws {
+        let settings = """
+            balance: "hash:header:X-User"
+            retries: { attempts: 2, on: [connect_failure] }
+            passive_health: { failures: 1, eject_for: 1m }
+            """
+        try await Self.run(weights: [1, 1, 1], settings: settings) {
+            (h: Harness, servers: [DemoUpstream]) async throws in
+            func route(_ user: Int) async throws -> RawResponse {
+                try await request(port: h.port, "/", headers: [("X-User", "user-\(user)")])
+            }
+            var before: [Int: Int] = [:]
+            for user in 0..<40 { before[user] = Self.servedBy(try await route(user)) }
+            #expect(Set(before.values).count == 3)
+            for user in 0..<40 { #expect(Self.servedBy(try await route(user)) == before[user]) }
+
+            let leaving = servers[2].port
+            await servers[2].stop()
+            for user in 0..<40 {
+                let response = try await route(user)
+                #expect(response.status == 200)
+                if before[user] != leaving {
+                    #expect(Self.servedBy(response) == before[user], "user-\(user) moved")
+                } else {
+                    #expect(Self.servedBy(response) != leaving)
+                }
+            }
+        }
+    }
+
+    @Test func aKilledTargetIsAvoidedAndComesBack() async throws {
+        let settings = """
+            health_check: { path: /healthz, interval: 100ms, unhealthy_after: 1, healthy_after: 1 }
+            retries: { attempts: 2, on: [connect_failure] }
+            """
+        try await Self.run(weights: [1, 1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
+            let port = servers[1].port
+            await servers[1].stop()
+            let killed = ContinuousClock.now
+            // Every request is answered: the first ones to the dead target are retried on the other.
+            for _ in 0..<20 {
+                let response = try await request(port: h.port, "/")
+                #expect(response.status == 200, "\(response.text)")
+            }
+            try await Self.waitFor("unhealthy", h, port: port)
+            let detected = ContinuousClock.now - killed
+            #expect(try await Self.targetState(h, port: port) == "unhealthy")
+
+            let back = try await DemoUpstream.start(port: port)
+            let restarted = ContinuousClock.now
+            try await Self.waitFor("healthy", h, port: port)
+            let ports = try await Self.servedBy(port: h.port, count: 10)
+            let recovered = ContinuousClock.now - restarted
+            #expect(ports.contains(port))
+            print("upstream failover: dead target marked unhealthy after \(detected), back in after \(recovered)")
+            await back.stop()
+        }
+    }
+
+    /// The state `GET /upstreams` shows for the target on `port`.
+    static func targetState(_ h: Harness, port: Int) async throws -> String? {
+        let answer = try await request(port: h.adminPort, "/upstreams")
+        guard let pool = answer.json["pool"] as? [String: Any], let targets = pool["targets"] as? [[String: Any]]
+        else { return nil }
+        return targets.first { ($0["url"] as? String)?.hasSuffix(":\(port)") == true }?["state"] as? String
+    }
+
+    /// Waits up to 5 s for the target on `port` to reach `state`.
+    static func waitFor(_ state: String, _ h: Harness, port: Int) async throws {
+        let deadline = ContinuousClock.now + .seconds(5)
+        while try await targetState(h, port: port) != state, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
+    @Test func passiveHealthEjectsAndNoTargetLeftIs503() async throws {
+        let settings = "passive_health: { failures: 2, eject_for: 400ms, max_eject_for: 10s }"
+        try await Self.run(weights: [1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
+            let port = servers[0].port
+            await servers[0].stop()
+            #expect(try await request(port: h.port, "/").status == 502)
+            #expect(try await request(port: h.port, "/").status == 502)
+            let refused = try await request(port: h.port, "/")
+            #expect(refused.status == 503)
+            #expect(refused.header("Content-Type") == "application/problem+json")
+            #expect((refused.json["detail"] as? String)?.contains("No healthy target") == true)
+            // Back in after the wait, one more failure ejects it again, now for twice as long.
+            try await Task.sleep(for: .milliseconds(450))
+            #expect(try await request(port: h.port, "/").status == 502)
+            #expect(try await request(port: h.port, "/").status == 503)
+            let back = try await DemoUpstream.start(port: port)
+            try await Task.sleep(for: .milliseconds(850))
+            #expect(try await request(port: h.port, "/").status == 200)
+            await back.stop()
+        }
+    }
+
+    @Test func retriesGoToAnotherTargetAndNeverRepeatAPost() async throws {
+        let settings = """
+            retries: { attempts: 2, on: [503] }
+            passive_health: { failures: 0 }
+            """
+        try await Self.run(weights: [1, 1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
+            servers[0].failure = (503, nil)
+            for _ in 0..<10 {
+                let response = try await request(port: h.port, "/")
+                #expect(response.status == 200)
+                #expect(Self.servedBy(response) == servers[1].port)
+            }
+            #expect(servers[0].requestCount > 0)
+
+            let before = servers[0].requestCount + servers[1].requestCount
+            var statuses: [Int] = []
+            for _ in 0..<10 { statuses.append(try await request(port: h.port, "/", method: "POST", body: "x").status) }
+            #expect(servers[0].requestCount + servers[1].requestCount - before == 10)
+            #expect(statuses.contains(503))
+            #expect(statuses.contains(200))
+
+            let metrics = try await request(port: h.adminPort, "/metrics").text
+            #expect(metrics.contains("gatehouse_upstream_retries_total{upstream=\"pool\"}"))
+        }
+    }
+
+    @Test func theRetryBudgetStopsRetryStorms() async throws {
+        let settings = """
+            retries: { attempts: 3, on: [503], budget: 0.2 }
+            passive_health: { failures: 0 }
+            """
+        try await Self.run(weights: [1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
+            servers[0].failure = (503, nil)
+            for _ in 0..<100 { #expect(try await request(port: h.port, "/").status == 503) }
+            // Unbudgeted, 100 requests would make 300 attempts; the budget allows 20% more plus a reserve of 10.
+            #expect(servers[0].requestCount > 100)
+            #expect(servers[0].requestCount <= 130)
+        }
+    }
+
+    @Test func theCircuitOpensThenHalfOpens() async throws {
+        let settings = """
+            circuit_breaker: { failure_ratio: 0.5, min_requests: 4, open_for: 400ms }
+            passive_health: { failures: 0 }
+            """
+        try await Self.run(weights: [1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
+            let upstream = servers[0]
+            upstream.failure = (503, nil)
+            for _ in 0..<4 {
+                #expect(try await request(port: h.port, "/").header("Content-Type") == "application/json")
+            }
+            let open = try await request(port: h.port, "/")
+            #expect(open.status == 503)
+            #expect(open.header("Content-Type") == "application/problem+json")
+            #expect(upstream.requestCount == 4)
+            let metrics = try await request(port: h.adminPort, "/metrics").text
+            #expect(
+                metrics.contains(
+                    "gatehouse_upstream_target_breaker_state{upstream=\"pool\",target=\"http://127.0.0.1:\(upstream.port)\"} 2"
+                ))
+
+            // Half-open: one probe goes through; it fails, so the circuit opens again.
+            try await Task.sleep(for: .milliseconds(450))
+            #expect(try await request(port: h.port, "/").header("Content-Type") == "application/json")
+            #expect(upstream.requestCount == 5)
+            #expect(try await request(port: h.port, "/").header("Content-Type") == "application/problem+json")
+
+            // The next probe succeeds and closes it.
+            upstream.failure = nil
+            try await Task.sleep(for: .milliseconds(450))
+            for _ in 0..<4 { #expect(try await request(port: h.port, "/").status == 200) }
+            #expect(upstream.requestCount == 9)
+        }
+    }
+
+    @Test func retryAfterPausesTheTargetAndIsAnsweredLocally() async throws {
+        try await Self.run(weights: [1], settings: "passive_health: { failures: 0 }") {
+            (h: Harness, servers: [DemoUpstream]) async throws in
+            let upstream = servers[0]
+            upstream.failure = (429, "3")
+            let first = try await request(port: h.port, "/")
+            #expect(first.status == 429)
+            #expect(first.header("Content-Type") == "application/json")
+            for _ in 0..<3 {
+                let local = try await request(port: h.port, "/")
+                #expect(local.status == 429)
+                #expect(local.header("Content-Type") == "application/problem+json")
+                #expect((1...3).contains(Int(local.header("Retry-After") ?? "") ?? 0))
+            }
+            #expect(upstream.requestCount == 1)
+            upstream.failure = nil
+            try await Task.sleep(for: .milliseconds(3100))
+            #expect(try await request(port: h.port, "/").status == 200)
+        }
+    }
+
+    @Test func twoGatewaysShareOneOAuth2TokenAndRefreshItOn401() async throws {
+        let (url, server) = try StoreTests.sharedRedisURL()
+        let prefix = "gh-oauth-\(UUID().uuidString.prefix(8)):"
+        let origin = try await DemoUpstream.start()
+        let settings = """
+            oauth2:
+              token_url: "http://127.0.0.1:\(origin.port)/oauth/token"
+              client_id: demo-client
+              client_secret: "${DEMO_SECRET}"
+              scopes: [read, write]
+            """
+        let environment = ["DEMO_SECRET": "demo-secret"]
+        try await Self.run(
+            weights: [1], settings: settings, redis: url, prefix: prefix, environment: environment, servers: [origin]
+        ) { a, _ in
+            try await Self.run(
+                weights: [1], settings: settings, redis: url, prefix: prefix, environment: environment,
+                servers: [origin]
+            ) { b, _ in
+                try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
+                let statuses = try await withThrowingTaskGroup(of: Int.self) { group in
+                    for index in 0..<20 {
+                        group.addTask { try await request(port: index % 2 == 0 ? a.port : b.port, "/protected").status }
+                    }
+                    return try await group.reduce(into: []) { $0.append($1) }
+                }
+                #expect(statuses == Array(repeating: 200, count: 20))
+                #expect(origin.tokenRequests == 1)
+
+                // The API revokes the token: the next request is refused once, refreshed, and sent again.
+                origin.revokeToken()
+                #expect(try await request(port: a.port, "/protected").status == 200)
+                #expect(origin.tokenRequests == 2)
+                // The other instance finds the new token in Redis rather than fetching its own.
+                #expect(try await request(port: b.port, "/protected").status == 200)
+                #expect(origin.tokenRequests == 2)
+            }
+        }
+        _ = server
+    }
+}
