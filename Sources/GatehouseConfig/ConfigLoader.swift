@@ -423,11 +423,13 @@ struct ConfigBuilder {
     private func oauth2(_ node: Node, _ path: String) -> OAuth2Config? {
         guard
             let f = reader.fields(
-                node, path, allowed: ["token_url", "client_id", "client_secret", "scopes", "audience", "client_auth"]),
-            let tokenURL = f.require("token_url").flatMap({ reader.string($0, f.path("token_url")) }),
-            let clientID = f.require("client_id").flatMap({ reader.string($0, f.path("client_id")) }),
-            let secret = f.require("client_secret").flatMap({ reader.string($0, f.path("client_secret")) })
+                node, path, allowed: ["token_url", "client_id", "client_secret", "scopes", "audience", "client_auth"])
         else { return nil }
+        // Each required key is looked up, so every missing one is reported.
+        let tokenURL = f.require("token_url").flatMap { reader.string($0, f.path("token_url")) }
+        let clientID = f.require("client_id").flatMap { reader.string($0, f.path("client_id")) }
+        let secret = f.require("client_secret").flatMap { reader.string($0, f.path("client_secret")) }
+        guard let tokenURL, let clientID, let secret else { return nil }
         guard let parsed = URLComponents(string: tokenURL), let scheme = parsed.scheme,
             ["http", "https"].contains(scheme), parsed.host?.isEmpty == false
         else {

@@ -43,6 +43,28 @@ import Testing
             path: root.appendingPathComponent("config/examples/reference.yaml").path,
             environment: ["GATEHOUSE_ADMIN_TOKEN": "t", "JWT_SECRET": "s", "PARTNER_TOKEN": "p"])
         #expect(reference.upstreams[0].requestHeaders.set[0].value.value == "Bearer p")
+        let thirdParty = try ConfigLoader.load(
+            path: root.appendingPathComponent("config/examples/third-party.yaml").path,
+            environment: ["PARTNER_CLIENT_SECRET": "s", "MAPS_API_KEY": "k"])
+        #expect(thirdParty.upstream(named: "partner")?.oauth2?.clientSecret.value == "s")
+        #expect(thirdParty.upstream(named: "orders")?.passiveHealth.failures == 3)
+    }
+
+    @Test func upstreamResilienceKeysAreChecked() {
+        func upstream(_ lines: String) -> [String] {
+            errors(Self.minimal.replacingOccurrences(of: "    targets:", with: lines + "\n    targets:"))
+        }
+        let missing = upstream("    oauth2: { client_id: x }")
+        #expect(missing.contains { $0.contains("oauth2.token_url") })
+        #expect(missing.contains { $0.contains("oauth2.client_secret") })
+        let wrong = upstream("    oauth2: { token_url: \"ftp://x\", client_id: a, client_secret: b, client_auth: jwt }")
+        #expect(wrong.contains { $0.contains("oauth2.token_url: expected an http") })
+        #expect(
+            upstream("    passive_health: { eject_for: 10s, max_eject_for: 1s }").contains {
+                $0.contains("max_eject_for")
+            })
+        #expect(upstream("    retries: { attempts: 2, budget: 2 }").contains { $0.contains("retries.budget") })
+        #expect(upstream("    passive_health: { failures: 0 }").isEmpty)
     }
 
     @Test func unknownKeyIsAnErrorWithLineAndSuggestion() {
