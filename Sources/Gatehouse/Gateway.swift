@@ -141,7 +141,7 @@ public final class Gateway: Sendable {
         {
             logger.warning("the redis section changes only on restart")
         }
-        let runtime = Runtime(config: config, metrics: core.metrics)
+        let runtime = Runtime(config: config, metrics: core.metrics, previous: oldRuntime)
         for feature in runtime.unenforcedFeatures {
             logger.warning("config accepted but not enforced yet: \(feature)")
         }

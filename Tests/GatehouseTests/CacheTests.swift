@@ -36,7 +36,8 @@ import Testing
         let (url, server) = try StoreTests.sharedRedisURL()
         let prefix = "gh-cache-\(UUID().uuidString.prefix(8)):"
         try await Harness.run(yaml(redis: url, prefix: prefix, cache: cache)) { h in
-            try await waitUntil { h.gateway.readinessProblem == nil }
+            // Redis answers and the purge subscription is up (the hot layer is in use), as in steady state.
+            try await waitUntil { h.gateway.readinessProblem == nil && h.gateway.core.cache.hot?.epoch != nil }
             try await body(h)
         }
         _ = server

@@ -82,7 +82,7 @@ import Testing
     @Test func leastRequestsAvoidsTheBusyTarget() async throws {
         try await Self.run(weights: [1, 1], settings: "balance: least_requests") {
             (h: Harness, servers: [DemoUpstream]) async throws in
-            async let slow = request(port: h.port, "/delay/1500")
+            async let slow = request(port: h.port, "/delay/4000")
             try await waitUntil { servers.map(\.requestCount).reduce(0, +) == 1 }
             let busy = servers.first { $0.requestCount == 1 }?.port
             let ports = try await Self.servedBy(port: h.port, count: 10)
@@ -168,7 +168,7 @@ import Testing
     }
 
     @Test func passiveHealthEjectsAndNoTargetLeftIs503() async throws {
-        let settings = "passive_health: { failures: 2, eject_for: 400ms, max_eject_for: 10s }"
+        let settings = "passive_health: { failures: 2, eject_for: 1s, max_eject_for: 10s }"
         try await Self.run(weights: [1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
             let port = servers[0].port
             await servers[0].stop()
@@ -178,12 +178,18 @@ import Testing
             #expect(refused.status == 503)
             #expect(refused.header("Content-Type") == "application/problem+json")
             #expect((refused.json["detail"] as? String)?.contains("No healthy target") == true)
-            // Back in after the wait, one more failure ejects it again, now for twice as long.
-            try await Task.sleep(for: .milliseconds(450))
+            // Back in after the wait, one more failure ejects it again, now for twice as long (2 s).
+            try await Task.sleep(for: .milliseconds(1050))
             #expect(try await request(port: h.port, "/").status == 502)
+            let ejectedAgain = ContinuousClock.now
             #expect(try await request(port: h.port, "/").status == 503)
             let back = try await DemoUpstream.start(port: port)
-            try await Task.sleep(for: .milliseconds(850))
+            try await Task.sleep(for: .milliseconds(1000))
+            // Still ejected a second later, though the server is back: the wait doubled.
+            if ContinuousClock.now - ejectedAgain < .milliseconds(1900) {
+                #expect(try await request(port: h.port, "/").status == 503)
+            }
+            try await Task.sleep(until: ejectedAgain + .milliseconds(2100), clock: .continuous)
             #expect(try await request(port: h.port, "/").status == 200)
             await back.stop()
         }
@@ -231,7 +237,7 @@ import Testing
 
     @Test func theCircuitOpensThenHalfOpens() async throws {
         let settings = """
-            circuit_breaker: { failure_ratio: 0.5, min_requests: 4, open_for: 400ms }
+            circuit_breaker: { failure_ratio: 0.5, min_requests: 4, open_for: 1s }
             passive_health: { failures: 0 }
             """
         try await Self.run(weights: [1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
@@ -244,6 +250,10 @@ import Testing
             #expect(open.status == 503)
             #expect(open.header("Content-Type") == "application/problem+json")
             #expect(upstream.requestCount == 4)
+            // A reload keeps the open circuit.
+            #expect(try await request(port: h.adminPort, "/reload", method: "POST").status == 200)
+            #expect(try await request(port: h.port, "/").header("Content-Type") == "application/problem+json")
+            #expect(upstream.requestCount == 4)
             let metrics = try await request(port: h.adminPort, "/metrics").text
             #expect(
                 metrics.contains(
@@ -251,14 +261,14 @@ import Testing
                 ))
 
             // Half-open: one probe goes through; it fails, so the circuit opens again.
-            try await Task.sleep(for: .milliseconds(450))
+            try await Task.sleep(for: .milliseconds(1050))
             #expect(try await request(port: h.port, "/").header("Content-Type") == "application/json")
             #expect(upstream.requestCount == 5)
             #expect(try await request(port: h.port, "/").header("Content-Type") == "application/problem+json")
 
             // The next probe succeeds and closes it.
             upstream.failure = nil
-            try await Task.sleep(for: .milliseconds(450))
+            try await Task.sleep(for: .milliseconds(1050))
             for _ in 0..<4 { #expect(try await request(port: h.port, "/").status == 200) }
             #expect(upstream.requestCount == 9)
         }
@@ -324,5 +334,23 @@ import Testing
             }
         }
         _ = server
+    }
+
+    @Test func waitingForATokenCountsAgainstTheTimeout() async throws {
+        let origin = try await DemoUpstream.start()
+        // The demo token endpoint answers after 100 ms; the upstream's timeout is 50 ms.
+        let settings = """
+            timeout: 50ms
+            oauth2:
+              token_url: "http://127.0.0.1:\(origin.port)/oauth/token"
+              client_id: demo-client
+              client_secret: demo-secret
+            """
+        try await Self.run(weights: [1], settings: settings, servers: [origin]) {
+            (h: Harness, _: [DemoUpstream]) async throws in
+            let response = try await request(port: h.port, "/protected")
+            #expect(response.status == 504)
+            #expect(response.header("Content-Type") == "application/problem+json")
+        }
     }
 }

@@ -45,6 +45,9 @@ struct GatewayError: Error, Sendable {
             closeConnection: true)
     }
 
+    static let upstreamTimeout = GatewayError(
+        status: .gatewayTimeout, detail: "The upstream did not answer in time.", origin: .upstream)
+
     static func requestTimeout() -> GatewayError {
         GatewayError(
             status: .requestTimeout, detail: "The request head did not arrive in time.", origin: .client,

@@ -17,10 +17,16 @@ final class Runtime: Sendable {
     /// The upstreams, in config order.
     let pools: [UpstreamPool]
 
-    init(config: GatehouseConfiguration, metrics: GatewayMetrics) {
+    /// Builds the runtime for `config`; upstream targets that `previous` had keep their health state.
+    init(config: GatehouseConfiguration, metrics: GatewayMetrics, previous: Runtime? = nil) {
         self.config = config
         pools = config.upstreams.map {
             UpstreamPool($0, apiKeyHeader: config.auth.apiKey.header, factory: metrics.factory)
+        }
+        for pool in pools {
+            if let old = previous?.pools.first(where: { $0.config.name == pool.config.name }) {
+                pool.adoptState(of: old)
+            }
         }
         let byName = Dictionary(pools.map { ($0.config.name, $0) }, uniquingKeysWith: { first, _ in first })
         routes = config.routes.map { route in

@@ -233,6 +233,14 @@ extension GatewayHandler {
         do throws(GatewayError) {
             var request = try Pipeline.forward(&requestContext, runtime: exchange.runtime)
             if request.method == "HEAD" { request.method = "GET" }
+            if let upstream = requestContext.route?.pool?.config, upstream.oauth2 != nil {
+                // A refresh never waits for a token: without one held here, it is left to a later request.
+                guard let token = core.oauth2.heldToken(for: upstream) else {
+                    refresh.land(nil)
+                    return
+                }
+                Self.authorize(&request, token: token)
+            }
             refresh.addValidators(to: &request)
             refresh.facts.requestTime = HTTPDate.nowMilliseconds()
             let delegate = BackgroundRefresh(refresh, context: requestContext, eventLoop: context.eventLoop)
@@ -256,7 +264,9 @@ final class BackgroundRefresh: UpstreamTransferDelegate {
 
     func upstreamTransfer(_ transfer: UpstreamTransfer, received events: UpstreamEvents) {
         let cache = state.value.cache
+        let lease = state.value.context.lease
         if let head = events.head {
+            lease?.record(.of(status: head.status))
             if cache.revalidating, head.status == 304 {
                 state.value.notModified = head
             } else {
@@ -266,6 +276,10 @@ final class BackgroundRefresh: UpstreamTransferDelegate {
         }
         for chunk in events.body { cache.record(chunk) }
         guard let completion = events.completion else { return }
+        if let error = completion.error {
+            lease?.record(error.kind == .cancelled ? .neutral : .failure)
+        }
+        lease?.end()
         if completion.error != nil {
             cache.finish(intact: false, on: eventLoop)
         } else if let notModified = state.value.notModified {

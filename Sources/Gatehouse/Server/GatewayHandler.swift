@@ -55,6 +55,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         /// The OAuth2 token the current attempt carries, and whether it was already refreshed once.
         var token: String?
         var tokenRefreshed = false
+        /// Waiting for what the next attempt needs (a token); the request body is held meanwhile.
+        var awaitingUpstream = false
         var isHead: Bool { context.head.method == .HEAD }
 
         init(context: RequestContext, runtime: Runtime) {
@@ -239,20 +241,13 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             launch(request, token: token, exchange, context: context)
             return
         }
-        exchange.waiting = true
-        let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
-        core.oauth2.token(for: pool.config, on: context.eventLoop).whenComplete { result in
-            let (handler, exchange) = bound.value
-            guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
-                exchange.waiting, !exchange.responseStarted
-            else { return }
-            exchange.waiting = false
+        awaitBeforeAttempt(core.oauth2.token(for: pool.config, on: context.eventLoop), exchange, context: context) {
+            result, handler, exchange, context in
             switch result {
             case .success(let token):
                 handler.launch(request, token: token, exchange, context: context)
             case .failure(let error):
-                exchange.context.lease?.record(.neutral)
-                exchange.context.lease?.end()
+                handler.endAttempt(exchange)
                 handler.respondError(
                     error as? GatewayError
                         ?? GatewayError(status: .badGateway, detail: "No upstream token.", origin: .upstream),
@@ -261,13 +256,65 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
+    /// Waits for what an attempt needs first (a token, or a refused token's removal), within the route's
+    /// timeout (504 past it), then runs `next` unless the exchange ended meanwhile.
+    private func awaitBeforeAttempt<Value: Sendable>(
+        _ future: EventLoopFuture<Value>, _ exchange: Exchange, context: ChannelHandlerContext,
+        next: @escaping @Sendable (Result<Value, Error>, GatewayHandler, Exchange, ChannelHandlerContext) -> Void
+    ) {
+        exchange.awaitingUpstream = true
+        let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
+        let timer = context.eventLoop.scheduleTask(in: .milliseconds(Int64(max(remainingMilliseconds(exchange), 0)))) {
+            let (handler, exchange) = bound.value
+            guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                exchange.awaitingUpstream
+            else { return }
+            exchange.awaitingUpstream = false
+            handler.endAttempt(exchange)
+            handler.respondError(.upstreamTimeout, exchange, context: context)
+        }
+        future.hop(to: context.eventLoop).whenComplete { result in
+            timer.cancel()
+            let (handler, exchange) = bound.value
+            guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
+                exchange.awaitingUpstream, !exchange.responseStarted
+            else { return }
+            exchange.awaitingUpstream = false
+            next(result, handler, exchange, context)
+        }
+    }
+
+    /// What is left of the route's timeout since the first attempt started, in milliseconds.
+    private func remainingMilliseconds(_ exchange: Exchange) -> Int {
+        let elapsed = Int((UpstreamPool.now() - exchange.firstAttemptStart) / 1_000_000)
+        return (exchange.context.route?.timeoutMilliseconds ?? 30_000) - elapsed
+    }
+
+    /// The current attempt is over without an answer worth reporting.
+    private func endAttempt(_ exchange: Exchange) {
+        exchange.context.lease?.record(.neutral)
+        exchange.context.lease?.end()
+    }
+
+    /// Replaces the client's `Authorization` with the upstream's OAuth2 token.
+    static func authorize(_ request: inout UpstreamRequest, token: String) {
+        request.headers.removeAll { $0.name.lowercased() == "authorization" }
+        request.headers.append(("Authorization", "Bearer " + token))
+    }
+
     private func launch(
         _ request: UpstreamRequest, token: String?, _ exchange: Exchange, context: ChannelHandlerContext
     ) {
+        let remaining = remainingMilliseconds(exchange)
+        guard remaining > 0 else {
+            endAttempt(exchange)
+            respondError(.upstreamTimeout, exchange, context: context)
+            return
+        }
         var request = request
+        request.timeoutMilliseconds = min(request.timeoutMilliseconds, remaining)
         if let token {
-            request.headers.removeAll { $0.name.lowercased() == "authorization" }
-            request.headers.append(("Authorization", "Bearer " + token))
+            Self.authorize(&request, token: token)
             exchange.token = token
         }
         if exchange.mayResend { exchange.upstreamRequest = request }
@@ -325,11 +372,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         _ exchange: Exchange, context: ChannelHandlerContext, preferOther: Bool,
         after: EventLoopFuture<Void>? = nil
     ) -> Bool {
-        guard var request = exchange.upstreamRequest, let route = exchange.context.route, let pool = route.pool
+        guard var request = exchange.upstreamRequest, let pool = exchange.context.route?.pool,
+            remainingMilliseconds(exchange) > 0
         else { return false }
-        let elapsed = Int((UpstreamPool.now() - exchange.firstAttemptStart) / 1_000_000)
-        let remaining = route.timeoutMilliseconds - elapsed
-        guard remaining > 0 else { return false }
         let hashKey = pool.hashHeader.flatMap { exchange.context.head.headers.first(name: $0) }
         guard
             case .success(let lease) = pool.pick(hashKey: hashKey, excluding: preferOther ? exchange.triedTargets : [])
@@ -339,22 +384,14 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.context.lease?.end()
         let oldBase = exchange.context.targetURL ?? ""
         request.url = lease.url + request.url.dropFirst(oldBase.count)
-        request.timeoutMilliseconds = remaining
         exchange.context.lease = lease
         exchange.context.targetURL = lease.url
         guard let after else {
             startTransfer(request, exchange, context: context)
             return true
         }
-        exchange.waiting = true
-        let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
         let resent = request
-        after.hop(to: context.eventLoop).whenComplete { _ in
-            let (handler, exchange) = bound.value
-            guard let context = handler.channelContext, handler.exchange === exchange, !handler.closed,
-                exchange.waiting, !exchange.responseStarted
-            else { return }
-            exchange.waiting = false
+        awaitBeforeAttempt(after, exchange, context: context) { _, handler, exchange, context in
             handler.startTransfer(resent, exchange, context: context)
         }
         return true
@@ -405,8 +442,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
         if let transfer = exchange.transfer, !exchange.responseEnded {
             if !send(buffer, exchange, to: transfer) { readBlocked = true }
-        } else if exchange.waiting {
-            // The pipeline is still deciding (authentication, a cache lookup): hold the body, within bounds.
+        } else if exchange.waiting || exchange.awaitingUpstream {
+            // The pipeline is still deciding (authentication, a cache lookup, a token): hold the body, within bounds.
             exchange.heldBody.append(buffer)
             exchange.heldBodyBytes += buffer.readableBytes
             if exchange.heldBodyBytes > UpstreamTransfer.requestBodyHighWater { readBlocked = true }
@@ -700,8 +737,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let answer: GatewayError
         switch error.kind {
         case .timeout:
-            answer = GatewayError(
-                status: .gatewayTimeout, detail: "The upstream did not answer in time.", origin: .upstream)
+            answer = .upstreamTimeout
         case .connectTimeout, .connect:
             answer = GatewayError(status: .badGateway, detail: "The upstream could not be reached.", origin: .upstream)
         case .tls:

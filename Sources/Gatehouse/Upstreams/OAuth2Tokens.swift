@@ -19,6 +19,8 @@ final class OAuth2Tokens: Sendable {
         /// Wall-clock milliseconds after which the token is renewed.
         var refreshAt: Int64 = 0
         var pending: EventLoopFuture<String>?
+        /// The last token an upstream refused: never taken from the store again.
+        var refused: String?
     }
 
     private let store: SharedStore
@@ -79,6 +81,7 @@ final class OAuth2Tokens: Sendable {
         guard let config = upstream.oauth2 else { return }
         let key = Self.storeKey(upstream.name, config)
         slots.withLock { slots in
+            slots[key, default: Slot()].refused = token
             if slots[key]?.token == token {
                 slots[key]?.token = nil
                 slots[key]?.refreshAt = 0
@@ -95,7 +98,9 @@ final class OAuth2Tokens: Sendable {
         do {
             let (token, refreshAt) = try await sharedToken(key: key, upstream: upstream, config: config, loop: loop)
             slots.withLock { slots in
-                slots[key] = Slot(token: token, refreshAt: refreshAt, pending: nil)
+                slots[key, default: Slot()].token = token
+                slots[key]?.refreshAt = refreshAt
+                slots[key]?.pending = nil
             }
             promise.succeed(token)
         } catch {
@@ -150,10 +155,15 @@ final class OAuth2Tokens: Sendable {
         return try await fetch(upstream: upstream, config: config, loop: loop)
     }
 
+    /// The stored token while it is fresh; one an upstream refused here is removed instead.
     private func freshStored(_ key: String) async throws -> (String, Int64)? {
         guard let bytes = try await store.get(key), let stored = Self.decodeStored(bytes),
             let refreshAt = stored.refreshAt, refreshAt > Self.wallMilliseconds()
         else { return nil }
+        if stored.token == slots.withLock({ $0[key]?.refused }) {
+            _ = try await store.delete(key, ifEqualTo: bytes)
+            return nil
+        }
         return (stored.token, refreshAt)
     }
 
@@ -180,7 +190,9 @@ final class OAuth2Tokens: Sendable {
         let request = UpstreamRequest(
             url: config.tokenURL, method: "POST", headers: headers, bodyLength: Int64(body.count),
             connectTimeoutMilliseconds: Int(max(1, upstream.connectTimeout.milliseconds)),
-            timeoutMilliseconds: 10_000, verifyTLS: upstream.tls.verify, caFile: upstream.tls.caFile)
+            // The client secret goes only to an endpoint verified against the system's CAs, whatever the
+            // upstream's own `tls` says.
+            timeoutMilliseconds: 10_000, verifyTLS: true, caFile: nil)
         metrics.oauth2Fetches(upstream.name).increment()
         let answer = try await UpstreamFetch.send(
             request, body: body, client: client, on: loop, limit: 64 * 1024
@@ -196,14 +208,14 @@ final class OAuth2Tokens: Sendable {
         if let type = object["token_type"] as? String, type.lowercased() != "bearer" {
             throw TokenError.unsupportedType(type)
         }
-        let lifetime: Int64
-        if let seconds = object["expires_in"] as? Int {
-            lifetime = Int64(max(1, seconds)) * 1000
-        } else if let text = object["expires_in"] as? String, let seconds = Int64(text) {
-            lifetime = max(1, seconds) * 1000
-        } else {
-            lifetime = 300_000  // RFC 6749 leaves it optional; assume five minutes.
+        // RFC 6749 leaves expires_in optional: assume five minutes; keep hostile values within a year.
+        var seconds: Int64 = 300
+        if let number = object["expires_in"] as? Int {
+            seconds = Int64(number)
+        } else if let text = object["expires_in"] as? String, let number = Int64(text) {
+            seconds = number
         }
+        let lifetime = min(max(seconds, 1), 31_536_000) * 1000
         let margin = min(lifetime / 10, 60_000)
         return (token, Self.wallMilliseconds() + lifetime - margin)
     }

@@ -43,6 +43,27 @@ final class UpstreamPool: Sendable {
             label: "gatehouse_upstream_retries_total", dimensions: [("upstream", config.name)], factory: factory)
     }
 
+    /// Takes over the health, ejections, breakers and pauses of `old`'s targets that this pool has too (by URL),
+    /// so a reload does not send traffic to targets known to be down. Requests in flight stay counted in `old`.
+    func adoptState(of old: UpstreamPool) {
+        let previous = old.state.withLock { $0.targets }
+        let adopted = state.withLock { state in
+            var adopted: [(Int, TargetState)] = []
+            for (index, url) in urls.enumerated() {
+                guard let oldIndex = old.urls.firstIndex(of: url) else { continue }
+                let weight = state.targets[index].weight
+                state.targets[index] = previous[oldIndex]
+                state.targets[index].reweigh(weight)
+                adopted.append((index, state.targets[index]))
+            }
+            return adopted
+        }
+        for (index, target) in adopted {
+            metrics[index].healthy.record(target.activeHealthy ? 1 : 0)
+            metrics[index].breaker.record(target.breaker.gaugeValue)
+        }
+    }
+
     // MARK: picking
 
     /// Picks a target for a request, preferring one not in `excluding` (targets an earlier attempt used).
@@ -134,23 +155,29 @@ final class UpstreamPool: Sendable {
     func startHealthChecks(client: UpstreamClient, on loop: EventLoop) {
         guard let check = config.healthCheck else { return }
         let interval = max(check.interval.milliseconds, 10)
-        let timeout = Int(min(interval, max(config.timeout.milliseconds, 1), 5000))
+        // A check may take longer than the interval (a slow machine is not a dead target); a target is not
+        // checked again while its last check is still under way.
+        let timeout = Int(min(max(config.timeout.milliseconds, 1), 5000))
         let connectTimeout = Int(max(1, min(config.connectTimeout.milliseconds, Int64(timeout))))
+        let checking = NIOLoopBoundBox.makeBoxSendingValue(Array(repeating: false, count: urls.count), eventLoop: loop)
         let task = loop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(interval)) { [self] _ in
-            for (index, url) in urls.enumerated() {
+            for (index, url) in urls.enumerated() where !checking.value[index] {
+                checking.value[index] = true
                 let request = UpstreamRequest(
                     url: url + check.path, method: "GET", headers: [("User-Agent", "gatehouse-health-check")],
                     bodyLength: nil, connectTimeoutMilliseconds: connectTimeout, timeoutMilliseconds: timeout,
                     verifyTLS: config.tls.verify, caFile: config.tls.caFile)
-                UpstreamFetch.send(request, client: client, on: loop, limit: 64 * 1024).whenComplete {
-                    result in
-                    let healthy: Bool
-                    if case .success(let answer) = result {
-                        healthy = (200..<400).contains(answer.status)
-                    } else {
-                        healthy = false
+                UpstreamFetch.send(request, client: client, on: loop, limit: 64 * 1024).whenComplete { result in
+                    checking.value[index] = false
+                    switch result {
+                    case .success(let answer):
+                        self.recordHealthCheck(
+                            target: index, healthy: (200..<400).contains(answer.status), check: check)
+                    case .failure(let error as UpstreamError) where error.kind == .cancelled:
+                        break  // shutting down
+                    case .failure:
+                        self.recordHealthCheck(target: index, healthy: false, check: check)
                     }
-                    self.recordHealthCheck(target: index, healthy: healthy, check: check)
                 }
             }
         }
@@ -357,7 +384,7 @@ enum BreakerState: Sendable {
 }
 
 private struct TargetState {
-    let weight: Int
+    private(set) var weight: Int
     var inFlight = 0
     var currentWeight = 0
     // active health checks
@@ -377,6 +404,16 @@ private struct TargetState {
     var pausedStatus = 503
 
     init(weight: Int) { self.weight = weight }
+
+    /// Keeps the health state but takes a new weight, and counts no requests in flight (they report to the pool
+    /// they started in).
+    mutating func reweigh(_ weight: Int) {
+        self.weight = weight
+        currentWeight = 0
+        inFlight = 0
+        // A probe in flight reports to the old pool.
+        probeInFlight = false
+    }
 
     var circuitIsOpen: Bool {
         if case .closed = breaker { return false }
@@ -418,6 +455,8 @@ private struct TargetState {
                 window.add(at: now, failed: false)
             }
         case .failure:
+            // Requests that were under way when the target was ejected say nothing new.
+            if ejectedUntil > now { break }
             consecutiveFailures += 1
             if passive.failures > 0, consecutiveFailures >= passive.failures {
                 ejections += 1
