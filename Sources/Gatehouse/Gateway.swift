@@ -165,7 +165,10 @@ public final class Gateway: Sendable {
         }
         for channel in connections.withLock({ Array($0.values) }) { try? await channel.close() }
         try? await admin?.close()
+        // Token requests under way complete while the event loops still run to deliver their answers.
+        let acquisitions = core.oauth2.cancelAcquisitions()
         core.upstream.shutdown()
+        for acquisition in acquisitions { await acquisition.value }
         await core.store.close()
         core.accessLog?.close()
         try? await group.shutdownGracefully()

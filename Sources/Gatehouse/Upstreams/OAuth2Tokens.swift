@@ -27,6 +27,8 @@ final class OAuth2Tokens: Sendable {
     private let client: UpstreamClient
     private let logger: Logger
     private let slots = Mutex<[String: Slot]>([:])
+    /// Acquisitions under way, so that shutdown can wait for them while the event loops still run.
+    private let running = Mutex<[UUID: Task<Void, Never>]>([:])
     private let metrics: GatewayMetrics
     /// Identifies this instance's lock.
     private let owner = UUID().uuidString
@@ -63,10 +65,24 @@ final class OAuth2Tokens: Sendable {
             let promise = loop.makePromise(of: String.self)
             slot.pending = promise.futureResult
             slots[key] = slot
-            Task { await self.acquire(key: key, upstream: upstream, config: config, loop: loop, promise: promise) }
+            let id = UUID()
+            running.withLock { running in
+                running[id] = Task {
+                    await self.acquire(key: key, upstream: upstream, config: config, loop: loop, promise: promise)
+                    _ = self.running.withLock { $0.removeValue(forKey: id) }
+                }
+            }
             return promise.futureResult
         }
         return found.hop(to: loop)
+    }
+
+    /// Cancels the acquisitions under way (a cancelled one starts no token request) and returns them, to be
+    /// awaited once the upstream client has stopped what they had started.
+    func cancelAcquisitions() -> [Task<Void, Never>] {
+        let tasks = running.withLock { Array($0.values) }
+        for task in tasks { task.cancel() }
+        return tasks
     }
 
     /// The upstream refused `token` (401): it is dropped here and in the store, unless another instance has
@@ -171,6 +187,7 @@ final class OAuth2Tokens: Sendable {
     /// before it expires.
     private func fetch(upstream: UpstreamConfig, config: OAuth2Config, loop: EventLoop) async throws -> (String, Int64)
     {
+        try Task.checkCancellation()
         var form = [("grant_type", "client_credentials")]
         if !config.scopes.isEmpty { form.append(("scope", config.scopes.joined(separator: " "))) }
         if let audience = config.audience { form.append(("audience", audience)) }
