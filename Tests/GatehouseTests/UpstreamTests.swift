@@ -353,4 +353,21 @@ import Testing
             #expect(response.header("Content-Type") == "application/problem+json")
         }
     }
+
+    @Test func withoutRedisEachInstanceFetchesItsOwnToken() async throws {
+        let origin = try await DemoUpstream.start()
+        let settings = """
+            oauth2:
+              token_url: "http://127.0.0.1:\(origin.port)/oauth/token"
+              client_id: demo-client
+              client_secret: demo-secret
+            """
+        // Nothing listens on port 1: every Redis call fails at once.
+        try await Self.run(weights: [1], settings: settings, redis: "redis://127.0.0.1:1/0", servers: [origin]) {
+            (h: Harness, _: [DemoUpstream]) async throws in
+            #expect(try await request(port: h.port, "/protected").status == 200)
+            #expect(try await request(port: h.port, "/protected").status == 200)
+            #expect(origin.tokenRequests == 1)
+        }
+    }
 }
