@@ -91,6 +91,32 @@ extension TLSTests {
             }
         }
     }
+
+    /// An upstream that offers HTTP/2 through ALPN is spoken to in HTTP/2; the client still gets HTTP/1.1.
+    @Test func http2IsUsedWhenTheUpstreamOffersIt() async throws {
+        let (cert, key) = try Self.makeCertificate()
+        let origin = try await HTTP2Origin.start(cert: cert, key: key)
+        let port = origin.localAddress?.port ?? 0
+        let front = { (_: Int) in
+            """
+            server: { listen: "127.0.0.1:0", threads: 1, access_log: "off" }
+            admin: { listen: "127.0.0.1:0" }
+            redis: { url: "memory://" }
+            upstreams:
+              h2: { targets: [{ url: "https://localhost:\(port)" }], tls: { ca_file: "\(cert)" } }
+            routes:
+              - { id: h2, match: { path_prefix: "/" }, upstream: h2 }
+            """
+        }
+        try await Harness.run(front) { h in
+            for _ in 0..<3 {
+                let answer = try await request(port: h.port, "/version")
+                #expect(answer.status == 200)
+                #expect(answer.text == "HTTP/2.0")
+            }
+        }
+        try await origin.close()
+    }
 }
 
 /// A whole response fetched through ``UpstreamClient``.
