@@ -633,14 +633,13 @@ private struct TargetMetrics: Sendable {
 
     init(upstream: String, target: String, factory: PrometheusMetricsFactory) {
         let dimensions = [("upstream", upstream), ("target", target)]
-        requests = CoreMetrics.Counter(
-            label: "gatehouse_upstream_target_requests_total", dimensions: dimensions, factory: factory)
-        failures = CoreMetrics.Counter(
-            label: "gatehouse_upstream_target_failures_total", dimensions: dimensions, factory: factory)
-        ejections = CoreMetrics.Counter(
-            label: "gatehouse_upstream_target_ejections_total", dimensions: dimensions, factory: factory)
-        pauses = CoreMetrics.Counter(
-            label: "gatehouse_upstream_target_pauses_total", dimensions: dimensions, factory: factory)
+        func counter(_ name: String) -> CoreMetrics.Counter {
+            CoreMetrics.Counter(label: "gatehouse_upstream_target_" + name, dimensions: dimensions, factory: factory)
+        }
+        requests = counter("requests_total")
+        failures = counter("failures_total")
+        ejections = counter("ejections_total")
+        pauses = counter("pauses_total")
         breaker = CoreMetrics.Gauge(
             label: "gatehouse_upstream_target_breaker_state", dimensions: dimensions, factory: factory)
         healthy = CoreMetrics.Gauge(
