@@ -22,6 +22,11 @@ final class RedisServerProcess: @unchecked Sendable {
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         process.arguments =
             ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"] + arguments
+        // Scripts/test kills what these files name if the test process dies first: the server inherits the
+        // test process's blocked signals, so only SIGKILL stops it, and nothing else would.
+        if let directory = ProcessInfo.processInfo.environment["GATEHOUSE_TEST_TMPDIR"] {
+            process.arguments? += ["--pidfile", "\(directory)/test-redis-\(port).pid"]
+        }
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
