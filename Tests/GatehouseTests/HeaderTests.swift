@@ -76,4 +76,20 @@ import UpstreamClient
         #expect(!RequestID.isAcceptable(String(repeating: "a", count: 129)))
         #expect(RequestID.make() != RequestID.make())
     }
+
+    @Test func hostHeadersAreCheckedAndNormalised() {
+        for valid in [
+            "example.com", "Example.COM:8080", "[::1]:8443", "[2001:db8::1]", "127.0.0.1", "host:", "a-b_c~d%41",
+        ] {
+            #expect(AcceptPhase.isValidHost(valid), "\(valid)")
+        }
+        for invalid in [
+            "a b", "a@b", "ex/ample", "[zz]", "[::1", "[]", "[::1]x", "host:123456", "host:8o", "ex\u{e9}mple",
+        ] {
+            #expect(!AcceptPhase.isValidHost(invalid), "\(invalid)")
+        }
+        #expect(AcceptPhase.hostName("Example.COM.:80") == "example.com")
+        #expect(AcceptPhase.hostName("[::1]:80") == "[::1]")
+        #expect(AcceptPhase.hostName("API.example.com") == "api.example.com")
+    }
 }

@@ -136,45 +136,66 @@ enum AcceptPhase {
     /// unreserved, sub-delim and %-escaped characters, or an IPv6 literal in brackets; the port all digits.
     /// Anything else (`@`, `/`, spaces) could make the name the upstream sees differ from the one routed and cached.
     static func isValidHost(_ header: String) -> Bool {
-        var rest = Substring(header)
-        if rest.hasPrefix("[") {
-            guard let close = rest.firstIndex(of: "]") else { return false }
-            let literal = rest[rest.index(after: rest.startIndex)..<close]
-            guard !literal.isEmpty, literal.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else {
-                return false
+        var header = header
+        return header.withUTF8 { bytes in
+            if bytes.first == UInt8(ascii: "[") {
+                guard let close = bytes.firstIndex(of: UInt8(ascii: "]")), close > 1,
+                    bytes[1..<close].allSatisfy({ isHexDigit($0) || $0 == UInt8(ascii: ":") || $0 == UInt8(ascii: ".") }
+                    )
+                else { return false }
+                if close == bytes.count - 1 { return true }
+                return bytes[close + 1] == UInt8(ascii: ":") && isPort(bytes[(close + 2)...])
             }
-            rest = rest[rest.index(after: close)...]
-            if rest.isEmpty { return true }
-            guard rest.hasPrefix(":") else { return false }
-            return rest.dropFirst().count <= 5 && rest.dropFirst().allSatisfy(\.isASCIIDigit)
-        }
-        var name = rest
-        if let colon = rest.lastIndex(of: ":") {
-            let port = rest[rest.index(after: colon)...]
-            guard port.count <= 5, port.allSatisfy(\.isASCIIDigit) else { return false }
-            name = rest[..<colon]
-        }
-        return name.utf8.allSatisfy { byte in
-            switch byte {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-                UInt8(ascii: "0")...UInt8(ascii: "9"):
-                return true
-            default:
-                return "-._~!$&'()*+,;=%".utf8.contains(byte)
+            var end = bytes.count
+            if let colon = bytes.lastIndex(of: UInt8(ascii: ":")) {
+                guard isPort(bytes[(colon + 1)...]) else { return false }
+                end = colon
+            }
+            return bytes[..<end].allSatisfy { byte in
+                switch byte {
+                case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                    UInt8(ascii: "0")...UInt8(ascii: "9"):
+                    return true
+                default:
+                    return "-._~!$&'()*+,;=%".utf8.contains(byte)
+                }
             }
         }
     }
 
-    /// The host part of a Host header, lower-cased, without port or trailing dot.
-    static func hostName(_ header: String) -> String {
-        var host = Substring(header)
-        if host.hasPrefix("[") {
-            if let close = host.firstIndex(of: "]") { host = host[...close] }
-        } else if let colon = host.lastIndex(of: ":") {
-            host = host[..<colon]
+    private static func isHexDigit(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "a")...UInt8(ascii: "f"),
+            UInt8(ascii: "A")...UInt8(ascii: "F"):
+            true
+        default: false
         }
-        if host.hasSuffix(".") { host = host.dropLast() }
-        return host.lowercased()
+    }
+
+    /// A port: at most five digits (none at all is allowed, as in `host:`).
+    private static func isPort(_ bytes: Slice<UnsafeBufferPointer<UInt8>>) -> Bool {
+        bytes.count <= 5 && bytes.allSatisfy { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+    }
+
+    /// The host part of a valid Host header, lower-cased, without port or trailing dot.
+    static func hostName(_ header: String) -> String {
+        var header = header
+        return header.withUTF8 { bytes in
+            var end = bytes.count
+            if bytes.first == UInt8(ascii: "[") {
+                if let close = bytes.firstIndex(of: UInt8(ascii: "]")) { end = close + 1 }
+            } else if let colon = bytes.lastIndex(of: UInt8(ascii: ":")) {
+                end = colon
+            }
+            if end > 0, bytes[end - 1] == UInt8(ascii: ".") { end -= 1 }
+            return String(unsafeUninitializedCapacity: end) { out in
+                for index in 0..<end {
+                    let byte = bytes[index]
+                    out[index] = byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z") ? byte + 32 : byte
+                }
+                return end
+            }
+        }
     }
 
     /// The client address behind a trusted proxy: the right-most address of X-Forwarded-For that is not
@@ -476,13 +497,14 @@ enum RespondPhase {
 
     static func head(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
         var connectionNamed: Set<String> = []
-        for (name, value) in upstream.headers where name.lowercased() == "connection" {
+        for (name, value) in upstream.headers where name.utf8.count == 10 && name.lowercased() == "connection" {
             for token in value.split(separator: ",") { connectionNamed.insert(token.trimmedSpaces.lowercased()) }
         }
         var headers = HTTPHeaders()
         headers.reserveCapacity(upstream.headers.count + 3)
         var via: String?
-        var lengths: Set<String> = []
+        var length: String?
+        var conflictingLengths = false
         var chunked = false
         for (name, value) in upstream.headers {
             let lower = name.lowercased()
@@ -491,19 +513,22 @@ enum RespondPhase {
                 via = via.map { $0 + ", " + value } ?? value
                 continue
             case "content-length":
-                lengths.insert(value)
+                if let length, length != value { conflictingLengths = true }
+                length = value
                 continue
             case "transfer-encoding":
                 chunked = true
             default:
                 break
             }
-            if droppedResponseHeaders.contains(lower) || connectionNamed.contains(lower) { continue }
+            if droppedResponseHeaders.contains(lower) || (!connectionNamed.isEmpty && connectionNamed.contains(lower)) {
+                continue
+            }
             headers.add(name: name, value: value)
         }
         // libcurl de-chunks the body: with Transfer-Encoding, or with conflicting lengths, no Content-Length
         // is sent on and the body is framed afresh; otherwise the one length passes.
-        if !chunked, lengths.count == 1, let length = lengths.first, Int(length) != nil {
+        if !chunked, !conflictingLengths, let length, Int(length) != nil {
             headers.add(name: "Content-Length", value: length)
         }
         headers.add(name: "X-Request-ID", value: context.requestID)
