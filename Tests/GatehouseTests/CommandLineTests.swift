@@ -26,8 +26,12 @@ import Testing
         )
     }
 
+    /// A config file in Scripts/test's run directory when there is one, so that the script can stop a
+    /// `gatehouse serve` of it that a crashed test process left behind.
     static func temporaryFile(_ text: String) throws -> String {
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gh-\(UUID().uuidString).yaml").path
+        let directory = ProcessInfo.processInfo.environment["GATEHOUSE_TEST_TMPDIR"].map { URL(fileURLWithPath: $0) }
+        let path = (directory ?? FileManager.default.temporaryDirectory)
+            .appendingPathComponent("gh-\(UUID().uuidString).yaml").path
         try text.write(toFile: path, atomically: true, encoding: .utf8)
         return path
     }
