@@ -233,9 +233,9 @@ extension GatewayHandler {
         do throws(GatewayError) {
             var request = try Pipeline.forward(&requestContext, runtime: exchange.runtime)
             if request.method == "HEAD" { request.method = "GET" }
-            if let upstream = requestContext.route?.pool?.config, upstream.oauth2 != nil {
+            if let grant = requestContext.route?.pool?.oauth2 {
                 // A refresh never waits for a token: without one held here, it is left to a later request.
-                guard let token = core.oauth2.heldToken(for: upstream) else {
+                guard let token = core.oauth2.heldToken(for: grant) else {
                     refresh.land(nil)
                     return
                 }

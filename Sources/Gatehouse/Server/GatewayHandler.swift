@@ -225,7 +225,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         if exchange.attempts == 1 {
             exchange.firstAttemptStart = UpstreamPool.now()
             exchange.mayResend =
-                pool?.config.oauth2 != nil
+                pool?.oauth2 != nil
                 || ((pool?.config.retries?.attempts ?? 1) > 1 && Self.isIdempotent(exchange.context.head.method))
             let head = exchange.context.head
             if !exchange.requestEnded, head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
@@ -233,15 +233,15 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
                     wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
             }
         }
-        guard let pool, pool.config.oauth2 != nil else {
+        guard let grant = pool?.oauth2 else {
             launch(request, token: nil, exchange, context: context)
             return
         }
-        if let token = core.oauth2.heldToken(for: pool.config) {
+        if let token = core.oauth2.heldToken(for: grant) {
             launch(request, token: token, exchange, context: context)
             return
         }
-        awaitBeforeAttempt(core.oauth2.token(for: pool.config, on: context.eventLoop), exchange, context: context) {
+        awaitBeforeAttempt(core.oauth2.token(for: grant, on: context.eventLoop), exchange, context: context) {
             result, handler, exchange, context in
             switch result {
             case .success(let token):
@@ -412,9 +412,11 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             lease?.pause(status: head.status, seconds: seconds)
         }
         guard !exchange.responseStarted, let pool = exchange.context.route?.pool else { return false }
-        if head.status == 401, let token = exchange.token, !exchange.tokenRefreshed, canResend(exchange) {
+        if head.status == 401, let token = exchange.token, let grant = pool.oauth2, !exchange.tokenRefreshed,
+            canResend(exchange)
+        {
             exchange.tokenRefreshed = true
-            let refreshed = core.oauth2.invalidate(token, for: pool.config, on: context.eventLoop)
+            let refreshed = core.oauth2.invalidate(token, for: grant, on: context.eventLoop)
             return resend(exchange, context: context, preferOther: false, after: refreshed)
         }
         return mayRetry(exchange, after: .status(head.status)) && resend(exchange, context: context, preferOther: true)

@@ -40,23 +40,18 @@ final class OAuth2Tokens: Sendable {
         self.logger = logger
     }
 
-    /// The token this instance holds for `upstream`, while it is fresh.
-    func heldToken(for upstream: UpstreamConfig) -> String? {
-        guard let config = upstream.oauth2 else { return nil }
-        let key = Self.storeKey(upstream.name, config)
+    /// The token this instance holds for `grant`, while it is fresh.
+    func heldToken(for grant: OAuth2Grant) -> String? {
         let now = Self.wallMilliseconds()
         return slots.withLock { slots in
-            guard let slot = slots[key], let token = slot.token, slot.refreshAt > now else { return nil }
+            guard let slot = slots[grant.key], let token = slot.token, slot.refreshAt > now else { return nil }
             return token
         }
     }
 
     /// The current token: at once when this instance holds a fresh one, else when it has been acquired.
-    func token(for upstream: UpstreamConfig, on loop: EventLoop) -> EventLoopFuture<String> {
-        guard let config = upstream.oauth2 else {
-            return loop.makeFailedFuture(GatewayError(status: .badGateway, detail: "no oauth2", origin: .gateway))
-        }
-        let key = Self.storeKey(upstream.name, config)
+    func token(for grant: OAuth2Grant, on loop: EventLoop) -> EventLoopFuture<String> {
+        let key = grant.key
         let now = Self.wallMilliseconds()
         let found = slots.withLock { slots -> EventLoopFuture<String> in
             var slot = slots[key] ?? Slot()
@@ -68,7 +63,7 @@ final class OAuth2Tokens: Sendable {
             let id = UUID()
             running.withLock { running in
                 running[id] = Task {
-                    await self.acquire(key: key, upstream: upstream, config: config, loop: loop, promise: promise)
+                    await self.acquire(grant, loop: loop, promise: promise)
                     _ = self.running.withLock { $0.removeValue(forKey: id) }
                 }
             }
@@ -87,15 +82,13 @@ final class OAuth2Tokens: Sendable {
 
     /// The upstream refused `token` (401): it is dropped here and in the store, unless another instance has
     /// already replaced it there. Completes when the store no longer offers it.
-    func invalidate(_ token: String, for upstream: UpstreamConfig, on loop: EventLoop) -> EventLoopFuture<Void> {
+    func invalidate(_ token: String, for grant: OAuth2Grant, on loop: EventLoop) -> EventLoopFuture<Void> {
         let promise = loop.makePromise(of: Void.self)
-        promise.completeWithTask { await self.invalidate(token, for: upstream) }
+        promise.completeWithTask { await self.invalidate(token, key: grant.key) }
         return promise.futureResult
     }
 
-    private func invalidate(_ token: String, for upstream: UpstreamConfig) async {
-        guard let config = upstream.oauth2 else { return }
-        let key = Self.storeKey(upstream.name, config)
+    private func invalidate(_ token: String, key: String) async {
         slots.withLock { slots in
             slots[key, default: Slot()].refused = token
             if slots[key]?.token == token {
@@ -108,11 +101,10 @@ final class OAuth2Tokens: Sendable {
         }
     }
 
-    private func acquire(
-        key: String, upstream: UpstreamConfig, config: OAuth2Config, loop: EventLoop, promise: EventLoopPromise<String>
-    ) async {
+    private func acquire(_ grant: OAuth2Grant, loop: EventLoop, promise: EventLoopPromise<String>) async {
+        let key = grant.key
         do {
-            let (token, refreshAt) = try await sharedToken(key: key, upstream: upstream, config: config, loop: loop)
+            let (token, refreshAt) = try await sharedToken(grant, loop: loop)
             slots.withLock { slots in
                 slots[key, default: Slot()].token = token
                 slots[key]?.refreshAt = refreshAt
@@ -123,27 +115,26 @@ final class OAuth2Tokens: Sendable {
             slots.withLock { slots in slots[key]?.pending = nil }
             logger.warning(
                 "oauth2: no token for the upstream",
-                metadata: ["upstream": "\(upstream.name)", "error": "\(error)"])
+                metadata: ["upstream": "\(grant.upstream)", "error": "\(error)"])
             promise.fail(
                 GatewayError(
                     status: .badGateway,
-                    detail: "The gateway could not obtain a token for the upstream \(upstream.name).",
+                    detail: "The gateway could not obtain a token for the upstream \(grant.upstream).",
                     origin: .upstream))
         }
     }
 
     /// A token from the store, or fetched by this instance (under the store's lock when Redis is there).
-    private func sharedToken(key: String, upstream: UpstreamConfig, config: OAuth2Config, loop: EventLoop)
-        async throws -> (String, Int64)
-    {
-        guard store.usesRedis else { return try await fetch(upstream: upstream, config: config, loop: loop) }
+    private func sharedToken(_ grant: OAuth2Grant, loop: EventLoop) async throws -> (String, Int64) {
+        guard store.usesRedis else { return try await fetch(grant, loop: loop) }
+        let key = grant.key
         let lockKey = key + ":lock"
         do {
             for _ in 0..<2 {
                 if let stored = try await freshStored(key) { return stored }
                 if try await store.set(lockKey, Array(owner.utf8), expireMilliseconds: 10_000, onlyIfAbsent: true) {
                     do {
-                        let (token, refreshAt) = try await fetch(upstream: upstream, config: config, loop: loop)
+                        let (token, refreshAt) = try await fetch(grant, loop: loop)
                         let ttl = Int(refreshAt - Self.wallMilliseconds())
                         if ttl > 0 {
                             _ = try? await store.set(
@@ -168,7 +159,7 @@ final class OAuth2Tokens: Sendable {
             logger.info(
                 "oauth2: the store is unavailable; fetching a token for this instance", metadata: ["error": "\(error)"])
         }
-        return try await fetch(upstream: upstream, config: config, loop: loop)
+        return try await fetch(grant, loop: loop)
     }
 
     /// The stored token while it is fresh; one an upstream refused here is removed instead.
@@ -185,9 +176,9 @@ final class OAuth2Tokens: Sendable {
 
     /// Asks the token endpoint (RFC 6749 §4.4); the token is renewed 10% of its lifetime (at most a minute)
     /// before it expires.
-    private func fetch(upstream: UpstreamConfig, config: OAuth2Config, loop: EventLoop) async throws -> (String, Int64)
-    {
+    private func fetch(_ grant: OAuth2Grant, loop: EventLoop) async throws -> (String, Int64) {
         try Task.checkCancellation()
+        let config = grant.config
         var form = [("grant_type", "client_credentials")]
         if !config.scopes.isEmpty { form.append(("scope", config.scopes.joined(separator: " "))) }
         if let audience = config.audience { form.append(("audience", audience)) }
@@ -206,11 +197,11 @@ final class OAuth2Tokens: Sendable {
         let body = Array(form.map { Self.formEncode($0.0) + "=" + Self.formEncode($0.1) }.joined(separator: "&").utf8)
         let request = UpstreamRequest(
             url: config.tokenURL, method: "POST", headers: headers, bodyLength: Int64(body.count),
-            connectTimeoutMilliseconds: Int(max(1, upstream.connectTimeout.milliseconds)),
+            connectTimeoutMilliseconds: grant.connectTimeoutMilliseconds,
             // The client secret goes only to an endpoint verified against the system's CAs, whatever the
             // upstream's own `tls` says.
             timeoutMilliseconds: 10_000, verifyTLS: true, caFile: nil)
-        metrics.oauth2Fetches(upstream.name).increment()
+        metrics.oauth2Fetches(grant.upstream).increment()
         let answer = try await UpstreamFetch.send(
             request, body: body, client: client, on: loop, limit: 64 * 1024
         ).get()
@@ -280,4 +271,22 @@ final class OAuth2Tokens: Sendable {
     }
 
     static func wallMilliseconds() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+}
+
+/// An upstream's `oauth2` grant and the key its token has in the store, made once per config load.
+struct OAuth2Grant: Sendable {
+    let upstream: String
+    let config: OAuth2Config
+    let connectTimeoutMilliseconds: Int
+    /// `oauth2:<upstream>:<digest>`.
+    let key: String
+
+    /// Nil for an upstream without `oauth2`.
+    init?(_ upstream: UpstreamConfig) {
+        guard let config = upstream.oauth2 else { return nil }
+        self.upstream = upstream.name
+        self.config = config
+        connectTimeoutMilliseconds = Int(max(1, upstream.connectTimeout.milliseconds))
+        key = OAuth2Tokens.storeKey(upstream.name, config)
+    }
 }

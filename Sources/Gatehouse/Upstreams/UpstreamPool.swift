@@ -20,6 +20,8 @@ final class UpstreamPool: Sendable {
     let urls: [String]
     /// The request header whose value picks the target (`hash:header:<Name>`).
     let hashHeader: String?
+    /// The client-credentials grant whose token goes with every request, with `oauth2`.
+    let oauth2: OAuth2Grant?
     private let ring: HashRing?
     private let state: Mutex<PoolState>
     private let metrics: [TargetMetrics]
@@ -30,6 +32,7 @@ final class UpstreamPool: Sendable {
         self.config = config
         droppedHeaders = Set(config.requestHeaders.remove.map { $0.lowercased() } + [apiKeyHeader.lowercased()])
         urls = config.targets.map(\.url)
+        oauth2 = OAuth2Grant(config)
         if case .hashHeader(let name) = config.balance {
             hashHeader = name
             ring = HashRing(config.targets)
@@ -71,13 +74,22 @@ final class UpstreamPool: Sendable {
     func pick(hashKey: String? = nil, excluding: [Int] = []) -> Result<TargetLease, GatewayError> {
         let now = Self.now()
         let chosen = state.withLock { state -> Result<(Int, Bool), GatewayError> in
-            if excluding.isEmpty { state.budget.add(now, first: true) }
-            var candidates = state.candidates(at: now, excluding: excluding)
-            if candidates.isEmpty, !excluding.isEmpty { candidates = state.candidates(at: now, excluding: []) }
+            if excluding.isEmpty, config.retries != nil { state.budget.add(now, first: true) }
+            // The candidate list reuses one buffer: no allocation per request.
+            var candidates: [Int] = []
+            swap(&candidates, &state.scratch)
+            defer {
+                candidates.removeAll(keepingCapacity: true)
+                swap(&candidates, &state.scratch)
+            }
+            state.collectCandidates(at: now, excluding: excluding, into: &candidates)
+            if candidates.isEmpty, !excluding.isEmpty {
+                state.collectCandidates(at: now, excluding: [], into: &candidates)
+            }
             guard !candidates.isEmpty else { return .failure(state.refusal(at: now, upstream: config.name)) }
             let index: Int
             if let ring, let hashKey {
-                index = ring.target(for: hashKey, among: candidates, count: state.targets.count)
+                index = ring.target(for: hashKey, among: candidates)
             } else {
                 switch config.balance {
                 case .leastRequests: index = state.leastLoaded(candidates)
@@ -283,42 +295,41 @@ private struct PoolState {
     var targets: [TargetState]
     var random = Xorshift(seed: UInt64.random(in: 1...UInt64.max))
     var budget = RetryBudget()
+    /// The buffer `pick` lists candidates in.
+    var scratch: [Int] = []
 
-    /// The targets that take requests now, in config order.
-    mutating func candidates(at now: UInt64, excluding: [Int]) -> [Int] {
-        var out: [Int] = []
-        out.reserveCapacity(targets.count)
+    /// Appends the targets that take requests now to `out`, in config order.
+    mutating func collectCandidates(at now: UInt64, excluding: [Int], into out: inout [Int]) {
         for index in targets.indices where !excluding.contains(index) {
             if targets[index].available(at: now) { out.append(index) }
         }
-        return out
     }
 
-    /// nginx's smooth weighted round robin: every target gains its weight, the richest is picked and pays the total.
-    mutating func smoothWeightedRoundRobin(_ candidates: [Int]) -> Int {
+    /// nginx's smooth weighted round robin among the candidates that `included` keeps: every one gains its weight,
+    /// the richest is picked and pays the total.
+    mutating func smoothWeightedRoundRobin(
+        _ candidates: [Int], where included: (_ inFlight: Int, _ weight: Int) -> Bool = { _, _ in true }
+    ) -> Int {
         guard candidates.count > 1 else { return candidates[0] }
         var total = 0
-        var best = candidates[0]
-        for index in candidates {
+        var best: Int?
+        for index in candidates where included(targets[index].inFlight, targets[index].weight) {
             targets[index].currentWeight += targets[index].weight
             total += targets[index].weight
-            if targets[index].currentWeight > targets[best].currentWeight { best = index }
+            let leader = best ?? index
+            if best == nil || targets[index].currentWeight > targets[leader].currentWeight { best = index }
         }
+        guard let best else { return candidates[0] }
         targets[best].currentWeight -= total
         return best
     }
 
     /// The fewest requests in flight for its weight; ties are shared by weighted round robin.
     mutating func leastLoaded(_ candidates: [Int]) -> Int {
-        var tied = [candidates[0]]
-        for index in candidates.dropFirst() {
-            if lighter(index, than: tied[0]) {
-                tied = [index]
-            } else if !lighter(tied[0], than: index) {
-                tied.append(index)
-            }
-        }
-        return smoothWeightedRoundRobin(tied)
+        var lightest = candidates[0]
+        for index in candidates.dropFirst() where lighter(index, than: lightest) { lightest = index }
+        let (least, leastWeight) = (targets[lightest].inFlight, targets[lightest].weight)
+        return smoothWeightedRoundRobin(candidates) { inFlight, weight in inFlight * leastWeight == least * weight }
     }
 
     /// Two targets drawn at random by weight; the less loaded one wins.
@@ -577,9 +588,7 @@ private struct HashRing: Sendable {
     }
 
     /// The first candidate clockwise from the key's point.
-    func target(for key: String, among candidates: [Int], count: Int) -> Int {
-        var allowed = [Bool](repeating: false, count: count)
-        for index in candidates { allowed[index] = true }
+    func target(for key: String, among candidates: [Int]) -> Int {
         let hash = Self.hash(key)
         var low = 0
         var high = points.count
@@ -589,7 +598,7 @@ private struct HashRing: Sendable {
         }
         for step in 0..<points.count {
             let point = points[(low + step) % points.count]
-            if allowed[point.target] { return point.target }
+            if candidates.contains(point.target) { return point.target }
         }
         return candidates[0]
     }
