@@ -28,7 +28,7 @@ import Synchronization
 ///
 /// `/cache/...` takes `cc` (Cache-Control), `etag`, `lm` (Last-Modified), `vary`, `cookie` (Set-Cookie),
 /// `expires`, `age`, `status`, `delay` (ms) and `size` (body bytes, else a small JSON body with the request
-/// number `n`); it answers 304 to a matching `If-None-Match` or `If-Modified-Since`, and 503 while ``failing``.
+/// number `n`); it answers 304 to a matching `If-None-Match` or `If-Modified-Since`.
 public final class DemoUpstream: Sendable {
     public let channel: Channel
     private let counter: RequestCounter
@@ -46,12 +46,6 @@ public final class DemoUpstream: Sendable {
 
     /// Requests for `/document` so far.
     public var documentRequests: Int { counter.documentRequests.load(ordering: .relaxed) }
-
-    /// While true, `/cache/...` answers 503.
-    public var failing: Bool {
-        get { counter.failing.load(ordering: .relaxed) }
-        set { counter.failing.store(newValue, ordering: .relaxed) }
-    }
 
     /// While set, every path but `/oauth/token` answers with this status and `Retry-After` value.
     public var failure: (status: Int, retryAfter: String?)? {
@@ -117,7 +111,6 @@ final class ConnectionTracker: Sendable {
 /// Counts the requests a server received.
 final class RequestCounter: Sendable {
     let value = Atomic<Int>(0)
-    let failing = Atomic<Bool>(false)
     let document = Mutex("{}")
     let documentRequests = Atomic<Int>(0)
     let failure = Mutex<(status: Int, retryAfter: String?)?>(nil)
@@ -272,10 +265,6 @@ final class DemoHandler: ChannelInboundHandler {
     private func cacheable(
         _ head: HTTPRequestHead, path: String, query: [String: String], context: ChannelHandlerContext
     ) {
-        if stats.failing.load(ordering: .relaxed) {
-            send(status: .serviceUnavailable, body: "{\"failing\":true}", head: head, context: context)
-            return
-        }
         var headers = HTTPHeaders()
         let fields = [
             ("cc", "Cache-Control"), ("etag", "ETag"), ("lm", "Last-Modified"), ("vary", "Vary"),

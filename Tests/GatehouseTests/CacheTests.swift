@@ -216,10 +216,10 @@ import Testing
             let strict = "/cache/mr?cc=max-age%3D1%2C%20must-revalidate"
             _ = try await Self.get(h, strict)
             try await Task.sleep(for: .milliseconds(1200))
-            h.upstream.failing = true
+            h.upstream.failure = (503, nil)
             let failed = try await Self.get(h, strict)
             #expect(failed.status == 503, "the origin's error, not the stale entry")
-            h.upstream.failing = false
+            h.upstream.failure = nil
 
             // A client's no-cache makes the cache validate first.
             let fresh = "/cache/cn?cc=max-age%3D60&etag=%22c%22"
@@ -259,7 +259,7 @@ import Testing
             let path = "/cache/sie?cc=max-age%3D1"
             let first = try await Self.get(h, path)
             try await Task.sleep(for: .milliseconds(1200))
-            h.upstream.failing = true
+            h.upstream.failure = (503, nil)
             let on5xx = try await Self.get(h, path)
             #expect(on5xx.status == 200)
             #expect(on5xx.body == first.body)

@@ -165,13 +165,13 @@ final class OAuth2Tokens: Sendable {
     /// The stored token while it is fresh; one an upstream refused here is removed instead.
     private func freshStored(_ key: String) async throws -> (String, Int64)? {
         guard let bytes = try await store.get(key), let stored = Self.decodeStored(bytes),
-            let refreshAt = stored.refreshAt, refreshAt > Self.wallMilliseconds()
+            stored.refreshAt > Self.wallMilliseconds()
         else { return nil }
         if stored.token == slots.withLock({ $0[key]?.refused }) {
             _ = try await store.delete(key, ifEqualTo: bytes)
             return nil
         }
-        return (stored.token, refreshAt)
+        return (stored.token, stored.refreshAt)
     }
 
     /// Asks the token endpoint (RFC 6749 §4.4); the token is renewed 10% of its lifetime (at most a minute)
@@ -253,13 +253,14 @@ final class OAuth2Tokens: Sendable {
     }
 
     /// `<refreshAt ms> <token>`.
-    static func encodeStored(token: String, refreshAt: Int64?) -> [UInt8] {
-        Array("\(refreshAt ?? 0) \(token)".utf8)
+    static func encodeStored(token: String, refreshAt: Int64) -> [UInt8] {
+        Array("\(refreshAt) \(token)".utf8)
     }
 
-    static func decodeStored(_ bytes: [UInt8]) -> (token: String, refreshAt: Int64?)? {
-        guard let space = bytes.firstIndex(of: 0x20) else { return nil }
-        let refreshAt = Int64(String(decoding: bytes[..<space], as: UTF8.self))
+    static func decodeStored(_ bytes: [UInt8]) -> (token: String, refreshAt: Int64)? {
+        guard let space = bytes.firstIndex(of: 0x20),
+            let refreshAt = Int64(String(decoding: bytes[..<space], as: UTF8.self))
+        else { return nil }
         return (String(decoding: bytes[(space + 1)...], as: UTF8.self), refreshAt)
     }
 
