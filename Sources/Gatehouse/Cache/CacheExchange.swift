@@ -21,6 +21,8 @@ final class CacheExchange {
     var stored: CacheEntry?
     /// The request went upstream with the stored entry's validators.
     var revalidating = false
+    /// When the store lookup began (`FlightBoard.now()`).
+    var lookupStarted: UInt64 = 0
     /// This exchange leads a flight: requests for the same key wait for what it stores.
     var leadsFlight = false
     /// This exchange holds the fleet-wide fetch lock (`lock_timeout`), released when the flight lands.
@@ -282,6 +284,6 @@ final class CacheExchange {
         guard leadsFlight else { return }
         leadsFlight = false
         let unstorable = entry == nil && skipped?.startsPass(status: upstreamStatus) == true
-        cache.flights.land(key.flightKey, entry: entry, unstorable: unstorable)
+        cache.flights.land(key.flightKey, entry: entry, written: pendingWrite, unstorable: unstorable)
     }
 }

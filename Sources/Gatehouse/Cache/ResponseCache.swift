@@ -195,6 +195,10 @@ final class ResponseCache: Sendable {
 /// Concurrent misses for one key on this instance: the first request goes upstream, the others wait for the
 /// entry it makes. Shared by every event loop.
 ///
+/// A flight stays on the board, answering with its entry, until that entry's store write has completed; a miss
+/// whose lookup began before then looks again instead of leading a second flight (its lookup may have been
+/// answered before the write reached Redis).
+///
 /// A key whose response could not be stored is remembered for a while ("hit-for-pass"): its misses then go
 /// upstream side by side instead of queueing behind one another for an answer they cannot share.
 final class FlightBoard: Sendable {
@@ -212,51 +216,97 @@ final class FlightBoard: Sendable {
         case wait
         /// Go upstream without a flight: the key's responses were not storable lately.
         case pass
+        /// A flight just landed with this entry, which is still being written: answer from it.
+        case landed(CacheEntry)
+        /// A flight's entry was written after this request's lookup began: look it up again.
+        case lookAgain
     }
 
     /// How long an unstorable key skips coalescing.
     static let passNanoseconds: UInt64 = 10_000_000_000
-    /// Keys remembered as unstorable, at most; the oldest half is forgotten beyond it.
-    static let passLimit = 10_000
+    /// How long a landing is remembered for lookups that began before it (longer than any lookup takes).
+    static let landingNanoseconds: UInt64 = 5_000_000_000
+    /// Keys remembered (as unstorable, or as just landed), at most; beyond it the oldest half is forgotten.
+    static let rememberLimit = 10_000
+
+    private enum Flight {
+        case airborne([Waiter])
+        case landing(CacheEntry)
+    }
 
     private struct State {
-        var flights: [String: [Waiter]] = [:]
+        var flights: [String: Flight] = [:]
         var passes: [String: UInt64] = [:]
+        var landings: [String: UInt64] = [:]
     }
 
     private let state = Mutex(State())
 
-    func join(_ key: String, waiter: Waiter?) -> Role {
-        let now = NIODeadline.now().uptimeNanoseconds
+    /// The board's clock, for `join`'s `lookupStarted`.
+    static func now() -> UInt64 { NIODeadline.now().uptimeNanoseconds }
+
+    /// `lookupStarted` (from `now()`) is when the request's store lookup began; nil for requests that looked
+    /// nothing up.
+    func join(_ key: String, waiter: Waiter?, lookupStarted: UInt64? = nil) -> Role {
+        let now = Self.now()
         return state.withLock { state in
             if let until = state.passes[key] {
                 if until > now { return .pass }
                 state.passes[key] = nil
             }
-            if state.flights[key] == nil {
-                state.flights[key] = []
+            switch state.flights[key] {
+            case .airborne(var waiters):
+                guard let waiter else { return .pass }
+                waiters.append(waiter)
+                state.flights[key] = .airborne(waiters)
+                return .wait
+            case .landing(let entry):
+                return waiter == nil ? .pass : .landed(entry)
+            case nil:
+                if let lookupStarted, let landed = state.landings[key], landed >= lookupStarted {
+                    return .lookAgain
+                }
+                state.flights[key] = .airborne([])
                 return .lead
             }
-            guard let waiter else { return .pass }
-            state.flights[key]?.append(waiter)
-            return .wait
         }
     }
 
     /// Ends a flight and hands its entry (or nil) to everyone waiting; `unstorable` starts a pass period.
-    func land(_ key: String, entry: CacheEntry?, unstorable: Bool = false) {
-        let now = NIODeadline.now().uptimeNanoseconds
-        let waiters = state.withLock { state in
-            if unstorable {
-                if state.passes.count >= Self.passLimit {
-                    let oldest = state.passes.sorted { $0.value < $1.value }.prefix(Self.passLimit / 2)
-                    for (key, _) in oldest { state.passes[key] = nil }
-                }
-                state.passes[key] = now + Self.passNanoseconds
+    /// `written` is the entry's store write: until it completes, the board answers with the entry itself.
+    func land(_ key: String, entry: CacheEntry?, written: EventLoopFuture<Void>?, unstorable: Bool = false) {
+        let now = Self.now()
+        let landing = entry.flatMap { entry in written.map { (entry, $0) } }
+        let flight = state.withLock { state in
+            if unstorable { Self.remember(key, until: now + Self.passNanoseconds, in: &state.passes, now: now) }
+            if let (entry, _) = landing {
+                return state.flights.updateValue(.landing(entry), forKey: key)
             }
             return state.flights.removeValue(forKey: key)
         }
-        for waiter in waiters ?? [] { waiter.eventLoop.execute { waiter.callback(entry) } }
+        if let (_, written) = landing {
+            written.whenComplete { _ in
+                let now = Self.now()
+                self.state.withLock { state in
+                    state.flights[key] = nil
+                    let forgotten = now > Self.landingNanoseconds ? now - Self.landingNanoseconds : 0
+                    Self.remember(key, until: now, in: &state.landings, now: forgotten)
+                }
+            }
+        }
+        guard case .airborne(let waiters) = flight else { return }
+        for waiter in waiters { waiter.eventLoop.execute { waiter.callback(entry) } }
+    }
+
+    /// Keeps `key` with a time in a bounded map: at the limit, entries older than `now` go, then the oldest half.
+    private static func remember(_ key: String, until time: UInt64, in map: inout [String: UInt64], now: UInt64) {
+        if map.count >= rememberLimit {
+            map = map.filter { $0.value > now }
+            if map.count >= rememberLimit {
+                for (old, _) in map.sorted(by: { $0.value < $1.value }).prefix(rememberLimit / 2) { map[old] = nil }
+            }
+        }
+        map[key] = time
     }
 }
 

@@ -8,6 +8,7 @@ extension GatewayHandler {
     /// Looks the response up; the answer comes back on this event loop.
     func lookUp(_ cache: CacheExchange, _ exchange: Exchange, context: ChannelHandlerContext) {
         exchange.waiting = true
+        cache.lookupStarted = FlightBoard.now()
         let bound = NIOLoopBound((self, exchange), eventLoop: context.eventLoop)
         cache.cache.lookup(
             cache.key, headers: exchange.context.head.headers, localMilliseconds: cache.config.localTTL.milliseconds,
@@ -45,7 +46,7 @@ extension GatewayHandler {
                 let (handler, exchange) = bound.value
                 handler.flightLanded(entry, exchange)
             }
-            switch cache.cache.flights.join(cache.key.flightKey, waiter: waiter) {
+            switch cache.cache.flights.join(cache.key.flightKey, waiter: waiter, lookupStarted: cache.lookupStarted) {
             case .lead:
                 cache.leadsFlight = true
                 if cache.config.lockTimeout.milliseconds > 0 {
@@ -56,6 +57,13 @@ extension GatewayHandler {
                 return
             case .pass:
                 forwardUpstream(exchange, context: context)
+                return
+            case .landed(let entry):
+                exchange.waiting = true
+                flightLanded(entry, exchange)
+                return
+            case .lookAgain:
+                lookUp(cache, exchange, context: context)
                 return
             case .wait:
                 break
