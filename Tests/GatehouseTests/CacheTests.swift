@@ -2,6 +2,7 @@ import DemoUpstream
 import Foundation
 import GatehouseConfig
 import NIOCore
+import NIOEmbedded
 import NIOHTTP1
 import Testing
 
@@ -82,8 +83,12 @@ import Testing
 
             // Without freshness from the origin the route's ttl (1 s) applies.
             _ = try await Self.get(h, "/cache/ttl")
+            let stored = ContinuousClock.now
             try await Task.sleep(for: .milliseconds(100))
-            #expect(try await Self.get(h, "/cache/ttl").header("Cache-Status")?.contains("hit") == true)
+            let fresh = try await Self.get(h, "/cache/ttl")
+            if ContinuousClock.now - stored < .milliseconds(900) {  // else too loaded a machine to tell
+                #expect(fresh.header("Cache-Status")?.contains("hit") == true)
+            }
             try await Task.sleep(for: .milliseconds(1100))
             #expect(try await Self.get(h, "/cache/ttl").header("Cache-Status")?.contains("hit") == false)
 
@@ -180,7 +185,9 @@ import Testing
             let path = "/cache/r?cc=max-age%3D1&etag=%22v1%22"
             let first = try await Self.get(h, path)
             try await Task.sleep(for: .milliseconds(1200))
+            let clock = ContinuousClock()
             let revalidated = try await Self.get(h, path)
+            let refreshedAt = clock.now
             #expect(revalidated.status == 200)
             #expect(revalidated.header("Cache-Status")?.hasPrefix("gatehouse; fwd=stale") == true)
             #expect(revalidated.header("Cache-Status")?.contains("fwd-status=304") == true)
@@ -188,15 +195,16 @@ import Testing
             #expect(h.upstream.requestCount == 2)
             try await Task.sleep(for: .milliseconds(100))
             let refreshed = try await Self.get(h, path)
-            #expect(refreshed.header("Cache-Status")?.contains("hit") == true, "the 304 made the entry fresh again")
-            #expect(h.upstream.requestCount == 2)
-
             // The client's own conditional request is answered 304 from the cache.
             let conditional = try await Self.get(h, path, headers: [("If-None-Match", "\"v1\"")])
             #expect(conditional.status == 304)
             #expect(conditional.header("ETag") == "\"v1\"")
             #expect(conditional.body.isEmpty)
-            #expect(h.upstream.requestCount == 2)
+            // The entry is fresh for one second again; only a machine too loaded to ask within it sees it stale.
+            if clock.now - refreshedAt < .milliseconds(900) {
+                #expect(refreshed.header("Cache-Status")?.contains("hit") == true, "the 304 made it fresh again")
+                #expect(h.upstream.requestCount == 2)
+            }
             let other = try await Self.get(h, path, headers: [("If-None-Match", "\"v0\"")])
             #expect(other.status == 200)
         }
@@ -535,11 +543,41 @@ import Testing
 
     @Test func unstorableKeysSkipCoalescingForAWhile() {
         let board = FlightBoard()
-        #expect(board.join("k", waiter: nil) == .lead)
-        #expect(board.join("k", waiter: nil) == .pass, "HEAD and refreshes never wait")
-        board.land("k", entry: nil, unstorable: true)
-        #expect(board.join("k", waiter: nil) == .pass)
-        #expect(board.join("other", waiter: nil) == .lead)
+        #expect(Self.role(board.join("k", waiter: nil)) == "lead")
+        #expect(Self.role(board.join("k", waiter: nil)) == "pass", "HEAD and refreshes never wait")
+        board.land("k", entry: nil, written: nil, unstorable: true)
+        #expect(Self.role(board.join("k", waiter: nil)) == "pass")
+        #expect(Self.role(board.join("other", waiter: nil)) == "lead")
+    }
+
+    /// A miss racing the leader's store write neither leads a second flight nor waits for nothing.
+    @Test func aMissThatRacesTheStoreWriteIsAnsweredFromTheLandedFlight() {
+        let board = FlightBoard()
+        let loop = EmbeddedEventLoop()
+        let waiter = FlightBoard.Waiter(eventLoop: loop) { _ in }
+        let entry = CacheEntry(
+            status: 200, headers: [], body: ByteBuffer(string: "x"), responseTime: 0, initialAge: 0,
+            freshness: .init(
+                lifetime: 60_000, staleWhileRevalidate: 0, staleIfError: 0, noCache: false, mustRevalidate: false),
+            vary: [])
+        let lookedUp = FlightBoard.now()
+        #expect(Self.role(board.join("k", waiter: waiter, lookupStarted: lookedUp)) == "lead")
+        let written = loop.makePromise(of: Void.self)
+        board.land("k", entry: entry, written: written.futureResult)
+        #expect(Self.role(board.join("k", waiter: waiter, lookupStarted: lookedUp)) == "landed")
+        written.succeed()
+        #expect(Self.role(board.join("k", waiter: waiter, lookupStarted: lookedUp)) == "lookAgain")
+        #expect(Self.role(board.join("k", waiter: waiter, lookupStarted: FlightBoard.now())) == "lead")
+    }
+
+    private static func role(_ role: FlightBoard.Role) -> String {
+        switch role {
+        case .lead: "lead"
+        case .wait: "wait"
+        case .pass: "pass"
+        case .landed: "landed"
+        case .lookAgain: "lookAgain"
+        }
     }
 
     @Test func cacheControlAndDates() {
@@ -577,6 +615,17 @@ import Testing
         ).get()
         #expect(stored.initialAge == 11_000, "Age plus the response delay")
         #expect(stored.freshness.lifetime == 100_000)
+        // Date has whole seconds: one of this very second adds no age, one 3 s back adds 3 s.
+        func apparentAge(date: String) throws -> Int64 {
+            let later = CachePolicy.RequestFacts(
+                authenticated: false, keyedPerConsumer: false, noStore: false, headers: [:], requestTime: 100_900)
+            return try CachePolicy.evaluate(
+                status: 200, headers: [("Cache-Control", "max-age=1"), ("Date", date)], request: later,
+                responseTime: 100_950, route: route
+            ).get().initialAge
+        }
+        #expect(try apparentAge(date: "Thu, 01 Jan 1970 00:01:40 GMT") == 50)
+        #expect(try apparentAge(date: "Thu, 01 Jan 1970 00:01:37 GMT") == 3_000)
 
         // The route's stale windows do not apply to s-maxage (it carries proxy-revalidate); the origin's do.
         route.staleIfError = .seconds(60)

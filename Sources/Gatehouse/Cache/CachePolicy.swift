@@ -99,7 +99,9 @@ enum CachePolicy {
 
         let ageValue =
             (header("Age", in: headers).flatMap { CacheControl.deltaSeconds(Substring($0).trimmedSpaces) } ?? 0) * 1000
-        let apparentAge = max(0, responseTime - (date ?? responseTime))
+        // Date has whole seconds: compared with the response time's second, so a response is not up to 999 ms
+        // old the moment it arrives.
+        let apparentAge = max(0, responseTime / 1000 * 1000 - (date ?? responseTime))
         let correctedAge = ageValue + max(0, responseTime - request.requestTime)
         // The route's stale windows apply unless the origin forbids stale use: must-revalidate, or s-maxage, which
         // carries proxy-revalidate (RFC 9111 §5.2.2.10). The origin's own windows are capped at max_ttl or the
