@@ -275,7 +275,7 @@ enum Mint {
     }
 
     @Test func keysIssuedAtRuntimeAreSharedAndRevokedEverywhere() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         let yaml = Self.yaml(redis: url, prefix: "gh-auth-\(UUID().uuidString.prefix(8)):", jwt: Self.hmacIssuer)
         try await Harness.run(yaml) { a in
             try await Harness.run(yaml) { b in
@@ -309,7 +309,7 @@ enum Mint {
     }
 
     @Test func redisAwayKeepsConfigKeysAndJWTsAndRefusesUnknownRuntimeKeysWith503() async throws {
-        let redis = try RedisServerProcess()
+        let redis = try await RedisServerProcess()
         let yaml = Self.yaml(redis: "redis://127.0.0.1:\(redis.port)/0", jwt: Self.hmacIssuer)
         try await Harness.run(yaml) { h in
             try await waitUntil { h.gateway.readinessProblem == nil }
@@ -320,7 +320,7 @@ enum Mint {
                     as? String)
             #expect(try await request(port: h.port, "/private", headers: [("X-API-Key", recent)]).status == 200)
 
-            redis.kill()
+            await redis.kill()
             try await waitUntil { h.gateway.readinessProblem != nil }
             try await Task.sleep(for: .milliseconds(1100))
             #expect(try await request(port: h.port, "/private", headers: [("X-API-Key", Self.configKey)]).status == 200)
@@ -335,11 +335,11 @@ enum Mint {
             #expect(refused.status == 503)
             #expect(refused.text.contains("Redis"))
         }
-        redis.kill()
+        await redis.kill()
     }
 
     @Test func consumersNeverSeeEachOthersCachedEntries() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         let betaKey = "beta-key"
         let yaml = { (port: Int) in
             Harness.config(

@@ -34,7 +34,7 @@ import Testing
 
     /// Runs `body` against a gateway caching in the test Redis, with a fresh key prefix.
     static func run(cache: String = "ttl: 30s", _ body: (Harness) async throws -> Void) async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         let prefix = "gh-cache-\(UUID().uuidString.prefix(8)):"
         try await Harness.run(yaml(redis: url, prefix: prefix, cache: cache)) { h in
             // Redis answers and the purge subscription is up (the hot layer is in use), as in steady state.
@@ -298,7 +298,10 @@ import Testing
             #expect(responses.allSatisfy { $0.status == 200 && $0.body == responses[0].body })
             let statuses = responses.compactMap { $0.header("Cache-Status") }
             #expect(statuses.filter { $0 == "gatehouse; fwd=miss; stored" }.count == 1)
-            #expect(statuses.filter { $0 == "gatehouse; fwd=miss; collapsed" }.count == 49)
+            // The others waited for it, or (on a slow machine, arriving once it was stored) found it.
+            let collapsed = statuses.filter { $0 == "gatehouse; fwd=miss; collapsed" }.count
+            #expect(collapsed + statuses.filter { $0.hasPrefix("gatehouse; hit") }.count == 49)
+            #expect(collapsed > 0)
 
             // When the leader's answer cannot be shared, the others go upstream themselves.
             let unshared = "/cache/slow2?delay=200&cc=no-store"
@@ -370,28 +373,28 @@ import Testing
     }
 
     @Test func redisAwayBypassesTheCacheAndCachingResumes() async throws {
-        let redis = try RedisServerProcess()
+        let redis = try await RedisServerProcess()
         let yaml = Self.yaml(redis: "redis://127.0.0.1:\(redis.port)/0", prefix: "gh:")
         try await Harness.run(yaml) { h in
             try await waitUntil { h.gateway.readinessProblem == nil }
             let path = "/cache/away?cc=max-age%3D60"
             _ = try await Self.get(h, path)
-            redis.kill()
+            await redis.kill()
             try await waitUntil { h.gateway.readinessProblem != nil }
             let away = try await Self.get(h, path)
             #expect(away.status == 200)
             #expect(away.header("Cache-Status") == "gatehouse; fwd=bypass; detail=redis-unavailable")
-            try redis.start()
+            try await redis.start()
             try await waitUntil(timeout: .seconds(3)) { h.gateway.readinessProblem == nil }
             #expect(try await Self.get(h, path).header("Cache-Status") == "gatehouse; fwd=miss; stored")
             try await Task.sleep(for: .milliseconds(100))
             #expect(try await Self.get(h, path).header("Cache-Status")?.contains("hit") == true)
         }
-        redis.kill()
+        await redis.kill()
     }
 
     @Test func anEntrySurvivesAGatewayRestart() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         let prefix = "gh-restart-\(UUID().uuidString.prefix(8)):"
         let path = "/cache/kept?cc=max-age%3D60"
         var body: [UInt8] = []
@@ -411,7 +414,7 @@ import Testing
     }
 
     @Test func instancesShareEntriesAndPurgesReachEveryHotCopyAtOnce() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         let yaml = Self.yaml(
             redis: url, prefix: "gh-two-\(UUID().uuidString.prefix(8)):", cache: "ttl: 30s, local_ttl: 60s")
         func redisCommands(_ h: Harness) async throws -> Double {
@@ -452,7 +455,7 @@ import Testing
     }
 
     @Test func aRedisLockCoalescesMissesAcrossInstances() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         let yaml = Self.yaml(
             redis: url, prefix: "gh-lock-\(UUID().uuidString.prefix(8)):", cache: "ttl: 30s, lock_timeout: 3s")
         try await Harness.run(yaml) { a in

@@ -9,7 +9,11 @@ import Testing
         .deletingLastPathComponent().appendingPathComponent(".build/debug/gatehouse").path
 
     /// Runs the binary to completion; returns exit status, stdout and stderr.
-    static func run(_ arguments: [String]) throws -> (Int32, String, String) {
+    static func run(_ arguments: [String]) async throws -> (Int32, String, String) {
+        try await offThePool { try runBlocking(arguments) }
+    }
+
+    private static func runBlocking(_ arguments: [String]) throws -> (Int32, String, String) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = arguments
@@ -36,25 +40,25 @@ import Testing
         return path
     }
 
-    @Test func hashKeyAndVersion() throws {
-        let (status, output, _) = try Self.run(["hash-key", "test"])
+    @Test func hashKeyAndVersion() async throws {
+        let (status, output, _) = try await Self.run(["hash-key", "test"])
         #expect(status == 0)
         #expect(output == "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n")
-        let (_, version, _) = try Self.run(["--version"])
+        let (_, version, _) = try await Self.run(["--version"])
         #expect(version.trimmingCharacters(in: .whitespacesAndNewlines) == "0.1.0")
     }
 
-    @Test func checkPrintsASummaryOrEveryError() throws {
+    @Test func checkPrintsASummaryOrEveryError() async throws {
         let good = try Self.temporaryFile(
             "routes:\n  - { id: status, match: { path: \"/status\" }, respond: { status: 200, body: ok } }\n")
-        let (status, output, _) = try Self.run(["check", "--config", good])
+        let (status, output, _) = try await Self.run(["check", "--config", good])
         #expect(status == 0)
         #expect(output.contains("OK"))
         #expect(output.contains("status: * * /status -> respond 200"))
 
         let bad = try Self.temporaryFile(
             "server:\n  listen: nope\nroutes:\n  - { id: a, match: { path: \"/a\" }, upstream: ghost }\n")
-        let (badStatus, _, errors) = try Self.run(["check", "--config", bad])
+        let (badStatus, _, errors) = try await Self.run(["check", "--config", bad])
         #expect(badStatus == 1)
         #expect(errors.contains("\(bad):2: server.listen: expected host:port"))
         #expect(errors.contains("\(bad):4: routes[0].upstream: unknown upstream \"ghost\""))
@@ -147,7 +151,8 @@ import Testing
         try await waitUntil { upstream.requestCount == 1 }
         kill(server.process.processIdentifier, SIGTERM)
         #expect(try await slow.status == 200)
-        server.process.waitUntilExit()
+        let process = server.process
+        try await offThePool { process.waitUntilExit() }
         #expect(server.process.terminationStatus == 0)
     }
 }

@@ -268,6 +268,14 @@ func request(
     }
 }
 
+/// Runs blocking work (a child process to its end) on a thread of its own. Swift's concurrency pool has one
+/// thread per core: on a 2-core machine, two tests blocking theirs would stall every other test in the process.
+func offThePool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try work() }) }.start()
+    }
+}
+
 /// Waits until `condition` holds, checking every 5 ms, for at most `timeout`.
 func waitUntil(timeout: Duration = .seconds(5), _ condition: () -> Bool) async throws {
     let deadline = ContinuousClock.now + timeout

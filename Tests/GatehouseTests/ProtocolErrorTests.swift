@@ -153,8 +153,8 @@ import Testing
                 try await connection.send("POST /nowhere HTTP/1.1\r\nHost: a\r\nContent-Length: 900\r\n\r\n0123456789")
                 #expect(try await connection.readResponse().status == 404)
                 let started = ContinuousClock.now
-                #expect(try await connection.waitForClose(timeout: .seconds(3)))
-                #expect(ContinuousClock.now - started < .seconds(2))
+                #expect(try await connection.waitForClose(timeout: .seconds(8)))
+                #expect(ContinuousClock.now - started < .seconds(5), "at the idle timeout (600 ms), not never")
             }
         }
     }

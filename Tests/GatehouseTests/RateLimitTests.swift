@@ -40,7 +40,7 @@ import Testing
     static func run(
         policies: String, route: String, acmePolicy: Bool = false, _ body: (Harness) async throws -> Void
     ) async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         let yaml = Self.yaml(
             redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):", policies: policies, route: route,
             acmePolicy: acmePolicy)
@@ -65,7 +65,7 @@ import Testing
     }
 
     @Test func twoGatewaysTogetherAllowExactlyTheQuota() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         let yaml = Self.yaml(
             redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
             policies: "  shared: { requests: 10, per: 1h, by: route }", route: "shared")
@@ -173,7 +173,7 @@ import Testing
     }
 
     @Test func windowAlgorithmsCountTheirWindow() async throws {
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         for (algorithm, quota) in [("fixed_window", 2), ("sliding_window", 3)] {
             let yaml = Self.yaml(
                 redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
@@ -191,7 +191,7 @@ import Testing
 
     @Test func ratesThatAreNotWholeMillisecondsAreExact() async throws {
         // 6 per second is one every 166.67 ms: six at once must pass, with r=5 on the first, in Redis and in memory.
-        let (url, server) = try StoreTests.sharedRedisURL()
+        let (url, server) = try await StoreTests.sharedRedisURL()
         for redis in [url, "memory://"] {
             let yaml = Self.yaml(
                 redis: redis, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
@@ -209,7 +209,7 @@ import Testing
     }
 
     @Test func redisAwayFollowsEachPolicysMode() async throws {
-        let redis = try RedisServerProcess()
+        let redis = try await RedisServerProcess()
         let yaml = Self.yaml(
             redis: "redis://127.0.0.1:\(redis.port)/0", prefix: "gh:",
             policies: """
@@ -220,21 +220,21 @@ import Testing
         try await Harness.run(yaml) { h in
             try await waitUntil { h.gateway.readinessProblem == nil }
             #expect(try await Self.get(h).status == 200)  // counted in Redis
-            redis.kill()
+            await redis.kill()
             try await waitUntil { h.gateway.readinessProblem != nil }
             // local: the same policy in memory, from zero (so up to N times the quota across N instances).
             let local = [try await Self.get(h).status, try await Self.get(h).status, try await Self.get(h).status]
             #expect(local == [200, 200, 429])
-            try redis.start()
+            try await redis.start()
             try await waitUntil(timeout: .seconds(3)) { h.gateway.readinessProblem == nil }
             // Back on Redis by itself (a fresh one: it kept nothing). The full local bucket would have said 429.
             #expect(try await Self.get(h).status == 200)
         }
-        redis.kill()
+        await redis.kill()
 
         // allow and deny, on their own routes.
         for (policy, expected) in [("allow-mode", 200), ("deny-mode", 503)] {
-            let redis2 = try RedisServerProcess()
+            let redis2 = try await RedisServerProcess()
             let yaml2 = Self.yaml(
                 redis: "redis://127.0.0.1:\(redis2.port)/0", prefix: "gh:",
                 policies: """
@@ -243,13 +243,13 @@ import Testing
                     """, route: policy)
             try await Harness.run(yaml2) { h in
                 try await waitUntil { h.gateway.readinessProblem == nil }
-                redis2.kill()
+                await redis2.kill()
                 try await waitUntil { h.gateway.readinessProblem != nil }
                 let answers = [try await Self.get(h), try await Self.get(h)]
                 #expect(answers.allSatisfy { $0.status == expected }, "\(policy)")
                 if expected == 503 { #expect(answers[0].header("Retry-After") == "1") }
             }
-            redis2.kill()
+            await redis2.kill()
         }
     }
 

@@ -11,13 +11,14 @@ final class RedisServerProcess: @unchecked Sendable {
     private var process: Process?
     private let arguments: [String]
 
-    init(arguments: [String] = []) throws {
+    init(arguments: [String] = []) async throws {
         port = try Self.freePort()
         self.arguments = arguments
-        try start()
+        try await start()
     }
 
-    func start() throws {
+    /// Starts the server and waits (without blocking a thread of the concurrency pool) until it accepts.
+    func start() async throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         process.arguments =
@@ -33,19 +34,21 @@ final class RedisServerProcess: @unchecked Sendable {
         self.process = process
         for _ in 0..<200 {
             if Self.accepts(port) { return }
-            usleep(10_000)
+            try await Task.sleep(for: .milliseconds(10))
         }
     }
 
-    /// SIGKILL, as a crash would.
-    func kill() {
+    /// SIGKILL, as a crash would; returns once the server is gone.
+    func kill() async {
         guard let process else { return }
         Foundation.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
+        for _ in 0..<400 where process.isRunning { try? await Task.sleep(for: .milliseconds(5)) }
         self.process = nil
     }
 
-    deinit { kill() }
+    deinit {
+        if let process { Foundation.kill(process.processIdentifier, SIGKILL) }
+    }
 
     static func accepts(_ port: Int) -> Bool {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -97,7 +100,7 @@ final class RedisServerProcess: @unchecked Sendable {
     }
 
     @Test func binaryValuesRoundTrip() async throws {
-        let server = try RedisServerProcess()
+        let server = try await RedisServerProcess()
         let client = try await Self.client(server.port)
         let every = (0...255).map { UInt8($0) }
         try await client.set("bytes", every)
@@ -116,7 +119,7 @@ final class RedisServerProcess: @unchecked Sendable {
     }
 
     @Test func repliesKeepTheirOrderUnderAThousandCallers() async throws {
-        let server = try RedisServerProcess()
+        let server = try await RedisServerProcess()
         let client = try await Self.client(server.port) { $0.poolSize = 2 }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for index in 0..<1000 {
@@ -135,7 +138,7 @@ final class RedisServerProcess: @unchecked Sendable {
     }
 
     @Test func aCommandTimeoutFailsThatCommandAndKeepsTheConnection() async throws {
-        let server = try RedisServerProcess(arguments: ["--enable-debug-command", "yes"])
+        let server = try await RedisServerProcess(arguments: ["--enable-debug-command", "yes"])
         let client = try await Self.client(server.port) {
             $0.poolSize = 1
             $0.commandTimeout = .milliseconds(150)
@@ -152,16 +155,16 @@ final class RedisServerProcess: @unchecked Sendable {
     }
 
     @Test func redisKilledAndRestartedFailsFastThenRecovers() async throws {
-        let server = try RedisServerProcess()
+        let server = try await RedisServerProcess()
         let client = try await Self.client(server.port)
         try await client.set("before", [1])
-        server.kill()
+        await server.kill()
         try await waitUntil { !client.isConnected }
         let started = ContinuousClock.now
         await #expect(throws: RedisError.self) { _ = try await client.get("before") }
         #expect(ContinuousClock.now - started < .milliseconds(250), "commands fail fast while Redis is away")
 
-        try server.start()
+        try await server.start()
         let back = ContinuousClock.now
         var answered = false
         while ContinuousClock.now - back < .seconds(1) {
@@ -177,7 +180,7 @@ final class RedisServerProcess: @unchecked Sendable {
 
     @Test func unixSocketsAndAFullQueueFailFast() async throws {
         let socket = FileManager.default.temporaryDirectory.appendingPathComponent("gh-\(UUID().uuidString).sock").path
-        let server = try RedisServerProcess(arguments: ["--unixsocket", socket, "--enable-debug-command", "yes"])
+        let server = try await RedisServerProcess(arguments: ["--unixsocket", socket, "--enable-debug-command", "yes"])
         var configuration = RedisConfiguration(address: .unix(path: socket))
         configuration.poolSize = 1
         configuration.maxInFlightPerConnection = 2
@@ -199,7 +202,7 @@ final class RedisServerProcess: @unchecked Sendable {
     }
 
     @Test func scriptsSurviveAScriptFlush() async throws {
-        let server = try RedisServerProcess()
+        let server = try await RedisServerProcess()
         let client = try await Self.client(server.port)
         let script = RedisScript("return redis.call('INCRBY', KEYS[1], ARGV[1])")
         #expect(try await client.evalsha(script, keys: ["s"], arguments: ["2"]) == .integer(2))
@@ -210,7 +213,7 @@ final class RedisServerProcess: @unchecked Sendable {
     }
 
     @Test func authAndSelect() async throws {
-        let server = try RedisServerProcess(arguments: ["--requirepass", "s3cret"])
+        let server = try await RedisServerProcess(arguments: ["--requirepass", "s3cret"])
         let client = try await Self.client(server.port) {
             $0.password = "s3cret"
             $0.database = 3

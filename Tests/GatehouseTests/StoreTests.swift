@@ -10,9 +10,9 @@ import Testing
 /// Both stores behave alike; `/readyz` follows Redis going away and coming back.
 @Suite struct StoreTests {
     /// The Redis that Scripts/test started, or one of our own.
-    static func sharedRedisURL() throws -> (String, RedisServerProcess?) {
+    static func sharedRedisURL() async throws -> (String, RedisServerProcess?) {
         if let url = ProcessInfo.processInfo.environment["GATEHOUSE_TEST_REDIS_URL"] { return (url, nil) }
-        let server = try RedisServerProcess()
+        let server = try await RedisServerProcess()
         return ("redis://127.0.0.1:\(server.port)/0", server)
     }
 
@@ -36,7 +36,7 @@ import Testing
     }
 
     @Test func redisStoreUsesTheKeyPrefix() async throws {
-        let (url, server) = try Self.sharedRedisURL()
+        let (url, server) = try await Self.sharedRedisURL()
         let endpoint = try #require(RedisEndpoint.parse(url))
         var config = try #require(SharedStores.redisConfiguration(for: endpoint))
         config.commandTimeout = .seconds(2)
@@ -51,7 +51,7 @@ import Testing
     }
 
     @Test func readinessFollowsRedisAwayAndBack() async throws {
-        let redis = try RedisServerProcess()
+        let redis = try await RedisServerProcess()
         let yaml = { (port: Int) in
             Harness.config(
                 upstreamPort: port, redis: "redis://127.0.0.1:\(redis.port)/0",
@@ -61,7 +61,7 @@ import Testing
             try await waitUntil { h.gateway.readinessProblem == nil }
             #expect(try await request(port: h.adminPort, "/readyz").status == 200)
 
-            redis.kill()
+            await redis.kill()
             try await waitUntil { h.gateway.readinessProblem != nil }
             let degraded = try await request(port: h.adminPort, "/readyz")
             #expect(degraded.status == 503)
@@ -69,7 +69,7 @@ import Testing
             // Redis away is not an error for clients.
             #expect(try await request(port: h.port, "/x").status == 200)
 
-            try redis.start()
+            try await redis.start()
             try await waitUntil(timeout: .seconds(2)) { h.gateway.readinessProblem == nil }
             #expect(try await request(port: h.adminPort, "/readyz").status == 200)
             let metrics = try await request(port: h.adminPort, "/metrics").text

@@ -8,7 +8,7 @@ import UpstreamClient
 /// TLS termination at the gateway, checked with libcurl verifying the gateway's certificate.
 @Suite struct TLSTests {
     /// Makes a self-signed certificate for `localhost`; returns (cert, key) paths.
-    static func makeCertificate() throws -> (String, String) {
+    static func makeCertificate() async throws -> (String, String) {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gh-tls-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         let cert = directory.appendingPathComponent("cert.pem").path
@@ -21,12 +21,12 @@ import UpstreamClient
         ]
         process.standardError = FileHandle.nullDevice
         try process.run()
-        process.waitUntilExit()
+        try await offThePool { process.waitUntilExit() }
         return (cert, key)
     }
 
     @Test func terminatesTLSAndForwardsAsHTTPS() async throws {
-        let (cert, key) = try Self.makeCertificate()
+        let (cert, key) = try await Self.makeCertificate()
         let yaml = { (port: Int) in
             Harness.config(
                 upstreamPort: port, server: "  tls: { cert: \"\(cert)\", key: \"\(key)\" }",
@@ -60,7 +60,7 @@ import UpstreamClient
 extension TLSTests {
     /// A gateway whose upstream is reached over TLS: verified against `ca_file` by default, refused without it.
     @Test func httpsUpstreamsAreVerified() async throws {
-        let (cert, key) = try Self.makeCertificate()
+        let (cert, key) = try await Self.makeCertificate()
         // The TLS "origin" is itself a gateway terminating TLS in front of the demo upstream.
         let originYAML = { (port: Int) in
             Harness.config(
@@ -94,7 +94,7 @@ extension TLSTests {
 
     /// An upstream that offers HTTP/2 through ALPN is spoken to in HTTP/2; the client still gets HTTP/1.1.
     @Test func http2IsUsedWhenTheUpstreamOffersIt() async throws {
-        let (cert, key) = try Self.makeCertificate()
+        let (cert, key) = try await Self.makeCertificate()
         let origin = try await HTTP2Origin.start(cert: cert, key: key)
         let port = origin.localAddress?.port ?? 0
         let front = { (_: Int) in
