@@ -65,6 +65,7 @@ struct Harness {
         redis:
           url: "\(redis)"
           key_prefix: "\(redisKeyPrefix)"
+          command_timeout: 1s  # not the 100 ms default: a loaded test machine would take the Redis-away paths
         upstreams:
           demo:
             targets: [{ url: "http://127.0.0.1:\(upstreamPort)" }]
