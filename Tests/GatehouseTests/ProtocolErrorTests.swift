@@ -138,11 +138,11 @@ import Testing
     @Test func idleKeepAliveConnectionIsClosed() async throws {
         try await Harness.run(Self.limited) { h in
             try await RawConnection.with(port: h.port) { connection in
+                let started = ContinuousClock.now  // the idle time starts after the answer, so later than this
                 try await connection.send("GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n")
                 #expect(try await connection.readResponse().status == 200)
-                let started = ContinuousClock.now
                 #expect(try await connection.waitForClose(timeout: .seconds(3)))
-                #expect(ContinuousClock.now - started > .milliseconds(400))
+                #expect(ContinuousClock.now - started > .milliseconds(590))
             }
         }
     }
