@@ -3,11 +3,22 @@ import NIOCore
 
 /// Encodes commands with hiredis's `redisFormatCommandArgv` (binary-safe argv, no variadic calls).
 enum RESPEncoder {
-    static func encode(_ argv: [[UInt8]], into buffer: inout ByteBuffer) {
+    static func encode(_ argv: [RedisArgument], into buffer: inout ByteBuffer) {
         // hiredis wants `const char **` and lengths: point into one contiguous copy of the arguments.
         // One trailing byte keeps the buffer non-empty, so it always has a base address.
-        let flat = Array(argv.joined()) + [0]
-        var lengths = argv.map(\.count)
+        var flat: [UInt8] = []
+        flat.reserveCapacity(argv.reduce(1) { $0 + $1.byteCount })
+        var lengths: [Int] = []
+        lengths.reserveCapacity(argv.count)
+        for argument in argv {
+            let start = flat.count
+            switch argument {
+            case .string(let text): flat.append(contentsOf: text.utf8)
+            case .bytes(let bytes): flat.append(contentsOf: bytes)
+            }
+            lengths.append(flat.count - start)
+        }
+        flat.append(0)
         flat.withUnsafeBufferPointer { bytes in
             guard let start = bytes.baseAddress else { return }
             let base = UnsafeRawPointer(start).assumingMemoryBound(to: CChar.self)

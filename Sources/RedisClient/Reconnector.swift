@@ -88,9 +88,8 @@ final class Reconnector: Sendable {
     }
 
     /// `AUTH` for the configuration, if it has a password.
-    static func authCommand(_ configuration: RedisConfiguration) -> [[UInt8]]? {
+    static func authCommand(_ configuration: RedisConfiguration) -> [RedisArgument]? {
         guard let password = configuration.password else { return nil }
-        return configuration.username.map { [Array("AUTH".utf8), Array($0.utf8), Array(password.utf8)] }
-            ?? [Array("AUTH".utf8), Array(password.utf8)]
+        return configuration.username.map { ["AUTH", .string($0), .string(password)] } ?? ["AUTH", .string(password)]
     }
 }

@@ -47,7 +47,7 @@ public final class RedisClient: Sendable {
             }
         }
         guard let slot = chosen else { throw RedisError(.unavailable, "Redis is not connected") }
-        let reply = try await slot.send(arguments.map(\.bytes))
+        let reply = try await slot.send(arguments)
         if case .error(let message) = reply { throw RedisError(.server, message) }
         return reply
     }
@@ -70,7 +70,7 @@ public final class RedisClient: Sendable {
         guard let slot = chosen else {
             return eventLoop.makeFailedFuture(RedisError(.unavailable, "Redis is not connected"))
         }
-        return slot.send(arguments.map(\.bytes)).hop(to: eventLoop).flatMapThrowing { reply in
+        return slot.send(arguments).hop(to: eventLoop).flatMapThrowing { reply in
             if case .error(let message) = reply { throw RedisError(.server, message) }
             return reply
         }
@@ -148,10 +148,10 @@ public enum RedisArgument: Sendable, ExpressibleByStringLiteral {
 
     public init(stringLiteral value: String) { self = .string(value) }
 
-    var bytes: [UInt8] {
+    var byteCount: Int {
         switch self {
-        case .string(let text): return Array(text.utf8)
-        case .bytes(let bytes): return bytes
+        case .string(let text): text.utf8.count
+        case .bytes(let bytes): bytes.count
         }
     }
 }
@@ -227,7 +227,7 @@ final class Slot: Sendable {
             lost: { self.handler.withLock { $0 = nil } })
     }
 
-    func send(_ argv: [[UInt8]]) async throws(RedisError) -> RedisValue {
+    func send(_ argv: [RedisArgument]) async throws(RedisError) -> RedisValue {
         do {
             return try await send(argv).get()
         } catch let error as RedisError {
@@ -239,13 +239,13 @@ final class Slot: Sendable {
 
     /// Sends a command on this connection; the future completes on this slot's event loop, with the reply (an
     /// error reply included) or a ``RedisError``.
-    func send(_ argv: [[UInt8]]) -> EventLoopFuture<RedisValue> {
+    func send(_ argv: [RedisArgument]) -> EventLoopFuture<RedisValue> {
         let started = NIODeadline.now()
         guard let handler = handler.withLock({ $0 }) else {
             metrics?.failed(.unavailable)
             return eventLoop.makeFailedFuture(RedisError(.unavailable, "Redis is not connected"))
         }
-        var buffer = ByteBufferAllocator().buffer(capacity: argv.reduce(16) { $0 + $1.count + 16 })
+        var buffer = ByteBufferAllocator().buffer(capacity: argv.reduce(16) { $0 + $1.byteCount + 16 })
         RESPEncoder.encode(argv, into: &buffer)
         let promise = eventLoop.makePromise(of: RedisValue.self)
         let limit = configuration.maxInFlightPerConnection
@@ -296,7 +296,7 @@ final class Slot: Sendable {
                 throw RedisError(.server, message)
             }
             if configuration.database != 0 {
-                let select = [Array("SELECT".utf8), Array(String(configuration.database).utf8)]
+                let select: [RedisArgument] = ["SELECT", .string(String(configuration.database))]
                 if case .error(let message) = try await send(select) { throw RedisError(.server, message) }
             }
         } catch {

@@ -54,7 +54,7 @@ public final class RedisSubscription: Sendable {
         }
         var buffer = channel.allocator.buffer(capacity: 64)
         if let auth = Reconnector.authCommand(configuration) { RESPEncoder.encode(auth, into: &buffer) }
-        RESPEncoder.encode([Array("SUBSCRIBE".utf8), Array(name.utf8)], into: &buffer)
+        RESPEncoder.encode(["SUBSCRIBE", .string(name)], into: &buffer)
         try await channel.writeAndFlush(buffer)
         return channel
     }

@@ -103,6 +103,7 @@ import Testing
             #expect(try await Self.get(h, path: "/open").header("RateLimit") == nil)
             let metrics = try await request(port: h.adminPort, "/metrics").text
             #expect(metrics.contains("gatehouse_rate_limit_total{policy=\"small\",result=\"limited\"} 1"))
+            #expect(metrics.contains("gatehouse_rate_limit_total{policy=\"small\",result=\"allowed\"} 3"))
         }
     }
 
@@ -249,6 +250,10 @@ import Testing
                 try await waitUntil { h.gateway.readinessProblem != nil }
                 let answers = [try await Self.get(h), try await Self.get(h)]
                 #expect(answers.allSatisfy { $0.status == expected }, "\(policy)")
+                let metrics = try await request(port: h.adminPort, "/metrics").text
+                let mode = expected == 200 ? "allow" : "deny"
+                #expect(
+                    metrics.contains("gatehouse_rate_limit_fallback_total{policy=\"\(policy)\",mode=\"\(mode)\"} 2"))
                 if expected == 503 { #expect(answers[0].header("Retry-After") == "1") }
             }
             await redis2.kill()

@@ -265,7 +265,8 @@ enum RateLimitPhase {
         if let consumer = context.consumer, let own = runtime.consumerRateLimits[consumer] { names.append(own) }
         for name in route.config.rateLimit where !names.contains(name) { names.append(name) }
         let checks = names.compactMap { name -> RateLimitCheck? in
-            guard let policy = runtime.rateLimitPolicies[name] else { return nil }
+            guard let rule = runtime.rateLimitRules[name] else { return nil }
+            let policy = rule.policy
             let identity: String
             switch policy.by {
             case .consumer: identity = context.consumer.map { "c:" + $0 } ?? "ip:" + context.clientIP
@@ -275,7 +276,7 @@ enum RateLimitPhase {
                 // Without the header, a caller counts by its address, never in one bucket shared by all such callers.
                 identity = context.head.headers.first(name: header).map { "h:" + $0 } ?? "ip:" + context.clientIP
             }
-            return RateLimitCheck(policy: policy, key: RateLimiter.key(policy, identity: identity))
+            return RateLimitCheck(rule: rule, key: RateLimiter.key(policy, identity: identity))
         }
         guard !checks.isEmpty else { return nil }
         return core.rateLimiter.check(checks, on: eventLoop)

@@ -11,7 +11,7 @@ final class Runtime: Sendable {
     /// The API-key query parameter, if configured; never forwarded upstream.
     let apiKeyQueryParameter: String?
     let auth: AuthSettings
-    let rateLimitPolicies: [String: RateLimitPolicy]
+    let rateLimitRules: [String: RateLimitRule]
     /// Each consumer's own policy, by consumer id.
     let consumerRateLimits: [String: String]
     /// The upstreams, in config order.
@@ -38,7 +38,9 @@ final class Runtime: Sendable {
         trustedProxies = config.server.trustedProxies
         apiKeyQueryParameter = config.auth.apiKey.queryParam
         auth = AuthSettings(config)
-        rateLimitPolicies = Dictionary(config.rateLimits.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        rateLimitRules = Dictionary(
+            config.rateLimits.map { ($0.name, RateLimitRule($0, factory: metrics.factory)) },
+            uniquingKeysWith: { first, _ in first })
         consumerRateLimits = Dictionary(
             config.consumers.compactMap { consumer in consumer.rateLimit.map { (consumer.id, $0) } },
             uniquingKeysWith: { first, _ in first })

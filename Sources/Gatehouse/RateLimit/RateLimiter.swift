@@ -3,27 +3,66 @@ import Crypto
 import GatehouseConfig
 import Logging
 import NIOCore
-import Prometheus
 import RedisClient
 import Synchronization
 
-/// One policy applied to one request: the policy and the bucket key it counts in.
-struct RateLimitCheck: Sendable {
+/// A policy as the request path uses it, made once per config load: its script arguments, its member of
+/// `RateLimit-Policy`, and its counters (`gatehouse_rate_limit_total{policy,result}`,
+/// `gatehouse_rate_limit_fallback_total{policy,mode}`).
+final class RateLimitRule: Sendable {
     let policy: RateLimitPolicy
+    /// Algorithm (1 GCRA, 2 sliding window, 3 fixed window), requests, period in ms, burst.
+    let scriptArguments: [RedisArgument]
+    /// `"name";q=<requests>;w=<seconds>`.
+    let policyHeader: String
+    let allowed: CoreMetrics.Counter
+    let limited: CoreMetrics.Counter
+    let fallbacks: CoreMetrics.Counter
+
+    init(_ policy: RateLimitPolicy, factory: MetricsFactory) {
+        self.policy = policy
+        let algorithm =
+            switch policy.algorithm {
+            case .gcra: "1"
+            case .slidingWindow: "2"
+            case .fixedWindow: "3"
+            }
+        scriptArguments = [
+            .string(algorithm), .string(String(max(1, policy.requests))),
+            .string(String(max(1, policy.per.milliseconds))), .string(String(max(1, policy.burst))),
+        ]
+        policyHeader =
+            "\"\(policy.name)\";q=\(policy.requests);w=\(RateLimitOutcome.seconds(policy.per.milliseconds))"
+        func counter(_ label: String, _ dimension: (String, String)) -> CoreMetrics.Counter {
+            CoreMetrics.Counter(label: label, dimensions: [("policy", policy.name), dimension], factory: factory)
+        }
+        allowed = counter("gatehouse_rate_limit_total", ("result", "allowed"))
+        limited = counter("gatehouse_rate_limit_total", ("result", "limited"))
+        fallbacks = counter("gatehouse_rate_limit_fallback_total", ("mode", policy.onRedisError.rawValue))
+    }
+}
+
+/// One policy applied to one request: the rule and the bucket key it counts in.
+struct RateLimitCheck: Sendable {
+    let rule: RateLimitRule
     /// `rl:<policy>:<identity>` under the store's prefix.
     let key: String
+
+    var policy: RateLimitPolicy { rule.policy }
 }
 
 /// What the policies said about a request.
 struct RateLimitOutcome: Sendable {
     struct Member: Sendable {
-        var policy: RateLimitPolicy
+        var rule: RateLimitRule
         var allowed: Bool
         var remaining: Int
         /// Milliseconds until the bucket is full again (`t` of the RateLimit header).
         var resetMilliseconds: Int64
         /// Milliseconds until a request would pass (0 when allowed).
         var retryMilliseconds: Int64
+
+        var policy: RateLimitPolicy { rule.policy }
     }
 
     var members: [Member]
@@ -34,9 +73,7 @@ struct RateLimitOutcome: Sendable {
 
     /// `RateLimit-Policy` and `RateLimit` (IETF httpapi-ratelimit-headers), one member per policy.
     var headers: [(String, String)] {
-        let policies = members.map {
-            "\"\($0.policy.name)\";q=\($0.policy.requests);w=\(Self.seconds($0.policy.per.milliseconds))"
-        }
+        let policies = members.map(\.rule.policyHeader)
         let states = members.map { "\"\($0.policy.name)\";r=\($0.remaining);t=\(Self.seconds($0.resetMilliseconds))" }
         return [("RateLimit-Policy", policies.joined(separator: ", ")), ("RateLimit", states.joined(separator: ", "))]
     }
@@ -54,12 +91,10 @@ final class RateLimiter: Sendable {
     private let store: SharedStore
     private let local = LocalRateLimiter()
     private let logger: Logger
-    let metrics: RateLimitMetrics
 
-    init(store: SharedStore, metrics: GatewayMetrics, logger: Logger) {
+    init(store: SharedStore, logger: Logger) {
         self.store = store
         self.logger = logger
-        self.metrics = RateLimitMetrics(factory: metrics.factory)
     }
 
     func check(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
@@ -76,9 +111,7 @@ final class RateLimiter: Sendable {
     /// Redis is away: each policy does what its `on_redis_error` says; `local` ones are counted in memory, and only
     /// when no `deny` policy refuses (a refused request consumes nothing).
     private func fallback(_ checks: [RateLimitCheck]) -> RateLimitOutcome {
-        for check in checks {
-            metrics.fallback(policy: check.policy.name, mode: check.policy.onRedisError.rawValue)
-        }
+        for check in checks { check.rule.fallbacks.increment() }
         let denying = checks.contains { $0.policy.onRedisError == .deny }
         let locals = checks.filter { $0.policy.onRedisError == .local }
         var members: [RateLimitOutcome.Member] = denying ? [] : local.check(locals).members
@@ -86,7 +119,7 @@ final class RateLimiter: Sendable {
             let deny = check.policy.onRedisError == .deny
             members.append(
                 .init(
-                    policy: check.policy, allowed: !deny, remaining: deny ? 0 : check.policy.requests,
+                    rule: check.rule, allowed: !deny, remaining: deny ? 0 : check.policy.requests,
                     resetMilliseconds: check.policy.per.milliseconds, retryMilliseconds: deny ? 1000 : 0))
         }
         // Keep the request's policy order for the headers.
@@ -100,7 +133,7 @@ final class RateLimiter: Sendable {
     private func record(_ outcome: RateLimitOutcome) -> RateLimitOutcome {
         let passed = outcome.allowed
         for member in outcome.members where passed || !member.allowed {
-            metrics.record(policy: member.policy.name, allowed: passed)
+            (passed ? member.rule.allowed : member.rule.limited).increment()
         }
         return outcome
     }
@@ -208,19 +241,7 @@ final class RateLimiter: Sendable {
         """)
 
     static func arguments(_ checks: [RateLimitCheck]) -> [RedisArgument] {
-        checks.flatMap { check -> [RedisArgument] in
-            let policy = check.policy
-            let algorithm =
-                switch policy.algorithm {
-                case .gcra: "1"
-                case .slidingWindow: "2"
-                case .fixedWindow: "3"
-                }
-            return [
-                .string(algorithm), .string(String(max(1, policy.requests))),
-                .string(String(max(1, policy.per.milliseconds))), .string(String(max(1, policy.burst))),
-            ]
-        }
+        checks.count == 1 ? checks[0].rule.scriptArguments : checks.flatMap(\.rule.scriptArguments)
     }
 
     static func outcome(_ checks: [RateLimitCheck], reply: RedisValue) throws -> RateLimitOutcome {
@@ -231,7 +252,7 @@ final class RateLimiter: Sendable {
         return RateLimitOutcome(
             members: checks.enumerated().map { index, check in
                 .init(
-                    policy: check.policy, allowed: numbers[index * 4] == 1, remaining: Int(numbers[index * 4 + 1]),
+                    rule: check.rule, allowed: numbers[index * 4] == 1, remaining: Int(numbers[index * 4 + 1]),
                     resetMilliseconds: numbers[index * 4 + 2], retryMilliseconds: numbers[index * 4 + 3])
             })
     }
@@ -273,13 +294,13 @@ final class LocalRateLimiter: Sendable {
                     if next - now <= capacity {
                         members.append(
                             .init(
-                                policy: policy, allowed: true, remaining: Int((capacity - (next - now)) / interval),
+                                rule: check.rule, allowed: true, remaining: Int((capacity - (next - now)) / interval),
                                 resetMilliseconds: Self.milliseconds(next - now), retryMilliseconds: 0))
                         commits.append((check.key, Bucket(value: next, expires: next)))
                     } else {
                         members.append(
                             .init(
-                                policy: policy, allowed: false, remaining: 0,
+                                rule: check.rule, allowed: false, remaining: 0,
                                 resetMilliseconds: Self.milliseconds(tat - now),
                                 retryMilliseconds: Self.milliseconds(next - now - capacity)))
                     }
@@ -297,7 +318,7 @@ final class LocalRateLimiter: Sendable {
                     if used + 1 <= Double(limit) {
                         members.append(
                             .init(
-                                policy: policy, allowed: true, remaining: Int(Double(limit) - used - 1),
+                                rule: check.rule, allowed: true, remaining: Int(Double(limit) - used - 1),
                                 resetMilliseconds: Self.milliseconds(reset), retryMilliseconds: 0))
                         var updated = bucket ?? Bucket(value: 0, window: window, expires: (window + 2) * period)
                         updated.value += 1
@@ -315,7 +336,7 @@ final class LocalRateLimiter: Sendable {
                         }
                         members.append(
                             .init(
-                                policy: policy, allowed: false, remaining: 0,
+                                rule: check.rule, allowed: false, remaining: 0,
                                 resetMilliseconds: Self.milliseconds(reset),
                                 retryMilliseconds: Self.milliseconds(retry)))
                     }
@@ -336,33 +357,4 @@ final class LocalRateLimiter: Sendable {
 
     /// Microseconds as whole milliseconds, rounded up.
     private static func milliseconds(_ microseconds: Int64) -> Int64 { max(0, (microseconds + 999) / 1000) }
-}
-
-/// `gatehouse_rate_limit_total{policy,result}` and `gatehouse_rate_limit_fallback_total{policy,mode}`.
-final class RateLimitMetrics: Sendable {
-    private let factory: PrometheusMetricsFactory
-    private let counters = Mutex<[String: CoreMetrics.Counter]>([:])
-
-    init(factory: PrometheusMetricsFactory) {
-        self.factory = factory
-    }
-
-    func record(policy: String, allowed: Bool) {
-        counter("gatehouse_rate_limit_total", [("policy", policy), ("result", allowed ? "allowed" : "limited")])
-            .increment()
-    }
-
-    func fallback(policy: String, mode: String) {
-        counter("gatehouse_rate_limit_fallback_total", [("policy", policy), ("mode", mode)]).increment()
-    }
-
-    private func counter(_ label: String, _ dimensions: [(String, String)]) -> CoreMetrics.Counter {
-        let key = label + dimensions.map { "|" + $0.1 }.joined()
-        return counters.withLock { counters in
-            if let counter = counters[key] { return counter }
-            let counter = CoreMetrics.Counter(label: label, dimensions: dimensions, factory: factory)
-            counters[key] = counter
-            return counter
-        }
-    }
 }

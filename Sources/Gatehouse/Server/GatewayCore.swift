@@ -33,7 +33,7 @@ final class GatewayCore: Sendable {
         self.store = store
         cache = ResponseCache(store: store, localBytes: runtime.config.redis.localCacheBytes, logger: logger)
         authenticator = Authenticator(store: store, upstream: upstream, metrics: metrics, logger: logger)
-        rateLimiter = RateLimiter(store: store, metrics: metrics, logger: logger)
+        rateLimiter = RateLimiter(store: store, logger: logger)
         oauth2 = OAuth2Tokens(store: store, client: upstream, metrics: metrics, logger: logger)
         var indices: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }
