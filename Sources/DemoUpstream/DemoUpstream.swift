@@ -19,7 +19,7 @@ import Synchronization
 /// | `/drop`             | closes the connection without answering                         |
 /// | `/cache/...`        | a response shaped by the query, for cache tests (see below)     |
 /// | `/document`         | ``document`` as JSON, `max-age=300` (a JWKS in the auth tests)  |
-/// | `/oauth/token`      | an OAuth2 token for client `demo-client`/`demo-secret` (Basic)  |
+/// | `/oauth/token`      | an OAuth2 token for client `demo-client`/`demo-secret` (Basic or form) |
 /// | `/protected`        | the echo, with the latest token as `Bearer`; else 401           |
 /// | anything else       | JSON echo of method, path, query and headers                    |
 ///
@@ -55,6 +55,9 @@ public final class DemoUpstream: Sendable {
 
     /// Tokens issued by `/oauth/token` so far.
     public var tokenRequests: Int { counter.tokenRequests.load(ordering: .relaxed) }
+
+    /// The form fields of the last accepted token request, and whether its client authenticated by Basic.
+    public var lastTokenRequest: (form: [String: String], basic: Bool)? { counter.lastTokenRequest.withLock { $0 } }
 
     /// Makes `/protected` refuse the token it accepts now, as if it had been revoked.
     public func revokeToken() { counter.acceptedToken.withLock { $0 = nil } }
@@ -116,6 +119,7 @@ final class RequestCounter: Sendable {
     let failure = Mutex<(status: Int, retryAfter: String?)?>(nil)
     let tokenRequests = Atomic<Int>(0)
     let acceptedToken = Mutex<String?>(nil)
+    let lastTokenRequest = Mutex<(form: [String: String], basic: Bool)?>(nil)
     func increment() { value.wrappingAdd(1, ordering: .relaxed) }
 }
 
@@ -133,6 +137,8 @@ final class DemoHandler: ChannelInboundHandler {
     private var head: HTTPRequestHead?
     private var mode = Mode.echo
     private var received = 0
+    /// The body of a token request (a small form).
+    private var form = ByteBuffer()
     private var remaining = 0
     private var chunk = ByteBuffer()
     private var streaming = false
@@ -146,6 +152,7 @@ final class DemoHandler: ChannelInboundHandler {
             stats.increment()
             self.head = head
             received = 0
+            form.clear()
             let path = head.uri.split(separator: "?").first.map(String.init) ?? "/"
             mode = path == "/count" ? .count : (path == "/echo-body" ? .echoBody : .echo)
             if mode == .echoBody {
@@ -156,8 +163,9 @@ final class DemoHandler: ChannelInboundHandler {
                     wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))),
                     promise: nil)
             }
-        case .body(let buffer):
+        case .body(var buffer):
             received += buffer.readableBytes
+            if form.readableBytes + buffer.readableBytes <= 8192 { form.writeBuffer(&buffer) }
             if mode == .echoBody {
                 context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
             }
@@ -337,14 +345,24 @@ final class DemoHandler: ChannelInboundHandler {
         }
     }
 
-    /// The OAuth2 token endpoint: client credentials by Basic auth, a new token each time (after 100 ms, so that
-    /// concurrent callers overlap), which becomes the one `/protected` accepts.
+    /// The OAuth2 token endpoint: client credentials by Basic auth or in the form (RFC 6749 §2.3.1), a new token
+    /// each time (after 100 ms, so that concurrent callers overlap), which becomes the one `/protected` accepts.
     private func issueToken(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
-        let expected = "Basic " + Data("demo-client:demo-secret".utf8).base64EncodedString()
-        guard head.method == .POST, head.headers["Authorization"].first == expected else {
+        var fields: [String: String] = [:]
+        for pair in String(buffer: form).split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1).map {
+                $0.replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? ""
+            }
+            if parts.count == 2 { fields[parts[0]] = parts[1] }
+        }
+        let basic = head.headers["Authorization"].first
+        let byBasic = basic == "Basic " + Data("demo-client:demo-secret".utf8).base64EncodedString()
+        let byForm = basic == nil && fields["client_id"] == "demo-client" && fields["client_secret"] == "demo-secret"
+        guard head.method == .POST, fields["grant_type"] == "client_credentials", byBasic || byForm else {
             send(status: .unauthorized, body: "{\"error\":\"invalid_client\"}", head: head, context: context)
             return
         }
+        stats.lastTokenRequest.withLock { $0 = (fields, byBasic) }
         let number = stats.tokenRequests.wrappingAdd(1, ordering: .relaxed).newValue
         let token = "token-\(number)-\(UInt32.random(in: 0...UInt32.max))"
         stats.acceptedToken.withLock { $0 = token }

@@ -387,4 +387,26 @@ import Testing
             #expect(origin.tokenRequests == 1)
         }
     }
+
+    @Test func clientCredentialsInTheFormWithScopesAndAudience() async throws {
+        let origin = try await DemoUpstream.start()
+        let settings = """
+            oauth2:
+              token_url: "http://127.0.0.1:\(origin.port)/oauth/token"
+              client_id: demo-client
+              client_secret: demo-secret
+              scopes: [read, "write:all"]
+              audience: "https://api.example.com"
+              client_auth: body
+            """
+        try await Self.run(weights: [1], settings: settings, servers: [origin]) {
+            (h: Harness, _: [DemoUpstream]) async throws in
+            #expect(try await request(port: h.port, "/protected").status == 200)
+            let token = try #require(origin.lastTokenRequest)
+            #expect(!token.basic, "the credentials went in the form, not in Authorization")
+            #expect(token.form["client_id"] == "demo-client")
+            #expect(token.form["scope"] == "read write:all")
+            #expect(token.form["audience"] == "https://api.example.com")
+        }
+    }
 }
