@@ -19,7 +19,7 @@ import Synchronization
 /// | `/drop`             | closes the connection without answering                         |
 /// | `/cache/...`        | a response shaped by the query, for cache tests (see below)     |
 /// | `/document`         | ``document`` as JSON, `max-age=300` (a JWKS in the auth tests)  |
-/// | `/oauth/token`      | an OAuth2 token for client `demo-client`/`demo-secret` (Basic or form) |
+/// | `/oauth/token`      | a token for `demo-client`/`demo-secret` (Basic or form)         |
 /// | `/protected`        | the echo, with the latest token as `Bearer`; else 401           |
 /// | anything else       | JSON echo of method, path, query and headers                    |
 ///
