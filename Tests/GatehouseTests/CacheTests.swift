@@ -577,6 +577,18 @@ import Testing
         written.succeed()
         #expect(Self.role(board.join("k", waiter: waiter, lookupStarted: lookedUp)) == "lookAgain")
         #expect(Self.role(board.join("k", waiter: waiter, lookupStarted: FlightBoard.now())) == "lead")
+
+        // A purge ends a landing at once; the write completing later leaves the next flight alone.
+        let key = "route\u{0}/path\u{0}GET http://a?"
+        #expect(Self.role(board.join(key, waiter: waiter)) == "lead")
+        let slowWrite = loop.makePromise(of: Void.self)
+        board.land(key, entry: entry, written: slowWrite.futureResult)
+        board.purge(route: "route", path: "/other")
+        #expect(Self.role(board.join(key, waiter: waiter)) == "landed")
+        board.purge(route: "route", path: "/path")
+        #expect(Self.role(board.join(key, waiter: waiter)) == "lead")
+        slowWrite.succeed()
+        #expect(Self.role(board.join(key, waiter: waiter)) == "wait")
     }
 
     private static func role(_ role: FlightBoard.Role) -> String {

@@ -23,6 +23,7 @@ final class CacheExchange {
     var revalidating = false
     /// When the store lookup began (`FlightBoard.now()`).
     var lookupStarted: UInt64 = 0
+    private var missCounted = false
     /// This exchange leads a flight: requests for the same key wait for what it stores.
     var leadsFlight = false
     /// This exchange holds the fleet-wide fetch lock (`lock_timeout`), released when the flight lands.
@@ -78,7 +79,7 @@ final class CacheExchange {
             return (.forward, "gatehouse; fwd=bypass; detail=redis-unavailable")
         case .miss(let token, let varyMiss):
             self.token = token
-            metrics.misses.increment()
+            countMiss()
             return (.forward, varyMiss ? "gatehouse; fwd=vary-miss" : "gatehouse; fwd=miss")
         case .found(let entry, let token):
             self.token = token
@@ -103,8 +104,21 @@ final class CacheExchange {
 
     private func forward(revalidating entry: CacheEntry, status: String) -> (Action, status: String) {
         stored = entry
-        metrics.misses.increment()
+        countMiss()
         return (.forward, status)
+    }
+
+    /// A request counts as one miss, even when it looks up twice.
+    private func countMiss() {
+        guard !missCounted else { return }
+        missCounted = true
+        metrics.misses.increment()
+    }
+
+    /// Before a second lookup: what the first one found is not revalidated or served stale.
+    func forgetLookup() {
+        stored = nil
+        revalidating = false
     }
 
     /// Whole seconds, rounded towards zero, for `ttl=` and `Age`.

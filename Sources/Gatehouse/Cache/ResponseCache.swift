@@ -72,10 +72,14 @@ final class ResponseCache: Sendable {
         self.store = store
         self.logger = logger
         let hot = localBytes > 0 ? HotCache(maxBytes: localBytes) : nil
+        let flights = self.flights
         let watching =
             hot.map { hot in
                 store.watchCachePurges(
-                    onPurge: { route, path in hot.purge(route: route, path: path) },
+                    onPurge: { route, path in
+                        hot.purge(route: route, path: path)
+                        flights.purge(route: route, path: path)
+                    },
                     onLive: { live in hot.setLive(live) })
             } ?? false
         self.hot = watching ? hot : nil
@@ -188,6 +192,7 @@ final class ResponseCache: Sendable {
     /// store, in every instance's hot layer.
     func purge(route: String, path: String?) async throws -> Int {
         hot?.purge(route: route, path: path)
+        flights.purge(route: route, path: path)
         return try await store.cachePurge(route: route, path: path)
     }
 }
@@ -231,13 +236,15 @@ final class FlightBoard: Sendable {
 
     private enum Flight {
         case airborne([Waiter])
-        case landing(CacheEntry)
+        /// Landed, its entry still being written; `id` tells this landing from a later one of the same key.
+        case landing(CacheEntry, id: UInt64)
     }
 
     private struct State {
         var flights: [String: Flight] = [:]
         var passes: [String: UInt64] = [:]
         var landings: [String: UInt64] = [:]
+        var nextLandingID: UInt64 = 0
     }
 
     private let state = Mutex(State())
@@ -260,7 +267,7 @@ final class FlightBoard: Sendable {
                 waiters.append(waiter)
                 state.flights[key] = .airborne(waiters)
                 return .wait
-            case .landing(let entry):
+            case .landing(let entry, _):
                 return waiter == nil ? .pass : .landed(entry)
             case nil:
                 if let lookupStarted, let landed = state.landings[key], landed >= lookupStarted {
@@ -277,18 +284,21 @@ final class FlightBoard: Sendable {
     func land(_ key: String, entry: CacheEntry?, written: EventLoopFuture<Void>?, unstorable: Bool = false) {
         let now = Self.now()
         let landing = entry.flatMap { entry in written.map { (entry, $0) } }
-        let flight = state.withLock { state in
+        let (flight, id) = state.withLock { state in
             if unstorable { Self.remember(key, until: now + Self.passNanoseconds, in: &state.passes, now: now) }
             if let (entry, _) = landing {
-                return state.flights.updateValue(.landing(entry), forKey: key)
+                state.nextLandingID += 1
+                let id = state.nextLandingID
+                return (state.flights.updateValue(.landing(entry, id: id), forKey: key), id)
             }
-            return state.flights.removeValue(forKey: key)
+            return (state.flights.removeValue(forKey: key), 0)
         }
         if let (_, written) = landing {
             written.whenComplete { _ in
                 let now = Self.now()
                 self.state.withLock { state in
-                    state.flights[key] = nil
+                    // A purge may have ended this landing, and a new flight begun since.
+                    if case .landing(_, id) = state.flights[key] { state.flights[key] = nil }
                     let forgotten = now > Self.landingNanoseconds ? now - Self.landingNanoseconds : 0
                     Self.remember(key, until: now, in: &state.landings, now: forgotten)
                 }
@@ -298,12 +308,23 @@ final class FlightBoard: Sendable {
         for waiter in waiters { waiter.eventLoop.execute { waiter.callback(entry) } }
     }
 
-    /// Keeps `key` with a time in a bounded map: at the limit, entries older than `now` go, then the oldest half.
+    /// A purge: landed entries of the route (or of one path of it) are no longer answered from.
+    func purge(route: String, path: String?) {
+        let prefix = route + "\u{0}" + (path.map { $0 + "\u{0}" } ?? "")
+        state.withLock { state in
+            for (key, flight) in state.flights where key.hasPrefix(prefix) {
+                if case .landing = flight { state.flights[key] = nil }
+            }
+        }
+    }
+
+    /// Keeps `key` with a time in a bounded map: at the limit, entries older than `now` go, and when that frees
+    /// less than a quarter of it, the oldest half too (so a busy map is not filtered again on every insert).
     private static func remember(_ key: String, until time: UInt64, in map: inout [String: UInt64], now: UInt64) {
         if map.count >= rememberLimit {
             map = map.filter { $0.value > now }
-            if map.count >= rememberLimit {
-                for (old, _) in map.sorted(by: { $0.value < $1.value }).prefix(rememberLimit / 2) { map[old] = nil }
+            if map.count >= rememberLimit * 3 / 4 {
+                for (old, _) in map.sorted(by: { $0.value < $1.value }).prefix(map.count / 2) { map[old] = nil }
             }
         }
         map[key] = time

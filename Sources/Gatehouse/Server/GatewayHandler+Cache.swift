@@ -59,10 +59,17 @@ extension GatewayHandler {
                 forwardUpstream(exchange, context: context)
                 return
             case .landed(let entry):
-                exchange.waiting = true
-                flightLanded(entry, exchange)
+                // Only what a fresh lookup could have served: no `no-cache` on either side, still fresh.
+                if !cache.requestNoCache, !entry.freshness.noCache,
+                    entry.freshnessLeft(now: HTTPDate.nowMilliseconds()) > 0
+                {
+                    answerFromFlight(entry, exchange, context: context)
+                } else {
+                    forwardUpstream(exchange, context: context)
+                }
                 return
             case .lookAgain:
+                cache.forgetLookup()
                 lookUp(cache, exchange, context: context)
                 return
             case .wait:
@@ -150,6 +157,12 @@ extension GatewayHandler {
         guard let context = channelContext, self.exchange === exchange, !closed, exchange.waiting else { return }
         exchange.waiting = false
         exchange.waitTimer?.cancel()
+        answerFromFlight(entry, exchange, context: context)
+    }
+
+    /// Answers with the entry another request fetched when it suits this request's Vary headers, else goes
+    /// upstream.
+    private func answerFromFlight(_ entry: CacheEntry?, _ exchange: Exchange, context: ChannelHandlerContext) {
         let headers = exchange.context.head.headers
         if let entry, let cache = exchange.cache,
             entry.vary.allSatisfy({ headers[$0.name].joined(separator: ", ") == $0.value })
