@@ -163,9 +163,11 @@ final class DemoHandler: ChannelInboundHandler {
                     wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))),
                     promise: nil)
             }
-        case .body(var buffer):
+        case .body(let buffer):
             received += buffer.readableBytes
-            if form.readableBytes + buffer.readableBytes <= 8192 { form.writeBuffer(&buffer) }
+            if head?.uri == "/oauth/token", form.readableBytes + buffer.readableBytes <= 8192 {
+                form.writeImmutableBuffer(buffer)
+            }
             if mode == .echoBody {
                 context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
             }

@@ -42,7 +42,8 @@ final class RedisServerProcess: @unchecked Sendable {
     func kill() async {
         guard let process else { return }
         Foundation.kill(process.processIdentifier, SIGKILL)
-        for _ in 0..<400 where process.isRunning { try? await Task.sleep(for: .milliseconds(5)) }
+        for _ in 0..<1000 where process.isRunning { try? await Task.sleep(for: .milliseconds(5)) }
+        if process.isRunning { Issue.record("redis-server on port \(port) outlived SIGKILL for 5 s") }
         self.process = nil
     }
 

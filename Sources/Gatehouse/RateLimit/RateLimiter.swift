@@ -15,9 +15,9 @@ final class RateLimitRule: Sendable {
     let scriptArguments: [RedisArgument]
     /// `"name";q=<requests>;w=<seconds>`.
     let policyHeader: String
-    let allowed: CoreMetrics.Counter
-    let limited: CoreMetrics.Counter
-    let fallbacks: CoreMetrics.Counter
+    let allowedCounter: CoreMetrics.Counter
+    let limitedCounter: CoreMetrics.Counter
+    let fallbackCounter: CoreMetrics.Counter
 
     init(_ policy: RateLimitPolicy, factory: MetricsFactory) {
         self.policy = policy
@@ -36,9 +36,9 @@ final class RateLimitRule: Sendable {
         func counter(_ label: String, _ dimension: (String, String)) -> CoreMetrics.Counter {
             CoreMetrics.Counter(label: label, dimensions: [("policy", policy.name), dimension], factory: factory)
         }
-        allowed = counter("gatehouse_rate_limit_total", ("result", "allowed"))
-        limited = counter("gatehouse_rate_limit_total", ("result", "limited"))
-        fallbacks = counter("gatehouse_rate_limit_fallback_total", ("mode", policy.onRedisError.rawValue))
+        allowedCounter = counter("gatehouse_rate_limit_total", ("result", "allowed"))
+        limitedCounter = counter("gatehouse_rate_limit_total", ("result", "limited"))
+        fallbackCounter = counter("gatehouse_rate_limit_fallback_total", ("mode", policy.onRedisError.rawValue))
     }
 }
 
@@ -111,7 +111,7 @@ final class RateLimiter: Sendable {
     /// Redis is away: each policy does what its `on_redis_error` says; `local` ones are counted in memory, and only
     /// when no `deny` policy refuses (a refused request consumes nothing).
     private func fallback(_ checks: [RateLimitCheck]) -> RateLimitOutcome {
-        for check in checks { check.rule.fallbacks.increment() }
+        for check in checks { check.rule.fallbackCounter.increment() }
         let denying = checks.contains { $0.policy.onRedisError == .deny }
         let locals = checks.filter { $0.policy.onRedisError == .local }
         var members: [RateLimitOutcome.Member] = denying ? [] : local.check(locals).members
@@ -133,7 +133,7 @@ final class RateLimiter: Sendable {
     private func record(_ outcome: RateLimitOutcome) -> RateLimitOutcome {
         let passed = outcome.allowed
         for member in outcome.members where passed || !member.allowed {
-            (passed ? member.rule.allowed : member.rule.limited).increment()
+            (passed ? member.rule.allowedCounter : member.rule.limitedCounter).increment()
         }
         return outcome
     }
@@ -241,7 +241,7 @@ final class RateLimiter: Sendable {
         """)
 
     static func arguments(_ checks: [RateLimitCheck]) -> [RedisArgument] {
-        checks.count == 1 ? checks[0].rule.scriptArguments : checks.flatMap(\.rule.scriptArguments)
+        checks.flatMap(\.rule.scriptArguments)
     }
 
     static func outcome(_ checks: [RateLimitCheck], reply: RedisValue) throws -> RateLimitOutcome {
