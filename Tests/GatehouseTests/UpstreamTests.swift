@@ -312,17 +312,20 @@ import Testing
         }
     }
 
+    /// An `oauth2:` block for the demo token endpoint of `origin`, with more keys of it in `extra`.
+    static func oauth2(_ origin: DemoUpstream, secret: String = "demo-secret", _ extra: [String] = []) -> String {
+        let keys = [
+            "token_url: \"http://127.0.0.1:\(origin.port)/oauth/token\"", "client_id: demo-client",
+            "client_secret: \(secret)",
+        ]
+        return "oauth2:\n" + (keys + extra).map { "  " + $0 }.joined(separator: "\n")
+    }
+
     @Test func twoGatewaysShareOneOAuth2TokenAndRefreshItOn401() async throws {
         let (url, server) = try await StoreTests.sharedRedisURL()
         let prefix = "gh-oauth-\(UUID().uuidString.prefix(8)):"
         let origin = try await DemoUpstream.start()
-        let settings = """
-            oauth2:
-              token_url: "http://127.0.0.1:\(origin.port)/oauth/token"
-              client_id: demo-client
-              client_secret: "${DEMO_SECRET}"
-              scopes: [read, write]
-            """
+        let settings = Self.oauth2(origin, secret: "\"${DEMO_SECRET}\"", ["scopes: [read, write]"])
         let environment = ["DEMO_SECRET": "demo-secret"]
         try await Self.run(
             weights: [1], settings: settings, redis: url, prefix: prefix, environment: environment, servers: [origin]
@@ -356,13 +359,7 @@ import Testing
     @Test func waitingForATokenCountsAgainstTheTimeout() async throws {
         let origin = try await DemoUpstream.start()
         // The demo token endpoint answers after 100 ms; the upstream's timeout is 50 ms.
-        let settings = """
-            timeout: 50ms
-            oauth2:
-              token_url: "http://127.0.0.1:\(origin.port)/oauth/token"
-              client_id: demo-client
-              client_secret: demo-secret
-            """
+        let settings = "timeout: 50ms\n" + Self.oauth2(origin)
         try await Self.run(weights: [1], settings: settings, servers: [origin]) {
             (h: Harness, _: [DemoUpstream]) async throws in
             let response = try await request(port: h.port, "/protected")
@@ -373,12 +370,7 @@ import Testing
 
     @Test func withoutRedisEachInstanceFetchesItsOwnToken() async throws {
         let origin = try await DemoUpstream.start()
-        let settings = """
-            oauth2:
-              token_url: "http://127.0.0.1:\(origin.port)/oauth/token"
-              client_id: demo-client
-              client_secret: demo-secret
-            """
+        let settings = Self.oauth2(origin)
         // Nothing listens on port 1: every Redis call fails at once.
         try await Self.run(weights: [1], settings: settings, redis: "redis://127.0.0.1:1/0", servers: [origin]) {
             (h: Harness, _: [DemoUpstream]) async throws in
@@ -390,15 +382,8 @@ import Testing
 
     @Test func clientCredentialsInTheFormWithScopesAndAudience() async throws {
         let origin = try await DemoUpstream.start()
-        let settings = """
-            oauth2:
-              token_url: "http://127.0.0.1:\(origin.port)/oauth/token"
-              client_id: demo-client
-              client_secret: demo-secret
-              scopes: [read, "write:all"]
-              audience: "https://api.example.com"
-              client_auth: body
-            """
+        let settings = Self.oauth2(
+            origin, ["scopes: [read, \"write:all\"]", "audience: \"https://api.example.com\"", "client_auth: body"])
         try await Self.run(weights: [1], settings: settings, servers: [origin]) {
             (h: Harness, _: [DemoUpstream]) async throws in
             #expect(try await request(port: h.port, "/protected").status == 200)
