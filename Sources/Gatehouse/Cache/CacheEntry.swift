@@ -1,4 +1,5 @@
 import NIOCore
+import UpstreamClient
 
 /// One stored response: what is needed to answer from it and to judge its freshness, in a compact binary form.
 ///
@@ -138,18 +139,5 @@ enum VaryMarker {
     static func decode(_ bytes: [UInt8]) -> [String]? {
         guard bytes.first == tag else { return nil }
         return String(decoding: bytes.dropFirst(), as: UTF8.self).split(separator: ",").map(String.init)
-    }
-}
-
-extension String {
-    /// ASCII case-insensitive equality, without allocating.
-    func caseInsensitiveEquals(_ other: String) -> Bool {
-        guard utf8.count == other.utf8.count else { return false }
-        for (a, b) in zip(utf8, other.utf8) where a != b {
-            let lowerA = (a >= 65 && a <= 90) ? a + 32 : a
-            let lowerB = (b >= 65 && b <= 90) ? b + 32 : b
-            if lowerA != lowerB { return false }
-        }
-        return true
     }
 }

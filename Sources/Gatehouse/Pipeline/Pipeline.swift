@@ -498,7 +498,7 @@ enum RespondPhase {
 
     static func head(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
         var connectionNamed: Set<String> = []
-        for (name, value) in upstream.headers where name.utf8.count == 10 && name.lowercased() == "connection" {
+        for (name, value) in upstream.headers where name.caseInsensitiveEquals("Connection") {
             for token in value.split(separator: ",") { connectionNamed.insert(token.trimmedSpaces.lowercased()) }
         }
         var headers = HTTPHeaders()

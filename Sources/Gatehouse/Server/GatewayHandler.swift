@@ -298,7 +298,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// Replaces the client's `Authorization` with the upstream's OAuth2 token.
     static func authorize(_ request: inout UpstreamRequest, token: String) {
-        request.headers.removeAll { $0.name.lowercased() == "authorization" }
+        request.headers.removeAll { $0.name.caseInsensitiveEquals("Authorization") }
         request.headers.append(("Authorization", "Bearer " + token))
     }
 
@@ -406,7 +406,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let lease = exchange.context.lease
         lease?.record(.of(status: head.status))
         if head.status == 429 || head.status == 503,
-            let value = head.headers.first(where: { $0.name.lowercased() == "retry-after" })?.value,
+            let value = head.headers.first(where: { $0.name.caseInsensitiveEquals("Retry-After") })?.value,
             let seconds = Self.retryAfterSeconds(value)
         {
             lease?.pause(status: head.status, seconds: seconds)
