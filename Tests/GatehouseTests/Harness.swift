@@ -4,6 +4,7 @@ import GatehouseConfig
 import Logging
 import NIOCore
 import NIOPosix
+import Testing
 
 @testable import Gatehouse
 
@@ -266,6 +267,42 @@ func request(
         text += "Connection: close\r\n\r\n" + (body ?? "")
         try await connection.send(text)
         return try await connection.readResponse(headRequest: method == "HEAD")
+    }
+}
+
+/// A loopback port kept bound but not listening, while the server that had it is down: connections to it are
+/// refused, and no server another test starts meanwhile can be given it.
+final class PortHold: @unchecked Sendable {
+    private var fd: Int32
+
+    init(_ port: Int) {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var yes: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, socklen_t(MemoryLayout<Int32>.size))
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        if bound != 0 { Issue.record("could not hold port \(port): errno \(errno)") }
+    }
+
+    /// Lets the port go, for the server to come back on it.
+    func release() {
+        if fd >= 0 { close(fd) }
+        fd = -1
+    }
+
+    deinit { release() }
+
+    /// Stops `server` and holds its port until ``release()``.
+    static func takeDown(_ server: DemoUpstream) async -> PortHold {
+        await server.stop()
+        return PortHold(server.port)
     }
 }
 

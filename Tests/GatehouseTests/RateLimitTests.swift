@@ -225,8 +225,16 @@ import Testing
             try await waitUntil { h.gateway.readinessProblem != nil }
             // local: the same policy in memory, from zero (so up to N times the quota across N instances).
             var local: [Int] = []
-            for _ in 0..<3 { local.append(try await Self.get(h, [("X-L", "one")]).status) }
-            #expect(local == [200, 200, 429])
+            var seen: [String] = []
+            for _ in 0..<3 {
+                let answer = try await Self.get(h, [("X-L", "one")])
+                local.append(answer.status)
+                seen.append(answer.header("RateLimit") ?? "-")
+            }
+            // On failure, say what the gateway saw: the headers, and its rate-limit and Redis counters.
+            let metrics = try await request(port: h.adminPort, "/metrics").text.split(separator: "\n")
+            let counters = metrics.filter { $0.hasPrefix("gatehouse_rate_limit") || $0.hasPrefix("gatehouse_redis_") }
+            #expect(local == [200, 200, 429], "\(seen) \(counters)")
             try await redis.start()
             try await waitUntil(timeout: .seconds(3)) { h.gateway.readinessProblem == nil }
             // Back on Redis by itself (a fresh one: it kept nothing). The full local bucket would have said 429.

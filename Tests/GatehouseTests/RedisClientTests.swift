@@ -10,6 +10,8 @@ final class RedisServerProcess: @unchecked Sendable {
     let port: Int
     private var process: Process?
     private let arguments: [String]
+    /// The port, held while the server is killed, so that it can come back on it.
+    private var hold: PortHold?
 
     init(arguments: [String] = []) async throws {
         port = try Self.freePort()
@@ -19,6 +21,8 @@ final class RedisServerProcess: @unchecked Sendable {
 
     /// Starts the server and waits (without blocking a thread of the concurrency pool) until it accepts.
     func start() async throws {
+        hold?.release()
+        hold = nil
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         process.arguments =
@@ -45,6 +49,7 @@ final class RedisServerProcess: @unchecked Sendable {
         for _ in 0..<1000 where process.isRunning { try? await Task.sleep(for: .milliseconds(5)) }
         if process.isRunning { Issue.record("redis-server on port \(port) outlived SIGKILL for 5 s") }
         self.process = nil
+        hold = PortHold(port)
     }
 
     deinit {

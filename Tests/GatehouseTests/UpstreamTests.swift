@@ -112,7 +112,7 @@ import Testing
             for user in 0..<40 { #expect(Self.servedBy(try await route(user)) == before[user]) }
 
             let leaving = servers[2].port
-            await servers[2].stop()
+            let hold = await PortHold.takeDown(servers[2])
             for user in 0..<40 {
                 let response = try await route(user)
                 #expect(response.status == 200)
@@ -122,6 +122,7 @@ import Testing
                     #expect(Self.servedBy(response) != leaving)
                 }
             }
+            hold.release()
         }
     }
 
@@ -132,7 +133,7 @@ import Testing
             """
         try await Self.run(weights: [1, 1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
             let port = servers[1].port
-            await servers[1].stop()
+            let hold = await PortHold.takeDown(servers[1])
             let killed = ContinuousClock.now
             // Every request is answered: the first ones to the dead target are retried on the other.
             for _ in 0..<20 {
@@ -143,6 +144,7 @@ import Testing
             let detected = ContinuousClock.now - killed
             #expect(try await Self.targetState(h, port: port) == "unhealthy")
 
+            hold.release()
             let back = try await DemoUpstream.start(port: port)
             let restarted = ContinuousClock.now
             try await Self.waitFor("healthy", h, port: port)
@@ -174,7 +176,7 @@ import Testing
         let settings = "passive_health: { failures: 2, eject_for: 1s, max_eject_for: 10s }"
         try await Self.run(weights: [1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
             let port = servers[0].port
-            await servers[0].stop()
+            let hold = await PortHold.takeDown(servers[0])
             for _ in 0..<2 {
                 let failed = try await request(port: h.port, "/")
                 #expect(failed.status == 502, "\(failed.text)")
@@ -188,6 +190,7 @@ import Testing
             #expect(try await request(port: h.port, "/").status == 502)
             let ejectedAgain = ContinuousClock.now
             #expect(try await request(port: h.port, "/").status == 503)
+            hold.release()
             let back = try await DemoUpstream.start(port: port)
             try await Task.sleep(for: .milliseconds(1000))
             // Still ejected a second later, though the server is back: the wait doubled.
