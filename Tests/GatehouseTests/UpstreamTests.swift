@@ -1,5 +1,6 @@
 import DemoUpstream
 import Foundation
+import GatehouseConfig
 import NIOCore
 import Testing
 
@@ -288,6 +289,36 @@ import Testing
             for _ in 0..<4 { #expect(try await request(port: h.port, "/").status == 200) }
             #expect(upstream.requestCount == before + 5)
         }
+    }
+
+    /// A probe that fails while the target is ejected (by a request that was under way when the circuit opened)
+    /// still opens the circuit again, so the target is probed once more later rather than shut out for good.
+    @Test func aProbeFailingDuringAnEjectionReopensTheCircuit() async throws {
+        let yaml = """
+            upstreams:
+              pool:
+                targets: [{ url: "http://127.0.0.1:1" }]
+                circuit_breaker: { failure_ratio: 0.5, min_requests: 1, open_for: 50ms }
+                passive_health: { failures: 2, eject_for: 100ms }
+            routes:
+              - { id: r, match: { path_prefix: "/" }, upstream: pool }
+            """
+        let config = try ConfigLoader.parse(yaml: yaml, environment: [:])
+        let pool = UpstreamPool(config.upstreams[0], apiKeyHeader: "X-API-Key", factory: GatewayMetrics().factory)
+        func lease() throws -> TargetLease { try pool.pick().get() }
+        let early = try lease()  // under way when the circuit opens
+        let first = try lease()
+        first.record(.failure)  // one failure of one request: the circuit opens
+        first.end()
+        #expect(throws: GatewayError.self) { try lease() }
+        try await Task.sleep(for: .milliseconds(80))
+        let probe = try lease()  // half-open: the one probe
+        early.record(.failure)  // the second failure in a row ejects the target
+        early.end()
+        probe.record(.failure)  // during the ejection
+        probe.end()
+        try await Task.sleep(for: .milliseconds(250))  // past the ejection and the new open period
+        #expect(throws: Never.self) { try lease() }
     }
 
     @Test func retryAfterPausesTheTargetAndIsAnsweredLocally() async throws {

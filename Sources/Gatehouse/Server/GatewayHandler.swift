@@ -377,7 +377,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         else { return false }
         let hashKey = pool.hashHeader.flatMap { exchange.context.head.headers.first(name: $0) }
         guard
-            case .success(let lease) = pool.pick(hashKey: hashKey, excluding: preferOther ? exchange.triedTargets : [])
+            case .success(let lease) = pool.pick(
+                hashKey: hashKey, excluding: preferOther ? exchange.triedTargets : [], firstAttempt: false)
         else { return false }
         exchange.transfer?.cancel()
         exchange.transfer = nil

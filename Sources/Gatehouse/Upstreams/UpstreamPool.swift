@@ -70,11 +70,14 @@ final class UpstreamPool: Sendable {
     // MARK: picking
 
     /// Picks a target for a request, preferring one not in `excluding` (targets an earlier attempt used).
-    /// `hashKey` is the value of the `hash:header:` header, when there is one.
-    func pick(hashKey: String? = nil, excluding: [Int] = []) -> Result<TargetLease, GatewayError> {
+    /// `hashKey` is the value of the `hash:header:` header, when there is one. A request's first attempt counts
+    /// towards the retry budget's base; a later one (a retry, a resend with a fresh token) does not.
+    func pick(hashKey: String? = nil, excluding: [Int] = [], firstAttempt: Bool = true)
+        -> Result<TargetLease, GatewayError>
+    {
         let now = Self.now()
         let chosen = state.withLock { state -> Result<(Int, Bool), GatewayError> in
-            if excluding.isEmpty, config.retries != nil { state.budget.add(now, first: true) }
+            if firstAttempt, config.retries != nil { state.budget.add(now, first: true) }
             // The candidate list reuses one buffer: no allocation per request.
             var candidates: [Int] = []
             swap(&candidates, &state.scratch)
@@ -466,6 +469,13 @@ private struct TargetState {
                 window.add(at: now, failed: false)
             }
         case .failure:
+            let openUntil = now + UInt64(max(config?.openFor.milliseconds ?? 1, 1)) * 1_000_000
+            // A failed probe opens the circuit again, whatever else holds the target back.
+            if config != nil, probe {
+                breaker = .open(until: openUntil)
+                probeInFlight = false
+                changed = breaker
+            }
             // Requests that were under way when the target was ejected say nothing new.
             if ejectedUntil > now { break }
             consecutiveFailures += 1
@@ -479,18 +489,12 @@ private struct TargetState {
                 consecutiveFailures = passive.failures - 1
                 ejected = true
             }
-            if let config {
-                if probe {
-                    breaker = .open(until: now + UInt64(max(config.openFor.milliseconds, 1)) * 1_000_000)
-                    probeInFlight = false
+            if let config, !probe, case .closed = breaker {
+                window.add(at: now, failed: true)
+                let (total, failures) = window.counts(at: now)
+                if total >= config.minRequests, Double(failures) >= config.failureRatio * Double(total) {
+                    breaker = .open(until: openUntil)
                     changed = breaker
-                } else if case .closed = breaker {
-                    window.add(at: now, failed: true)
-                    let (total, failures) = window.counts(at: now)
-                    if total >= config.minRequests, Double(failures) >= config.failureRatio * Double(total) {
-                        breaker = .open(until: now + UInt64(max(config.openFor.milliseconds, 1)) * 1_000_000)
-                        changed = breaker
-                    }
                 }
             }
         }
