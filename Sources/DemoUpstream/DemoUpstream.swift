@@ -56,6 +56,21 @@ public final class DemoUpstream: Sendable {
     /// Tokens issued by `/oauth/token` so far.
     public var tokenRequests: Int { counter.tokenRequests.load(ordering: .relaxed) }
 
+    /// Requests to `/oauth/token` so far, answered or refused.
+    public var tokenAttempts: Int { counter.tokenAttempts.load(ordering: .relaxed) }
+
+    /// The `expires_in` of the tokens `/oauth/token` issues, in seconds (3600 unless set).
+    public var tokenLifetime: Int {
+        get { counter.tokenLifetime.load(ordering: .relaxed) }
+        set { counter.tokenLifetime.store(newValue, ordering: .relaxed) }
+    }
+
+    /// While set, `/oauth/token` answers with this status and issues nothing.
+    public var tokenFailure: Int? {
+        get { counter.tokenFailure.withLock { $0 } }
+        set { counter.tokenFailure.withLock { $0 = newValue } }
+    }
+
     /// The form fields of the last accepted token request, and whether its client authenticated by Basic.
     public var lastTokenRequest: (form: [String: String], basic: Bool)? { counter.lastTokenRequest.withLock { $0 } }
 
@@ -118,6 +133,9 @@ final class RequestCounter: Sendable {
     let documentRequests = Atomic<Int>(0)
     let failure = Mutex<(status: Int, retryAfter: String?)?>(nil)
     let tokenRequests = Atomic<Int>(0)
+    let tokenAttempts = Atomic<Int>(0)
+    let tokenLifetime = Atomic<Int>(3600)
+    let tokenFailure = Mutex<Int?>(nil)
     let acceptedToken = Mutex<String?>(nil)
     let lastTokenRequest = Mutex<(form: [String: String], basic: Bool)?>(nil)
     func increment() { value.wrappingAdd(1, ordering: .relaxed) }
@@ -350,6 +368,13 @@ final class DemoHandler: ChannelInboundHandler {
     /// The OAuth2 token endpoint: client credentials by Basic auth or in the form (RFC 6749 §2.3.1), a new token
     /// each time (after 100 ms, so that concurrent callers overlap), which becomes the one `/protected` accepts.
     private func issueToken(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        stats.tokenAttempts.wrappingAdd(1, ordering: .relaxed)
+        if let status = stats.tokenFailure.withLock({ $0 }) {
+            send(
+                status: HTTPResponseStatus(statusCode: status), body: "{\"error\":\"temporarily_unavailable\"}",
+                head: head, context: context)
+            return
+        }
         var fields: [String: String] = [:]
         for pair in String(buffer: form).split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1).map {
@@ -368,7 +393,8 @@ final class DemoHandler: ChannelInboundHandler {
         let number = stats.tokenRequests.wrappingAdd(1, ordering: .relaxed).newValue
         let token = "token-\(number)-\(UInt32.random(in: 0...UInt32.max))"
         stats.acceptedToken.withLock { $0 = token }
-        let body = "{\"access_token\":\"\(token)\",\"token_type\":\"Bearer\",\"expires_in\":3600}"
+        let lifetime = stats.tokenLifetime.load(ordering: .relaxed)
+        let body = "{\"access_token\":\"\(token)\",\"token_type\":\"Bearer\",\"expires_in\":\(lifetime)}"
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         context.eventLoop.scheduleTask(in: .milliseconds(100)) {
             let (handler, context) = bound.value

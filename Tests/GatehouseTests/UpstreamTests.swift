@@ -414,6 +414,27 @@ import Testing
         }
     }
 
+    /// Past its refresh time a token is still used until it expires, while its successor is fetched in the
+    /// background: a token endpoint that fails then costs no request.
+    @Test func anExpiringTokenIsUsedWhileItsSuccessorIsFetched() async throws {
+        let origin = try await DemoUpstream.start()
+        origin.tokenLifetime = 2  // renewed from 1.8 s, expires at 2 s
+        try await Self.run(weights: [1], settings: Self.oauth2(origin), servers: [origin]) {
+            (h: Harness, _: [DemoUpstream]) async throws in
+            #expect(try await request(port: h.port, "/protected").status == 200)
+            let issued = ContinuousClock.now  // after the token came
+            origin.tokenFailure = 503
+            try await Task.sleep(until: issued + .milliseconds(1850))
+            let late = try await request(port: h.port, "/protected")
+            if ContinuousClock.now - issued < .milliseconds(1950) {  // else too loaded a machine to tell
+                #expect(late.status == 200, "the held token, though fetching its successor fails")
+            }
+            try await waitUntil { origin.tokenAttempts >= 2 }
+            #expect(origin.tokenAttempts >= 2, "the successor was asked for")
+            #expect(origin.tokenRequests == 1)
+        }
+    }
+
     @Test func clientCredentialsInTheFormWithScopesAndAudience() async throws {
         let origin = try await DemoUpstream.start()
         let settings = Self.oauth2(

@@ -256,7 +256,7 @@ extension GatewayHandler {
             if request.method == "HEAD" { request.method = "GET" }
             if let grant = requestContext.route?.pool?.oauth2 {
                 // A refresh never waits for a token: without one held here, it is left to a later request.
-                guard let token = core.oauth2.heldToken(for: grant) else {
+                guard let token = core.oauth2.heldToken(for: grant, on: context.eventLoop) else {
                     refresh.land(nil)
                     return
                 }

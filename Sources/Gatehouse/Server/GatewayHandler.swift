@@ -237,7 +237,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             launch(request, token: nil, exchange, context: context)
             return
         }
-        if let token = core.oauth2.heldToken(for: grant) {
+        if let token = core.oauth2.heldToken(for: grant, on: context.eventLoop) {
             launch(request, token: token, exchange, context: context)
             return
         }

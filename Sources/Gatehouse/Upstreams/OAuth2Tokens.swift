@@ -9,15 +9,24 @@ import UpstreamClient
 
 /// OAuth 2.0 client-credentials tokens for upstreams with `oauth2:`, shared by every instance through the store.
 ///
-/// Each instance keeps the current token in memory until its refresh time. When it needs a new one it reads the
-/// store first; if no instance has stored one, the instance that wins a short lock asks the token endpoint and
+/// Each instance keeps the current token in memory. From its refresh time (10% of its lifetime, at most a minute,
+/// before it expires) one acquisition runs in the background while requests go on with it until it expires, so a
+/// slow or failing token endpoint costs nothing while the old token still works. An acquisition reads the store
+/// first; if no instance has stored one, the instance that wins a short lock asks the token endpoint and
 /// stores the token until shortly before it expires, and the others wait for it. Without Redis, each instance
 /// fetches its own. Concurrent requests of one instance share one acquisition. Outlives config reloads.
 final class OAuth2Tokens: Sendable {
+    /// A token and its times, in wall-clock milliseconds.
+    struct Token: Sendable {
+        var value: String
+        /// From then on it is renewed.
+        var refreshAt: Int64
+        /// From then on it is not used.
+        var expiresAt: Int64
+    }
+
     private struct Slot {
-        var token: String?
-        /// Wall-clock milliseconds after which the token is renewed.
-        var refreshAt: Int64 = 0
+        var token: Token?
         var pending: EventLoopFuture<String>?
         /// The last token an upstream refused: never taken from the store again.
         var refused: String?
@@ -40,36 +49,38 @@ final class OAuth2Tokens: Sendable {
         self.logger = logger
     }
 
-    /// The token this instance holds for `grant`, while it is fresh.
-    func heldToken(for grant: OAuth2Grant) -> String? {
+    /// The token this instance holds for `grant` until it expires; past its refresh time, an acquisition of the
+    /// next one starts in the background. Nil when there is none: `token(for:on:)` then waits for one.
+    func heldToken(for grant: OAuth2Grant, on loop: EventLoop) -> String? {
         let now = Self.wallMilliseconds()
         return slots.withLock { slots in
-            guard let slot = slots[grant.key], let token = slot.token, slot.refreshAt > now else { return nil }
-            return token
+            guard let token = slots[grant.key]?.token, token.expiresAt > now else { return nil }
+            if token.refreshAt <= now { _ = acquisition(grant, on: loop, slots: &slots) }
+            return token.value
         }
     }
 
-    /// The current token: at once when this instance holds a fresh one, else when it has been acquired.
+    /// The current token: at once when this instance holds one, else when it has been acquired.
     func token(for grant: OAuth2Grant, on loop: EventLoop) -> EventLoopFuture<String> {
-        let key = grant.key
-        let now = Self.wallMilliseconds()
-        let found = slots.withLock { slots -> EventLoopFuture<String> in
-            var slot = slots[key] ?? Slot()
-            if let token = slot.token, slot.refreshAt > now { return loop.makeSucceededFuture(token) }
-            if let pending = slot.pending { return pending }
-            let promise = loop.makePromise(of: String.self)
-            slot.pending = promise.futureResult
-            slots[key] = slot
-            let id = UUID()
-            running.withLock { running in
-                running[id] = Task {
-                    await self.acquire(grant, loop: loop, promise: promise)
-                    _ = self.running.withLock { $0.removeValue(forKey: id) }
-                }
+        if let token = heldToken(for: grant, on: loop) { return loop.makeSucceededFuture(token) }
+        return slots.withLock { acquisition(grant, on: loop, slots: &$0) }.hop(to: loop)
+    }
+
+    /// The acquisition under way for `grant`, or a new one.
+    private func acquisition(_ grant: OAuth2Grant, on loop: EventLoop, slots: inout [String: Slot])
+        -> EventLoopFuture<String>
+    {
+        if let pending = slots[grant.key]?.pending { return pending }
+        let promise = loop.makePromise(of: String.self)
+        slots[grant.key, default: Slot()].pending = promise.futureResult
+        let id = UUID()
+        running.withLock { running in
+            running[id] = Task {
+                await self.acquire(grant, loop: loop, promise: promise)
+                _ = self.running.withLock { $0.removeValue(forKey: id) }
             }
-            return promise.futureResult
         }
-        return found.hop(to: loop)
+        return promise.futureResult
     }
 
     /// Cancels the acquisitions under way (a cancelled one starts no token request) and returns them, to be
@@ -91,12 +102,9 @@ final class OAuth2Tokens: Sendable {
     private func invalidate(_ token: String, key: String) async {
         slots.withLock { slots in
             slots[key, default: Slot()].refused = token
-            if slots[key]?.token == token {
-                slots[key]?.token = nil
-                slots[key]?.refreshAt = 0
-            }
+            if slots[key]?.token?.value == token { slots[key]?.token = nil }
         }
-        if let current = try? await store.get(key), Self.decodeStored(current)?.token == token {
+        if let current = try? await store.get(key), Self.decodeStored(current)?.value == token {
             _ = try? await store.delete(key, ifEqualTo: current)
         }
     }
@@ -104,13 +112,12 @@ final class OAuth2Tokens: Sendable {
     private func acquire(_ grant: OAuth2Grant, loop: EventLoop, promise: EventLoopPromise<String>) async {
         let key = grant.key
         do {
-            let (token, refreshAt) = try await sharedToken(grant, loop: loop)
+            let token = try await sharedToken(grant, loop: loop)
             slots.withLock { slots in
                 slots[key, default: Slot()].token = token
-                slots[key]?.refreshAt = refreshAt
                 slots[key]?.pending = nil
             }
-            promise.succeed(token)
+            promise.succeed(token.value)
         } catch {
             slots.withLock { slots in slots[key]?.pending = nil }
             logger.warning(
@@ -125,7 +132,7 @@ final class OAuth2Tokens: Sendable {
     }
 
     /// A token from the store, or fetched by this instance (under the store's lock when Redis is there).
-    private func sharedToken(_ grant: OAuth2Grant, loop: EventLoop) async throws -> (String, Int64) {
+    private func sharedToken(_ grant: OAuth2Grant, loop: EventLoop) async throws -> Token {
         guard store.usesRedis else { return try await fetch(grant, loop: loop) }
         let key = grant.key
         let lockKey = key + ":lock"
@@ -134,15 +141,14 @@ final class OAuth2Tokens: Sendable {
                 if let stored = try await freshStored(key) { return stored }
                 if try await store.set(lockKey, Array(owner.utf8), expireMilliseconds: 10_000, onlyIfAbsent: true) {
                     do {
-                        let (token, refreshAt) = try await fetch(grant, loop: loop)
-                        let ttl = Int(refreshAt - Self.wallMilliseconds())
+                        let token = try await fetch(grant, loop: loop)
+                        let ttl = Int(token.refreshAt - Self.wallMilliseconds())
                         if ttl > 0 {
                             _ = try? await store.set(
-                                key, Self.encodeStored(token: token, refreshAt: refreshAt), expireMilliseconds: ttl,
-                                onlyIfAbsent: false)
+                                key, Self.encodeStored(token), expireMilliseconds: ttl, onlyIfAbsent: false)
                         }
                         _ = try? await store.delete(lockKey, ifEqualTo: Array(owner.utf8))
-                        return (token, refreshAt)
+                        return token
                     } catch {
                         _ = try? await store.delete(lockKey, ifEqualTo: Array(owner.utf8))
                         throw error
@@ -163,20 +169,20 @@ final class OAuth2Tokens: Sendable {
     }
 
     /// The stored token while it is fresh; one an upstream refused here is removed instead.
-    private func freshStored(_ key: String) async throws -> (String, Int64)? {
+    private func freshStored(_ key: String) async throws -> Token? {
         guard let bytes = try await store.get(key), let stored = Self.decodeStored(bytes),
             stored.refreshAt > Self.wallMilliseconds()
         else { return nil }
-        if stored.token == slots.withLock({ $0[key]?.refused }) {
+        if stored.value == slots.withLock({ $0[key]?.refused }) {
             _ = try await store.delete(key, ifEqualTo: bytes)
             return nil
         }
-        return (stored.token, stored.refreshAt)
+        return stored
     }
 
     /// Asks the token endpoint (RFC 6749 §4.4); the token is renewed 10% of its lifetime (at most a minute)
     /// before it expires.
-    private func fetch(_ grant: OAuth2Grant, loop: EventLoop) async throws -> (String, Int64) {
+    private func fetch(_ grant: OAuth2Grant, loop: EventLoop) async throws -> Token {
         try Task.checkCancellation()
         let config = grant.config
         var form = [("grant_type", "client_credentials")]
@@ -225,7 +231,8 @@ final class OAuth2Tokens: Sendable {
         }
         let lifetime = min(max(seconds, 1), 31_536_000) * 1000
         let margin = min(lifetime / 10, 60_000)
-        return (token, Self.wallMilliseconds() + lifetime - margin)
+        let now = Self.wallMilliseconds()
+        return Token(value: token, refreshAt: now + lifetime - margin, expiresAt: now + lifetime)
     }
 
     enum TokenError: Error, CustomStringConvertible {
@@ -252,16 +259,17 @@ final class OAuth2Tokens: Sendable {
         return "oauth2:" + upstream + ":" + digest
     }
 
-    /// `<refreshAt ms> <token>`.
-    static func encodeStored(token: String, refreshAt: Int64) -> [UInt8] {
-        Array("\(refreshAt) \(token)".utf8)
+    /// `<refreshAt ms> <expiresAt ms> <token>`.
+    static func encodeStored(_ token: Token) -> [UInt8] {
+        Array("\(token.refreshAt) \(token.expiresAt) \(token.value)".utf8)
     }
 
-    static func decodeStored(_ bytes: [UInt8]) -> (token: String, refreshAt: Int64)? {
-        guard let space = bytes.firstIndex(of: 0x20),
-            let refreshAt = Int64(String(decoding: bytes[..<space], as: UTF8.self))
+    static func decodeStored(_ bytes: [UInt8]) -> Token? {
+        let parts = bytes.split(separator: 0x20, maxSplits: 2, omittingEmptySubsequences: false)
+        guard parts.count == 3, let refreshAt = Int64(String(decoding: parts[0], as: UTF8.self)),
+            let expiresAt = Int64(String(decoding: parts[1], as: UTF8.self))
         else { return nil }
-        return (String(decoding: bytes[(space + 1)...], as: UTF8.self), refreshAt)
+        return Token(value: String(decoding: parts[2], as: UTF8.self), refreshAt: refreshAt, expiresAt: expiresAt)
     }
 
     /// application/x-www-form-urlencoded.
