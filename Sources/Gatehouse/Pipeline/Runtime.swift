@@ -20,13 +20,10 @@ final class Runtime: Sendable {
     /// Builds the runtime for `config`; upstream targets that `previous` had keep their health state.
     init(config: GatehouseConfiguration, metrics: GatewayMetrics, previous: Runtime? = nil) {
         self.config = config
-        pools = config.upstreams.map {
-            UpstreamPool($0, apiKeyHeader: config.auth.apiKey.header, factory: metrics.factory)
-        }
-        for pool in pools {
-            if let old = previous?.pools.first(where: { $0.config.name == pool.config.name }) {
-                pool.adoptState(of: old)
-            }
+        pools = config.upstreams.map { upstream in
+            UpstreamPool(
+                upstream, apiKeyHeader: config.auth.apiKey.header, factory: metrics.factory,
+                previous: previous?.pools.first { $0.config.name == upstream.name })
         }
         let byName = Dictionary(pools.map { ($0.config.name, $0) }, uniquingKeysWith: { first, _ in first })
         routes = config.routes.map { route in

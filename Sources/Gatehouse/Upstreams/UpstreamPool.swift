@@ -28,10 +28,17 @@ final class UpstreamPool: Sendable {
     private let retries: CoreMetrics.Counter
     private let healthChecks = Mutex<RepeatedTask?>(nil)
 
-    init(_ config: UpstreamConfig, apiKeyHeader: String, factory: PrometheusMetricsFactory) {
+    /// The targets that `previous` (this upstream in the config before a reload) had too, by URL, keep their
+    /// health, ejections, breakers and pauses, so a reload does not send traffic to targets known to be down.
+    /// Requests in flight stay counted in `previous`.
+    init(
+        _ config: UpstreamConfig, apiKeyHeader: String, factory: PrometheusMetricsFactory,
+        previous: UpstreamPool? = nil
+    ) {
         self.config = config
         droppedHeaders = Set(config.requestHeaders.remove.map { $0.lowercased() } + [apiKeyHeader.lowercased()])
-        urls = config.targets.map(\.url)
+        let urls = config.targets.map(\.url)
+        self.urls = urls
         oauth2 = OAuth2Grant(config)
         if case .hashHeader(let name) = config.balance {
             hashHeader = name
@@ -40,31 +47,24 @@ final class UpstreamPool: Sendable {
             hashHeader = nil
             ring = nil
         }
-        state = Mutex(PoolState(targets: config.targets.map { TargetState(weight: max(1, $0.weight)) }))
-        metrics = config.targets.map { TargetMetrics(upstream: config.name, target: $0.url, factory: factory) }
-        retries = CoreMetrics.Counter(
-            label: "gatehouse_upstream_retries_total", dimensions: [("upstream", config.name)], factory: factory)
-    }
-
-    /// Takes over the health, ejections, breakers and pauses of `old`'s targets that this pool has too (by URL),
-    /// so a reload does not send traffic to targets known to be down. Requests in flight stay counted in `old`.
-    func adoptState(of old: UpstreamPool) {
-        let previous = old.state.withLock { $0.targets }
-        let adopted = state.withLock { state in
-            var adopted: [(Int, TargetState)] = []
+        var targets = config.targets.map { TargetState(weight: max(1, $0.weight)) }
+        if let previous {
+            let old = previous.state.withLock { $0.targets }
             for (index, url) in urls.enumerated() {
-                guard let oldIndex = old.urls.firstIndex(of: url) else { continue }
-                let weight = state.targets[index].weight
-                state.targets[index] = previous[oldIndex]
-                state.targets[index].reweigh(weight)
-                adopted.append((index, state.targets[index]))
+                guard let oldIndex = previous.urls.firstIndex(of: url) else { continue }
+                let weight = targets[index].weight
+                targets[index] = old[oldIndex]
+                targets[index].reweigh(weight)
             }
-            return adopted
         }
-        for (index, target) in adopted {
+        state = Mutex(PoolState(targets: targets))
+        metrics = config.targets.map { TargetMetrics(upstream: config.name, target: $0.url, factory: factory) }
+        for (index, target) in targets.enumerated() {
             metrics[index].healthy.record(target.activeHealthy ? 1 : 0)
             metrics[index].breaker.record(target.breaker.gaugeValue)
         }
+        retries = CoreMetrics.Counter(
+            label: "gatehouse_upstream_retries_total", dimensions: [("upstream", config.name)], factory: factory)
     }
 
     // MARK: picking
@@ -111,6 +111,7 @@ final class UpstreamPool: Sendable {
         switch chosen {
         case .success(let (index, probe)):
             metrics[index].requests.increment()
+            if probe { metrics[index].breaker.record(BreakerState.halfOpen.gaugeValue) }
             return .success(TargetLease(pool: self, index: index, probe: probe))
         case .failure(let error):
             return .failure(error)
@@ -657,7 +658,5 @@ private struct TargetMetrics: Sendable {
             label: "gatehouse_upstream_target_breaker_state", dimensions: dimensions, factory: factory)
         healthy = CoreMetrics.Gauge(
             label: "gatehouse_upstream_target_healthy", dimensions: dimensions, factory: factory)
-        breaker.record(0)
-        healthy.record(1)
     }
 }
