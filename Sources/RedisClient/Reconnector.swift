@@ -39,11 +39,18 @@ final class Reconnector: Sendable {
                         state.channel = channel
                         return state.closed
                     }
-                    if closed { try? await channel.close() }
+                    if closed {
+                        state.withLock { $0.channel = nil }
+                        try? await channel.close()
+                        break
+                    }
                     opened(connectedBefore)
                     connectedBefore = true
                     backoff = .milliseconds(25)
                     try await channel.closeFuture.get()
+                } catch is CancellationError {
+                    lost()
+                    break
                 } catch {
                     logger.debug("redis connection failed", metadata: ["error": "\(error)"])
                 }

@@ -32,7 +32,8 @@ public final class RedisSubscription: Sendable {
         reconnector = Reconnector(logger: logger)
         reconnector.start(
             open: { [weak self] in
-                guard let self else { throw RedisError(.unavailable, "subscription closed") }
+                // Released without close(): stop reconnecting.
+                guard let self else { throw CancellationError() }
                 return try await self.connect()
             },
             opened: { _ in },
@@ -64,7 +65,6 @@ public final class RedisSubscription: Sendable {
         guard case .array(let items?) = value, let kind = items.first?.string else {
             if case .error(let message) = value {
                 logger.warning("redis subscription refused", metadata: ["error": "\(message)"])
-                reconnector.channel?.close(promise: nil)
             }
             return
         }
@@ -95,7 +95,11 @@ private final class PushHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         decoder.feed(unwrapInboundIn(data))
         do {
-            while let value = try decoder.next() { deliver(value) }
+            while let value = try decoder.next() {
+                deliver(value)
+                // A refused AUTH or SUBSCRIBE: close, so the connection is made again (and the refusal logged).
+                if case .error = value { context.close(promise: nil) }
+            }
         } catch {
             context.close(promise: nil)
         }

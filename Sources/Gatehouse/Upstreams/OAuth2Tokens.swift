@@ -40,7 +40,7 @@ final class OAuth2Tokens: Sendable {
     private let running = Mutex<[UUID: Task<Void, Never>]>([:])
     private let metrics: GatewayMetrics
     /// Identifies this instance's lock.
-    private let owner = UUID().uuidString
+    private let owner = Array(UUID().uuidString.utf8)
 
     init(store: SharedStore, client: UpstreamClient, metrics: GatewayMetrics, logger: Logger) {
         self.store = store
@@ -139,7 +139,7 @@ final class OAuth2Tokens: Sendable {
         do {
             for _ in 0..<2 {
                 if let stored = try await freshStored(key) { return stored }
-                if try await store.set(lockKey, Array(owner.utf8), expireMilliseconds: 10_000, onlyIfAbsent: true) {
+                if try await store.set(lockKey, owner, expireMilliseconds: 10_000, onlyIfAbsent: true) {
                     do {
                         let token = try await fetch(grant, loop: loop)
                         let ttl = Int(token.refreshAt - Self.wallMilliseconds())
@@ -147,10 +147,10 @@ final class OAuth2Tokens: Sendable {
                             _ = try? await store.set(
                                 key, Self.encodeStored(token), expireMilliseconds: ttl, onlyIfAbsent: false)
                         }
-                        _ = try? await store.delete(lockKey, ifEqualTo: Array(owner.utf8))
+                        _ = try? await store.delete(lockKey, ifEqualTo: owner)
                         return token
                     } catch {
-                        _ = try? await store.delete(lockKey, ifEqualTo: Array(owner.utf8))
+                        _ = try? await store.delete(lockKey, ifEqualTo: owner)
                         throw error
                     }
                 }
