@@ -418,15 +418,17 @@ import Testing
     /// background: a token endpoint that fails then costs no request.
     @Test func anExpiringTokenIsUsedWhileItsSuccessorIsFetched() async throws {
         let origin = try await DemoUpstream.start()
-        origin.tokenLifetime = 2  // renewed from 1.8 s, expires at 2 s
+        origin.tokenLifetime = 4  // renewed from 3.6 s after it is fetched, expires at 4 s
         try await Self.run(weights: [1], settings: Self.oauth2(origin), servers: [origin]) {
             (h: Harness, _: [DemoUpstream]) async throws in
+            let start = ContinuousClock.now
             #expect(try await request(port: h.port, "/protected").status == 200)
-            let issued = ContinuousClock.now  // after the token came
+            // The token was fetched between start + 100 ms (the demo endpoint's delay) and now.
+            let issued = ContinuousClock.now
             origin.tokenFailure = 503
-            try await Task.sleep(until: issued + .milliseconds(1850))
+            try await Task.sleep(until: issued + .milliseconds(3620))  // past its refresh time
             let late = try await request(port: h.port, "/protected")
-            if ContinuousClock.now - issued < .milliseconds(1950) {  // else too loaded a machine to tell
+            if ContinuousClock.now < start + .milliseconds(4080) {  // before its expiry, unless too loaded to tell
                 #expect(late.status == 200, "the held token, though fetching its successor fails")
             }
             try await waitUntil { origin.tokenAttempts >= 2 }
