@@ -4,6 +4,7 @@ import GatehouseConfig
 import Logging
 import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 
 @testable import Gatehouse
@@ -270,25 +271,56 @@ func request(
     }
 }
 
+/// A free loopback port below the kernel's ephemeral range, for a server a test stops and starts again. A port
+/// from that range (what binding port 0 gives) can meanwhile become the source port of any outgoing connection,
+/// and then neither a ``PortHold`` nor the restarted server can bind it.
+func restartablePort() throws -> Int {
+    let range = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8)) ?? ""
+    let low = range.split(whereSeparator: \.isWhitespace).first.flatMap { Int($0) } ?? 32768
+    let span = max(low - 20000, 1)
+    for _ in 0..<200 {
+        let port = 20000 + nextRestartablePort.add(1, ordering: .relaxed).newValue % span
+        if PortHold.canBind(port) { return port }
+    }
+    throw RawError.closed("no free port below \(low)")
+}
+
+private let nextRestartablePort = Atomic<Int>(Int.random(in: 0..<10000))
+
 /// A loopback port kept bound but not listening, while the server that had it is down: connections to it are
 /// refused, and no server another test starts meanwhile can be given it.
 final class PortHold: @unchecked Sendable {
     private var fd: Int32
 
     init(_ port: Int) {
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        fd = Self.bound(port)
+        if fd < 0 { Issue.record("could not hold port \(port): errno \(errno)") }
+    }
+
+    /// True when nothing holds `port` now.
+    static func canBind(_ port: Int) -> Bool {
+        let fd = bound(port)
+        if fd >= 0 { close(fd) }
+        return fd >= 0
+    }
+
+    /// A socket bound (with SO_REUSEADDR, as servers bind) to 127.0.0.1:`port`, or -1.
+    private static func bound(_ port: Int) -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var yes: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, socklen_t(MemoryLayout<Int32>.size))
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(port).bigEndian)
         address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let bound = withUnsafePointer(to: &address) {
+        let result = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                 bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
             }
         }
-        if bound != 0 { Issue.record("could not hold port \(port): errno \(errno)") }
+        if result == 0 { return fd }
+        close(fd)
+        return -1
     }
 
     /// Lets the port go, for the server to come back on it.

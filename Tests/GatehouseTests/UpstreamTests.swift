@@ -16,7 +16,7 @@ import Testing
         _ body: (Harness, [DemoUpstream]) async throws -> Void
     ) async throws {
         var servers: [DemoUpstream] = given ?? []
-        if given == nil { for _ in weights { servers.append(try await DemoUpstream.start()) } }
+        if given == nil { for _ in weights { servers.append(try await DemoUpstream.start(port: restartablePort())) } }
         let targets = zip(servers, weights).map { server, weight in
             "      - { url: \"http://127.0.0.1:\(server.port)\", weight: \(weight) }"
         }
