@@ -77,10 +77,7 @@ let package = Package(
                 "GatehouseConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-            ],
-            // jemalloc instead of glibc's malloc: buffers made on a curl worker thread are freed on an event loop,
-            // which glibc handles slowly; 3-6% less CPU per forwarded request (README, Performance).
-            linkerSettings: [.linkedLibrary("jemalloc")]
+            ]
         ),
         .target(
             name: "DemoUpstream",
