@@ -346,6 +346,36 @@ import Testing
         }
     }
 
+    @Test func aRetryAfterPausesTheTargetOnEveryInstance() async throws {
+        let (url, server) = try await StoreTests.sharedRedisURL()
+        let prefix = "gh-pause-\(UUID().uuidString.prefix(8)):"
+        let origin = try await DemoUpstream.start()
+        let settings = "passive_health: { failures: 0 }"
+        try await Self.run(weights: [1], settings: settings, redis: url, prefix: prefix, servers: [origin]) { a, _ in
+            try await Self.run(weights: [1], settings: settings, redis: url, prefix: prefix, servers: [origin]) {
+                b, _ in
+                try await waitUntil { b.gateway.core.hearsPauses }
+                #expect(b.gateway.core.hearsPauses)
+                origin.failure = (429, "5")
+                let started = ContinuousClock.now
+                #expect(try await request(port: a.port, "/").status == 429)
+                // The other instance heard of it: it answers locally and never asks the API.
+                try await Self.waitFor("paused", b, port: origin.port)
+                #expect(try await Self.targetState(b, port: origin.port) == "paused")
+                let local = try await request(port: b.port, "/")
+                if ContinuousClock.now - started < .seconds(4) {  // else the pause may be over
+                    #expect(local.status == 429)
+                    #expect(local.header("Content-Type") == "application/problem+json")
+                    #expect((1...5).contains(Int(local.header("Retry-After") ?? "") ?? 0))
+                    #expect(origin.requestCount == 1)
+                }
+                origin.failure = nil
+            }
+        }
+        await origin.stop()
+        _ = server
+    }
+
     /// An `oauth2:` block for the demo token endpoint of `origin`, with more keys of it in `extra`.
     static func oauth2(_ origin: DemoUpstream, secret: String = "demo-secret", _ extra: [String] = []) -> String {
         let keys = [

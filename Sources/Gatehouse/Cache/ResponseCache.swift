@@ -73,15 +73,13 @@ final class ResponseCache: Sendable {
         self.logger = logger
         let hot = localBytes > 0 ? HotCache(maxBytes: localBytes) : nil
         let flights = self.flights
-        let watching =
-            hot.map { hot in
-                store.watchCachePurges(
-                    onPurge: { route, path in
-                        hot.purge(route: route, path: path)
-                        flights.purge(route: route, path: path)
-                    },
-                    onLive: { live in hot.setLive(live) })
-            } ?? false
+        // Every instance's flights hear of purges, with or without a hot layer: a purge ends a landing flight.
+        let watching = store.watchCachePurges(
+            onPurge: { route, path in
+                hot?.purge(route: route, path: path)
+                flights.purge(route: route, path: path)
+            },
+            onLive: { live in hot?.setLive(live) })
         self.hot = watching ? hot : nil
     }
 

@@ -23,6 +23,7 @@ final class GatewayCore: Sendable {
     let logger: Logger
     /// Metrics for requests that matched no route.
     let unroutedMetrics: RouteMetrics
+    private let pausesHeard = Atomic<Bool>(false)
     /// Each event loop's index, which picks its upstream worker.
     private let loopIndices: [ObjectIdentifier: Int]
 
@@ -44,7 +45,15 @@ final class GatewayCore: Sendable {
         self.accessLog = accessLog
         self.logger = logger
         unroutedMetrics = metrics.routeMetrics("-")
+        _ = store.watchPauses(
+            onPause: { [weak self] pause in
+                self?.runtime.pools.first { $0.config.name == pause.upstream }?.apply(pause)
+            },
+            onLive: { [weak self] live in self?.pausesHeard.store(live, ordering: .relaxed) })
     }
+
+    /// Whether this instance hears the `Retry-After` pauses other instances announce (subscribed in Redis).
+    var hearsPauses: Bool { pausesHeard.load(ordering: .relaxed) }
 
     /// The runtime new requests use; requests in flight keep the one they started with.
     var runtime: Runtime { current.withLock { $0 } }

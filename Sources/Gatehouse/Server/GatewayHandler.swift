@@ -410,7 +410,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let value = head.headers.first(where: { $0.name.caseInsensitiveEquals("Retry-After") })?.value,
             let seconds = Self.retryAfterSeconds(value)
         {
-            lease?.pause(status: head.status, seconds: seconds)
+            if let pause = lease?.pause(status: head.status, seconds: seconds) { core.store.announcePause(pause) }
         }
         guard !exchange.responseStarted, let pool = exchange.context.route?.pool else { return false }
         if head.status == 401, let token = exchange.token, let grant = pool.oauth2, !exchange.tokenRefreshed,

@@ -58,6 +58,13 @@ protocol SharedStore: Sendable {
         onPurge: @escaping @Sendable (_ route: String, _ path: String?) -> Void,
         onLive: @escaping @Sendable (Bool) -> Void
     ) -> Bool
+    /// Tells every instance, this one too, that an upstream target asked for a pause (nothing for memory).
+    func announcePause(_ pause: TargetPause)
+    /// Tells `onPause` of every pause any instance announces, and `onLive` when that news starts and stops
+    /// flowing; false when there are no other instances (memory).
+    func watchPauses(
+        onPause: @escaping @Sendable (TargetPause) -> Void, onLive: @escaping @Sendable (Bool) -> Void
+    ) -> Bool
     func close() async
 }
 
@@ -91,7 +98,7 @@ final class RedisStore: SharedStore {
     private let display: String
     private let group: EventLoopGroup
     private let logger: Logger
-    private let subscription = Mutex<RedisSubscription?>(nil)
+    private let subscriptions = Mutex<[RedisSubscription]>([])
 
     init(
         client: RedisClient, prefix: String, display: String,
@@ -292,12 +299,30 @@ final class RedisStore: SharedStore {
                 let path = text[text.index(after: newline)...]
                 onPurge(String(text[..<newline]), path.isEmpty ? nil : String(path))
             }, onLive: onLive)
-        subscription.withLock { $0 = watcher }
+        subscriptions.withLock { $0.append(watcher) }
+        return true
+    }
+
+    private var pauseChannel: String { prefix + "upstream:pause" }
+
+    func announcePause(_ pause: TargetPause) {
+        _ = client.send(["PUBLISH", .string(pauseChannel), .string(pause.encoded)], on: group.next())
+    }
+
+    func watchPauses(
+        onPause: @escaping @Sendable (TargetPause) -> Void, onLive: @escaping @Sendable (Bool) -> Void
+    ) -> Bool {
+        let watcher = RedisSubscription(
+            configuration: client.configuration, channel: pauseChannel, eventLoop: group.next(), logger: logger,
+            onMessage: { payload in
+                if let pause = TargetPause(encoded: String(decoding: payload, as: UTF8.self)) { onPause(pause) }
+            }, onLive: onLive)
+        subscriptions.withLock { $0.append(watcher) }
         return true
     }
 
     func close() async {
-        await subscription.withLock { $0 }?.close()
+        for watcher in subscriptions.withLock({ $0 }) { await watcher.close() }
         await client.close()
     }
 }
@@ -456,6 +481,12 @@ final class MemoryStore: SharedStore {
     func watchCachePurges(
         onPurge: @escaping @Sendable (_ route: String, _ path: String?) -> Void,
         onLive: @escaping @Sendable (Bool) -> Void
+    ) -> Bool { false }
+
+    func announcePause(_ pause: TargetPause) {}
+
+    func watchPauses(
+        onPause: @escaping @Sendable (TargetPause) -> Void, onLive: @escaping @Sendable (Bool) -> Void
     ) -> Bool { false }
 
     var usesRedis: Bool { false }

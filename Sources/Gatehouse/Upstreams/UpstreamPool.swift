@@ -1,4 +1,5 @@
 import CoreMetrics
+import Foundation
 import GatehouseConfig
 import NIOCore
 import NIOHTTP1
@@ -152,14 +153,25 @@ final class UpstreamPool: Sendable {
         state.withLock { $0.targets[index].inFlight -= 1 }
     }
 
-    /// A 429 or 503 with `Retry-After`: the target is left alone that long (capped at ``maxPause``).
-    fileprivate func pause(target index: Int, status: Int, seconds: Int) {
-        let until = Self.now() + UInt64(min(max(seconds, 1), Self.maxPause)) * 1_000_000_000
-        state.withLock { state in
-            state.targets[index].pausedUntil = max(state.targets[index].pausedUntil, until)
+    /// A 429 or 503 with `Retry-After`: the target is left alone for `milliseconds` (capped at ``maxPause``).
+    /// Counted in the metrics when it starts or lengthens a pause.
+    fileprivate func pause(target index: Int, status: Int, milliseconds: Int64) {
+        let capped = UInt64(min(max(milliseconds, 1), Int64(Self.maxPause) * 1000))
+        let until = Self.now() + capped * 1_000_000
+        let lengthened = state.withLock { state -> Bool in
+            guard until > state.targets[index].pausedUntil else { return false }
+            state.targets[index].pausedUntil = until
             state.targets[index].pausedStatus = status
+            return true
         }
-        metrics[index].pauses.increment()
+        if lengthened { metrics[index].pauses.increment() }
+    }
+
+    /// A pause another instance (or this one) announced for one of this upstream's targets.
+    func apply(_ pause: TargetPause) {
+        guard let index = urls.firstIndex(of: pause.target) else { return }
+        let left = pause.untilMilliseconds - TargetPause.wallClockMilliseconds()
+        if left > 0 { self.pause(target: index, status: pause.status, milliseconds: left) }
     }
 
     /// The longest pause a `Retry-After` can ask for, in seconds.
@@ -255,6 +267,38 @@ enum AttemptOutcome: Sendable {
     }
 }
 
+/// A target's `Retry-After` pause as instances tell one another through the shared store: until a wall-clock
+/// time, which means the same on every instance whose clock is set.
+struct TargetPause: Sendable, Equatable {
+    let upstream: String
+    /// The target's URL as configured.
+    let target: String
+    /// The status answered while paused: 429 or 503.
+    let status: Int
+    /// Unix time in milliseconds.
+    let untilMilliseconds: Int64
+
+    /// `upstream`, target, status and end, one per line.
+    var encoded: String { "\(upstream)\n\(target)\n\(status)\n\(untilMilliseconds)" }
+
+    init(upstream: String, target: String, status: Int, untilMilliseconds: Int64) {
+        self.upstream = upstream
+        self.target = target
+        self.status = status
+        self.untilMilliseconds = untilMilliseconds
+    }
+
+    init?(encoded: String) {
+        let lines = encoded.split(separator: "\n", omittingEmptySubsequences: false)
+        guard lines.count == 4, let status = Int(lines[2]), status == 429 || status == 503,
+            let until = Int64(lines[3])
+        else { return nil }
+        self.init(upstream: String(lines[0]), target: String(lines[1]), status: status, untilMilliseconds: until)
+    }
+
+    static func wallClockMilliseconds() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
+}
+
 /// One request's claim on a target: counts it in flight until ``end()`` and reports its outcome once.
 /// Released by itself if dropped.
 final class TargetLease: Sendable {
@@ -278,8 +322,15 @@ final class TargetLease: Sendable {
         pool.record(outcome, target: index, probe: probe)
     }
 
-    /// The target answered 429 or 503 with `Retry-After`.
-    func pause(status: Int, seconds: Int) { pool.pause(target: index, status: status, seconds: seconds) }
+    /// The target answered 429 or 503 with `Retry-After`: pauses it here, and returns the pause to announce to
+    /// the other instances.
+    func pause(status: Int, seconds: Int) -> TargetPause {
+        let milliseconds = Int64(min(max(seconds, 1), UpstreamPool.maxPause)) * 1000
+        pool.pause(target: index, status: status, milliseconds: milliseconds)
+        return TargetPause(
+            upstream: pool.config.name, target: url, status: status,
+            untilMilliseconds: TargetPause.wallClockMilliseconds() + milliseconds)
+    }
 
     /// The attempt is over; it no longer counts in flight.
     func end() {
