@@ -559,6 +559,10 @@ private struct TargetState {
             activeStreak = max(activeStreak, 0) + 1
             if !activeHealthy, activeStreak >= check.healthyAfter {
                 activeHealthy = true
+                // Its checks saw it go down and come back: an ejection for the failures while it was down is
+                // out of date. (A target that fails requests while passing its checks stays ejected.)
+                ejectedUntil = 0
+                consecutiveFailures = 0
                 return true
             }
         } else {
