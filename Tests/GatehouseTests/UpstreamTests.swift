@@ -54,6 +54,13 @@ import Testing
     static func servedBy(_ response: RawResponse) -> Int { Int(response.header("X-Served-By") ?? "") ?? 0 }
 
     /// `count` GETs of `path` over one keep-alive connection; the port that served each.
+    /// `count` requests for `/`, one after another, each on a fresh connection.
+    static func requests(port: Int, count: Int) async throws -> [RawResponse] {
+        var responses: [RawResponse] = []
+        for _ in 0..<count { responses.append(try await request(port: port, "/")) }
+        return responses
+    }
+
     static func servedBy(port: Int, count: Int, path: String = "/") async throws -> [Int] {
         try await RawConnection.with(port: port) { connection in
             var ports: [Int] = []
@@ -136,16 +143,14 @@ import Testing
             """
         try await Self.run(weights: [1, 1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
             let port = servers[1].port
-            let hold = await PortHold.takeDown(servers[1])
             let killed = ContinuousClock.now
-            // Every request is answered: the first ones to the dead target are retried on the other.
-            for _ in 0..<20 {
-                let response = try await request(port: h.port, "/")
-                #expect(response.status == 200, "\(response.text)")
-            }
+            let hold = await PortHold.takeDown(servers[1])
+            // Meanwhile every request is answered: the first ones to the dead target are retried on the other.
+            async let answers = Self.requests(port: h.port, count: 20)
             try await Self.waitFor("unhealthy", h, port: port)
             let detected = ContinuousClock.now - killed
             #expect(try await Self.targetState(h, port: port) == "unhealthy")
+            for response in try await answers { #expect(response.status == 200, "\(response.text)") }
 
             hold.release()
             let back = try await DemoUpstream.start(port: port)
