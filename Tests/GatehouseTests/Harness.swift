@@ -277,9 +277,10 @@ func request(
 func restartablePort() throws -> Int {
     let range = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8)) ?? ""
     let low = range.split(whereSeparator: \.isWhitespace).first.flatMap { Int($0) } ?? 32768
-    let span = max(low - 20000, 1)
+    // A machine whose ephemeral range starts low has no such ports to spare: any free one then.
+    guard low > 21000 else { return PortHold.anyFreePort() }
     for _ in 0..<200 {
-        let port = 20000 + nextRestartablePort.add(1, ordering: .relaxed).newValue % span
+        let port = 20000 + nextRestartablePort.add(1, ordering: .relaxed).newValue % (low - 20000)
         if PortHold.canBind(port) { return port }
     }
     throw RawError.closed("no free port below \(low)")
@@ -297,18 +298,31 @@ final class PortHold: @unchecked Sendable {
         if fd < 0 { Issue.record("could not hold port \(port): errno \(errno)") }
     }
 
-    /// True when nothing holds `port` now.
+    /// True when nothing holds `port` now, not even a connection in TIME_WAIT.
     static func canBind(_ port: Int) -> Bool {
-        let fd = bound(port)
+        let fd = bound(port, reuseAddress: false)
         if fd >= 0 { close(fd) }
         return fd >= 0
     }
 
-    /// A socket bound (with SO_REUSEADDR, as servers bind) to 127.0.0.1:`port`, or -1.
-    private static func bound(_ port: Int) -> Int32 {
+    /// A port the kernel picks from its ephemeral range.
+    static func anyFreePort() -> Int {
+        let fd = bound(0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        return Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    /// A socket bound to 127.0.0.1:`port`, or -1. With `reuseAddress` (as servers bind), a port whose last
+    /// connections linger in TIME_WAIT can be bound.
+    private static func bound(_ port: Int, reuseAddress: Bool = true) -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var yes: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, socklen_t(MemoryLayout<Int32>.size))
+        if reuseAddress { setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, socklen_t(MemoryLayout<Int32>.size)) }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(port).bigEndian)

@@ -354,6 +354,19 @@ import Testing
         }
     }
 
+    /// Anyone with access to Redis can publish on the pause channel: only well-formed, bounded pauses count.
+    @Test func pauseAnnouncementsAreReadStrictly() {
+        let pause = TargetPause(upstream: "api", target: "https://api.example.com", status: 429, milliseconds: 3000)
+        #expect(TargetPause(encoded: pause.encoded) == pause)
+        for garbage in [
+            "", "api", "api\nhttps://x\n429", "api\nhttps://x\n200\n3000", "api\nhttps://x\n429\n0",
+            "api\nhttps://x\n429\n-9223372036854775808", "api\nhttps://x\n429\n600001",
+            "api\nhttps://x\n429\n99999999999999999999", "api\nhttps://x\n429\n3000\nextra",
+        ] {
+            #expect(TargetPause(encoded: garbage) == nil, "\(garbage)")
+        }
+    }
+
     @Test func aRetryAfterPausesTheTargetOnEveryInstance() async throws {
         let (url, server) = try await StoreTests.sharedRedisURL()
         let prefix = "gh-pause-\(UUID().uuidString.prefix(8)):"
@@ -377,6 +390,10 @@ import Testing
                     #expect((1...5).contains(Int(local.header("Retry-After") ?? "") ?? 0))
                     #expect(origin.requestCount == 1)
                 }
+                // The instance that was told counts one pause, though it hears its own announcement too.
+                let metrics = try await request(port: a.adminPort, "/metrics").text.split(separator: "\n")
+                let pauses = metrics.filter { $0.hasPrefix("gatehouse_upstream_target_pauses_total{") }
+                #expect(pauses.count == 1 && pauses.allSatisfy { $0.hasSuffix(" 1") }, "\(pauses)")
                 origin.failure = nil
             }
         }

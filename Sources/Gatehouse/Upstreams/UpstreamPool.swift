@@ -1,5 +1,4 @@
 import CoreMetrics
-import Foundation
 import GatehouseConfig
 import NIOCore
 import NIOHTTP1
@@ -154,24 +153,28 @@ final class UpstreamPool: Sendable {
     }
 
     /// A 429 or 503 with `Retry-After`: the target is left alone for `milliseconds` (capped at ``maxPause``).
-    /// Counted in the metrics when it starts or lengthens a pause.
-    fileprivate func pause(target index: Int, status: Int, milliseconds: Int64) {
+    /// Returns whether that is news: a pause that starts, or ends at least a second later than the one running.
+    /// Counted in the metrics when it starts.
+    @discardableResult
+    fileprivate func pause(target index: Int, status: Int, milliseconds: Int64) -> Bool {
         let capped = UInt64(min(max(milliseconds, 1), Int64(Self.maxPause) * 1000))
-        let until = Self.now() + capped * 1_000_000
-        let lengthened = state.withLock { state -> Bool in
-            guard until > state.targets[index].pausedUntil else { return false }
+        let now = Self.now()
+        let until = now + capped * 1_000_000
+        let (news, started) = state.withLock { state -> (Bool, Bool) in
+            let running = state.targets[index].pausedUntil
+            guard running <= now || until >= running + 1_000_000_000 else { return (false, false) }
             state.targets[index].pausedUntil = until
             state.targets[index].pausedStatus = status
-            return true
+            return (true, running <= now)
         }
-        if lengthened { metrics[index].pauses.increment() }
+        if started { metrics[index].pauses.increment() }
+        return news
     }
 
     /// A pause another instance (or this one) announced for one of this upstream's targets.
     func apply(_ pause: TargetPause) {
         guard let index = urls.firstIndex(of: pause.target) else { return }
-        let left = pause.untilMilliseconds - TargetPause.wallClockMilliseconds()
-        if left > 0 { self.pause(target: index, status: pause.status, milliseconds: left) }
+        self.pause(target: index, status: pause.status, milliseconds: pause.milliseconds)
     }
 
     /// The longest pause a `Retry-After` can ask for, in seconds.
@@ -267,36 +270,35 @@ enum AttemptOutcome: Sendable {
     }
 }
 
-/// A target's `Retry-After` pause as instances tell one another through the shared store: until a wall-clock
-/// time, which means the same on every instance whose clock is set.
+/// A target's `Retry-After` pause as instances tell one another through the shared store: its length, not its
+/// end, so that clocks need not agree (pub/sub delivers at once or not at all).
 struct TargetPause: Sendable, Equatable {
     let upstream: String
     /// The target's URL as configured.
     let target: String
     /// The status answered while paused: 429 or 503.
     let status: Int
-    /// Unix time in milliseconds.
-    let untilMilliseconds: Int64
+    /// 1 to ``UpstreamPool/maxPause`` seconds, in milliseconds.
+    let milliseconds: Int64
 
-    /// `upstream`, target, status and end, one per line.
-    var encoded: String { "\(upstream)\n\(target)\n\(status)\n\(untilMilliseconds)" }
+    /// `upstream`, target, status and length, one per line.
+    var encoded: String { "\(upstream)\n\(target)\n\(status)\n\(milliseconds)" }
 
-    init(upstream: String, target: String, status: Int, untilMilliseconds: Int64) {
+    init(upstream: String, target: String, status: Int, milliseconds: Int64) {
         self.upstream = upstream
         self.target = target
         self.status = status
-        self.untilMilliseconds = untilMilliseconds
+        self.milliseconds = milliseconds
     }
 
+    /// Nil for anything but what ``encoded`` makes, within its bounds: the channel is open to any Redis client.
     init?(encoded: String) {
         let lines = encoded.split(separator: "\n", omittingEmptySubsequences: false)
         guard lines.count == 4, let status = Int(lines[2]), status == 429 || status == 503,
-            let until = Int64(lines[3])
+            let milliseconds = Int64(lines[3]), (1...Int64(UpstreamPool.maxPause) * 1000).contains(milliseconds)
         else { return nil }
-        self.init(upstream: String(lines[0]), target: String(lines[1]), status: status, untilMilliseconds: until)
+        self.init(upstream: String(lines[0]), target: String(lines[1]), status: status, milliseconds: milliseconds)
     }
-
-    static func wallClockMilliseconds() -> Int64 { Int64(Date().timeIntervalSince1970 * 1000) }
 }
 
 /// One request's claim on a target: counts it in flight until ``end()`` and reports its outcome once.
@@ -323,13 +325,11 @@ final class TargetLease: Sendable {
     }
 
     /// The target answered 429 or 503 with `Retry-After`: pauses it here, and returns the pause to announce to
-    /// the other instances.
-    func pause(status: Int, seconds: Int) -> TargetPause {
+    /// the other instances when it is news (see ``UpstreamPool/pause(target:status:milliseconds:)``).
+    func pause(status: Int, seconds: Int) -> TargetPause? {
         let milliseconds = Int64(min(max(seconds, 1), UpstreamPool.maxPause)) * 1000
-        pool.pause(target: index, status: status, milliseconds: milliseconds)
-        return TargetPause(
-            upstream: pool.config.name, target: url, status: status,
-            untilMilliseconds: TargetPause.wallClockMilliseconds() + milliseconds)
+        guard pool.pause(target: index, status: status, milliseconds: milliseconds) else { return nil }
+        return TargetPause(upstream: pool.config.name, target: url, status: status, milliseconds: milliseconds)
     }
 
     /// The attempt is over; it no longer counts in flight.
@@ -560,8 +560,10 @@ private struct TargetState {
             if !activeHealthy, activeStreak >= check.healthyAfter {
                 activeHealthy = true
                 // Its checks saw it go down and come back: an ejection for the failures while it was down is
-                // out of date. (A target that fails requests while passing its checks stays ejected.)
+                // out of date, and so is its back-off. (A target that fails requests while passing its checks
+                // stays ejected; the circuit breaker keeps its own course.)
                 ejectedUntil = 0
+                ejections = 0
                 consecutiveFailures = 0
                 return true
             }
