@@ -10,24 +10,7 @@ import Testing
 
     /// Runs the binary to completion; returns exit status, stdout and stderr.
     static func run(_ arguments: [String]) async throws -> (Int32, String, String) {
-        try await offThePool { try runBlocking(arguments) }
-    }
-
-    private static func runBlocking(_ arguments: [String]) throws -> (Int32, String, String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = arguments
-        let out = Pipe()
-        let err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let output = out.fileHandleForReading.readDataToEndOfFile()
-        let error = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (
-            process.terminationStatus, String(decoding: output, as: UTF8.self), String(decoding: error, as: UTF8.self)
-        )
+        try await ChildProcess.run(binary, arguments)
     }
 
     /// A config file in Scripts/test's run directory when there is one, so that the script can stop a
@@ -92,10 +75,10 @@ import Testing
               - { id: demo, match: { path_prefix: "/" }, upstream: demo }
             """)
         let server = try ServeProcess(config: path)
-        defer { server.process.terminate() }
+        defer { server.process.signal(SIGTERM) }
         let port = try await server.port()
         #expect(try await request(port: port, "/bytes/100000").body.count == 100_000)
-        let baseline = Self.memory(of: server.process.processIdentifier).resident
+        let baseline = Self.memory(of: server.process.pid).resident
         let size = 50 * 1024 * 1024
 
         let downloaded = try await RawConnection.with(port: port) { connection in
@@ -114,7 +97,7 @@ import Testing
         }
         #expect(uploaded.json["bytes"] as? Int == size)
 
-        let peak = Self.memory(of: server.process.processIdentifier).peak
+        let peak = Self.memory(of: server.process.pid).peak
         print("50 MiB each way: gateway peak RSS grew by \((peak - baseline) >> 10) KiB")
         #expect(peak - baseline < 24 * 1024 * 1024, "gateway peak RSS grew by \((peak - baseline) >> 20) MiB")
     }
@@ -139,43 +122,56 @@ import Testing
 
         try yaml.replacingOccurrences(of: "body: \"one\"", with: "body: \"two\"").write(
             toFile: path, atomically: true, encoding: .utf8)
-        kill(server.process.processIdentifier, SIGHUP)
+        kill(server.process.pid, SIGHUP)
         _ = try await server.waitFor("config reloaded")
         #expect(try await request(port: port, "/status").text == "two")
 
         try "routes: [".write(toFile: path, atomically: true, encoding: .utf8)
-        kill(server.process.processIdentifier, SIGHUP)
+        kill(server.process.pid, SIGHUP)
         _ = try await server.waitFor("reload rejected")
         #expect(try await request(port: port, "/status").text == "two")
 
         async let slow = request(port: port, "/delay/700")
         try await waitUntil { upstream.requestCount == 1 }
-        kill(server.process.processIdentifier, SIGTERM)
+        kill(server.process.pid, SIGTERM)
         #expect(try await slow.status == 200)
-        let process = server.process
-        try await offThePool { process.waitUntilExit() }
-        #expect(server.process.terminationStatus == 0)
+        #expect(try await server.process.wait() == 0)
     }
 }
 
 /// A running `gatehouse serve` whose stderr is collected.
 final class ServeProcess: Sendable {
-    let process: Process
+    let process: ChildProcess
     let log = LogBuffer()
 
     init(config: String) throws {
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: CommandLineTests.binary)
-        process.arguments = ["serve", "--config", config]
-        let err = Pipe()
-        process.standardError = err
-        process.standardOutput = FileHandle.nullDevice
-        let log = self.log
-        err.fileHandleForReading.readabilityHandler = { handle in
-            let text = String(decoding: handle.availableData, as: UTF8.self)
-            log.text.withLock { $0 += text }
+        let (read, write) = try ChildProcess.pipe()
+        defer { close(write) }
+        do {
+            process = try ChildProcess(CommandLineTests.binary, ["serve", "--config", config], error: write)
+        } catch {
+            close(read)
+            throw error
         }
-        try process.run()
+        let log = self.log
+        Thread {
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let count = Glibc.read(read, &buffer, buffer.count)
+                if count > 0 {
+                    let text = String(decoding: buffer[0..<count], as: UTF8.self)
+                    log.text.withLock { $0 += text }
+                } else if count == 0 || errno != EINTR {
+                    break
+                }
+            }
+            close(read)
+        }.start()
+    }
+
+    deinit {
+        process.signal(SIGKILL)
+        process.reapInBackground()
     }
 
     /// Waits for a log line containing `text`; returns the whole log.

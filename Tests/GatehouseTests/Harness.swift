@@ -365,3 +365,153 @@ func waitUntil(timeout: Duration = .seconds(5), _ condition: () -> Bool) async t
     let deadline = ContinuousClock.now + timeout
     while !condition(), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
 }
+
+/// A child process (redis-server, the gatehouse binary, openssl) started with `posix_spawn`.
+///
+/// Not Foundation's `Process`: on Linux its `run()` reads `/proc/self/fd` entries past their end and crashes now
+/// and then (swift-corelibs-foundation#5472), which took a whole test run down. The child gets no descriptor of
+/// this process but the three standard ones, so it cannot keep a test's socket or port alive.
+final class ChildProcess: Sendable {
+    let pid: pid_t
+    private let exitStatus = Mutex<Int32?>(nil)
+
+    /// Starts `path` with `arguments`; standard output and error go to the given descriptors, or /dev/null.
+    init(_ path: String, _ arguments: [String], output: Int32? = nil, error: Int32? = nil) throws {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        for (descriptor, target) in [(output, Int32(1)), (error, Int32(2))] {
+            if let descriptor {
+                posix_spawn_file_actions_adddup2(&actions, descriptor, target)
+            } else {
+                posix_spawn_file_actions_addopen(&actions, target, "/dev/null", O_WRONLY, 0)
+            }
+        }
+        guard let closeFrom = Self.addCloseFrom, closeFrom(&actions, 3) == 0 else {
+            throw RawError.closed("posix_spawn_file_actions_addclosefrom_np is missing (glibc 2.34 or later)")
+        }
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        var pid: pid_t = 0
+        let result = posix_spawn(&pid, path, &actions, nil, argv, environ)
+        guard result == 0 else { throw RawError.closed("posix_spawn \(path): \(String(cString: strerror(result)))") }
+        self.pid = pid
+    }
+
+    /// Runs `path` to its end on a thread of its own; returns its exit status, standard output and error.
+    static func run(_ path: String, _ arguments: [String]) async throws -> (Int32, String, String) {
+        try await offThePool {
+            let (outRead, outWrite) = try pipe()
+            let (errRead, errWrite) = try pipe()
+            let child = try ChildProcess(path, arguments, output: outWrite, error: errWrite)
+            close(outWrite)
+            close(errWrite)
+            // Read both at once, so that a child filling one pipe cannot stall on it while the other is read.
+            let error = Thread.detachedRead(errRead)
+            let output = readAll(outRead)
+            return (child.waitBlocking(), output, error.wait())
+        }
+    }
+
+    /// Whether the child has not exited yet (it is reaped when it has).
+    var isRunning: Bool {
+        exitStatus.withLock { status in
+            guard status == nil else { return false }
+            var raw: Int32 = 0
+            guard waitpid(pid, &raw, WNOHANG) == pid else { return true }
+            status = Self.decode(raw)
+            return false
+        }
+    }
+
+    /// Waits for the child to exit without blocking a thread of the concurrency pool; returns its exit status
+    /// (128 + the signal when a signal ended it).
+    func wait() async throws -> Int32 {
+        try await offThePool { self.waitBlocking() }
+    }
+
+    private func waitBlocking() -> Int32 {
+        if let status = exitStatus.withLock({ $0 }) { return status }
+        var raw: Int32 = 0
+        while waitpid(pid, &raw, 0) == -1, errno == EINTR {}
+        let status = Self.decode(raw)
+        exitStatus.withLock { $0 = $0 ?? status }
+        return status
+    }
+
+    /// Sends a signal, unless the child was reaped already (its pid may belong to another process by now).
+    func signal(_ number: Int32) {
+        exitStatus.withLock { status in
+            if status == nil { kill(pid, number) }
+        }
+    }
+
+    /// Waits for the child's exit on a thread of its own, so that it does not stay a zombie.
+    func reapInBackground() {
+        Thread { _ = self.waitBlocking() }.start()
+    }
+
+    private static func decode(_ raw: Int32) -> Int32 {
+        let signal = raw & 0x7f
+        return signal == 0 ? (raw >> 8) & 0xff : 128 + signal
+    }
+
+    /// glibc's `posix_spawn_file_actions_addclosefrom_np`, which Swift's Glibc module does not declare.
+    private static let addCloseFrom:
+        (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>?, Int32) -> Int32)? = {
+            guard let symbol = dlsym(dlopen(nil, RTLD_NOW), "posix_spawn_file_actions_addclosefrom_np") else {
+                return nil
+            }
+            return unsafeBitCast(
+                symbol, to: (@convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>?, Int32) -> Int32).self)
+        }()
+
+    /// A pipe. (Every child closes all but its standard descriptors, so no child keeps another's pipe open.)
+    static func pipe() throws -> (read: Int32, write: Int32) {
+        var ends: [Int32] = [0, 0]
+        guard Glibc.pipe(&ends) == 0 else { throw RawError.closed("pipe: \(errno)") }
+        return (ends[0], ends[1])
+    }
+
+    /// Everything until end of file; closes `descriptor`.
+    static func readAll(_ descriptor: Int32) -> String {
+        defer { close(descriptor) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = read(descriptor, &buffer, buffer.count)
+            if count > 0 {
+                bytes += buffer[0..<count]
+            } else if count == 0 || errno != EINTR {
+                break
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+extension Thread {
+    /// Reads `descriptor` to its end on a thread of its own; ``Reading/wait()`` gives the text.
+    static func detachedRead(_ descriptor: Int32) -> Reading {
+        let reading = Reading()
+        Thread { reading.finish(ChildProcess.readAll(descriptor)) }.start()
+        return reading
+    }
+
+    /// The text a ``detachedRead(_:)`` thread read.
+    final class Reading: Sendable {
+        private let text = Mutex<String?>(nil)
+        private let done = DispatchSemaphore(value: 0)
+
+        fileprivate func finish(_ value: String) {
+            text.withLock { $0 = value }
+            done.signal()
+        }
+
+        func wait() -> String {
+            done.wait()
+            return text.withLock { $0 } ?? ""
+        }
+    }
+}

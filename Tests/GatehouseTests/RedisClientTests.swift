@@ -8,7 +8,7 @@ import Testing
 /// A real `redis-server` on a free loopback port, started and stopped by a test.
 final class RedisServerProcess: @unchecked Sendable {
     let port: Int
-    private var process: Process?
+    private var process: ChildProcess?
     private let arguments: [String]
     /// The port, held while the server is killed, so that it can come back on it.
     private var hold: PortHold?
@@ -23,19 +23,14 @@ final class RedisServerProcess: @unchecked Sendable {
     func start() async throws {
         hold?.release()
         hold = nil
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-        process.arguments =
-            ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"] + arguments
+        var arguments =
+            ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"] + self.arguments
         // Scripts/test kills what these files name if the test process dies first: the server inherits the
         // test process's blocked signals, so only SIGKILL stops it, and nothing else would.
         if let directory = ProcessInfo.processInfo.environment["GATEHOUSE_TEST_TMPDIR"] {
-            process.arguments? += ["--pidfile", "\(directory)/test-redis-\(port).pid"]
+            arguments += ["--pidfile", "\(directory)/test-redis-\(port).pid"]
         }
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        self.process = process
+        process = try ChildProcess("/usr/bin/redis-server", arguments)
         for _ in 0..<200 {
             if Self.accepts(port) { return }
             try await Task.sleep(for: .milliseconds(10))
@@ -45,7 +40,7 @@ final class RedisServerProcess: @unchecked Sendable {
     /// SIGKILL, as a crash would; returns once the server is gone.
     func kill() async {
         guard let process else { return }
-        Foundation.kill(process.processIdentifier, SIGKILL)
+        process.signal(SIGKILL)
         for _ in 0..<1000 where process.isRunning { try? await Task.sleep(for: .milliseconds(5)) }
         if process.isRunning { Issue.record("redis-server on port \(port) outlived SIGKILL for 5 s") }
         self.process = nil
@@ -53,7 +48,8 @@ final class RedisServerProcess: @unchecked Sendable {
     }
 
     deinit {
-        if let process { Foundation.kill(process.processIdentifier, SIGKILL) }
+        process?.signal(SIGKILL)
+        process?.reapInBackground()
     }
 
     static func accepts(_ port: Int) -> Bool {
