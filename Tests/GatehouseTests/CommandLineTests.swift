@@ -155,17 +155,10 @@ final class ServeProcess: Sendable {
         }
         let log = self.log
         Thread {
-            var buffer = [UInt8](repeating: 0, count: 4096)
-            while true {
-                let count = Glibc.read(read, &buffer, buffer.count)
-                if count > 0 {
-                    let text = String(decoding: buffer[0..<count], as: UTF8.self)
-                    log.text.withLock { $0 += text }
-                } else if count == 0 || errno != EINTR {
-                    break
-                }
+            ChildProcess.read(read) { chunk in
+                let text = String(decoding: chunk, as: UTF8.self)
+                log.text.withLock { $0 += text }
             }
-            close(read)
         }.start()
     }
 

@@ -288,6 +288,17 @@ func restartablePort() throws -> Int {
 
 private let nextRestartablePort = Atomic<Int>(Int.random(in: 0..<10000))
 
+/// Calls `body` with 127.0.0.1:`port` as a `sockaddr` and its length.
+func withLoopbackAddress<T>(port: Int, _ body: (UnsafePointer<sockaddr>, socklen_t) -> T) -> T {
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = in_port_t(UInt16(port).bigEndian)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    return withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+}
+
 /// A loopback port kept bound but not listening, while the server that had it is down: connections to it are
 /// refused, and no server another test starts meanwhile can be given it.
 final class PortHold: @unchecked Sendable {
@@ -323,16 +334,7 @@ final class PortHold: @unchecked Sendable {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var yes: Int32 = 1
         if reuseAddress { setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, socklen_t(MemoryLayout<Int32>.size)) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-        if result == 0 { return fd }
+        if withLoopbackAddress(port: port, { bind(fd, $0, $1) }) == 0 { return fd }
         close(fd)
         return -1
     }
@@ -399,19 +401,18 @@ final class ChildProcess: Sendable {
         self.pid = pid
     }
 
-    /// Runs `path` to its end on a thread of its own; returns its exit status, standard output and error.
+    /// Runs `path` to its end; returns its exit status, standard output and error. Both pipes are read at once
+    /// (so a child filling one cannot stall while the other is read), each on a thread of its own.
     static func run(_ path: String, _ arguments: [String]) async throws -> (Int32, String, String) {
-        try await offThePool {
-            let (outRead, outWrite) = try pipe()
-            let (errRead, errWrite) = try pipe()
-            let child = try ChildProcess(path, arguments, output: outWrite, error: errWrite)
-            close(outWrite)
-            close(errWrite)
-            // Read both at once, so that a child filling one pipe cannot stall on it while the other is read.
-            let error = Thread.detachedRead(errRead)
-            let output = readAll(outRead)
-            return (child.waitBlocking(), output, error.wait())
-        }
+        let (outRead, outWrite) = try pipe()
+        let (errRead, errWrite) = try pipe()
+        let child = Result { try ChildProcess(path, arguments, output: outWrite, error: errWrite) }
+        // The child has its own copies: the readers see end of file when it exits.
+        close(outWrite)
+        close(errWrite)
+        async let output = offThePool { readAll(outRead) }
+        async let error = offThePool { readAll(errRead) }
+        return (try await child.get().wait(), try await output, try await error)
     }
 
     /// Whether the child has not exited yet (it is reaped when it has).
@@ -476,42 +477,22 @@ final class ChildProcess: Sendable {
 
     /// Everything until end of file; closes `descriptor`.
     static func readAll(_ descriptor: Int32) -> String {
-        defer { close(descriptor) }
         var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let count = read(descriptor, &buffer, buffer.count)
-            if count > 0 {
-                bytes += buffer[0..<count]
-            } else if count == 0 || errno != EINTR {
-                break
-            }
-        }
+        read(descriptor) { bytes += $0 }
         return String(decoding: bytes, as: UTF8.self)
     }
-}
 
-extension Thread {
-    /// Reads `descriptor` to its end on a thread of its own; ``Reading/wait()`` gives the text.
-    static func detachedRead(_ descriptor: Int32) -> Reading {
-        let reading = Reading()
-        Thread { reading.finish(ChildProcess.readAll(descriptor)) }.start()
-        return reading
-    }
-
-    /// The text a ``detachedRead(_:)`` thread read.
-    final class Reading: Sendable {
-        private let text = Mutex<String?>(nil)
-        private let done = DispatchSemaphore(value: 0)
-
-        fileprivate func finish(_ value: String) {
-            text.withLock { $0 = value }
-            done.signal()
-        }
-
-        func wait() -> String {
-            done.wait()
-            return text.withLock { $0 } ?? ""
+    /// Hands `each` what `descriptor` gives, chunk by chunk, until end of file; closes it.
+    static func read(_ descriptor: Int32, each: (ArraySlice<UInt8>) -> Void) {
+        defer { close(descriptor) }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = Glibc.read(descriptor, &buffer, buffer.count)
+            if count > 0 {
+                each(buffer[0..<count])
+            } else if count == 0 || errno != EINTR {
+                return
+            }
         }
     }
 }
