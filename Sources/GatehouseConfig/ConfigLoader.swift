@@ -104,7 +104,10 @@ struct ConfigBuilder {
         guard
             let f = reader.fields(
                 node, "server",
-                allowed: ["listen", "threads", "tls", "limits", "trusted_proxies", "drain_timeout", "access_log"])
+                allowed: [
+                    "listen", "threads", "tls", "limits", "trusted_proxies", "drain_timeout", "access_log",
+                    "headers_with_underscores",
+                ])
         else { return server }
         if let value = listen(f, "listen") { server.listen = value }
         if let text = f.string("threads"), text != "auto" {
@@ -151,6 +154,9 @@ struct ConfigBuilder {
         }
         if let v = f.duration("drain_timeout") { server.drainTimeout = v }
         if let v = f.string("access_log") { server.accessLog = v }
+        if let v = f.choice("headers_with_underscores", as: UnderscoreHeaders.self) {
+            server.headersWithUnderscores = v
+        }
         return server
     }
 
@@ -165,10 +171,19 @@ struct ConfigBuilder {
 
     private func admin(_ node: Node) -> AdminConfig {
         var admin = AdminConfig()
-        guard let f = reader.fields(node, "admin", allowed: ["listen", "token"]) else { return admin }
+        guard let f = reader.fields(node, "admin", allowed: ["listen", "token", "hosts", "allowed_origins"]) else {
+            return admin
+        }
         if let value = listen(f, "listen") { admin.listen = value }
         if let token = f.string("token") {
             if token.isEmpty { f.fail("token", "must not be empty") } else { admin.token = Secret(token) }
+        }
+        if let hosts = f.strings("hosts") { admin.hosts = hosts.map { $0.lowercased() } }
+        if let origins = f.strings("allowed_origins") {
+            for origin in origins where origin.contains("*") || !origin.contains("://") {
+                f.fail("allowed_origins", "expected scheme://host[:port] (no wildcards), found \"\(origin)\"")
+            }
+            admin.allowedOrigins = origins.map { $0.lowercased() }
         }
         if admin.token == nil, !admin.listen.isLoopback {
             reader.fail(node, "admin.token", "required when admin.listen (\(admin.listen)) is not a loopback address")
@@ -181,7 +196,10 @@ struct ConfigBuilder {
         guard
             let f = reader.fields(
                 node, "redis",
-                allowed: ["url", "pool_size", "connect_timeout", "command_timeout", "key_prefix", "local_cache_bytes"])
+                allowed: [
+                    "url", "pool_size", "connect_timeout", "command_timeout", "key_prefix", "local_cache_bytes",
+                    "memory_cache_bytes",
+                ])
         else { return redis }
         if let url = f.string("url") {
             if RedisEndpoint.parse(url) != nil {
@@ -195,6 +213,7 @@ struct ConfigBuilder {
         if let v = f.duration("command_timeout") { redis.commandTimeout = v }
         if let v = f.string("key_prefix") { redis.keyPrefix = v }
         if let v = f.size("local_cache_bytes") { redis.localCacheBytes = v }
+        if let v = f.size("memory_cache_bytes") { redis.memoryCacheBytes = v }
         return redis
     }
 
@@ -249,6 +268,7 @@ struct ConfigBuilder {
                 node, path,
                 allowed: [
                     "issuer", "audiences", "algorithms", "jwks_file", "jwks_url", "secret", "consumer_claim", "leeway",
+                    "maps_to_consumers",
                 ]),
             let issuer = f.require("issuer").flatMap({ reader.string($0, f.path("issuer")) })
         else { return nil }
@@ -265,6 +285,12 @@ struct ConfigBuilder {
         jwt.secret = f.string("secret").map(Secret.init)
         if let claim = f.string("consumer_claim") { jwt.consumerClaim = claim }
         if let leeway = f.duration("leeway") { jwt.leeway = leeway }
+        if let v = f.bool("maps_to_consumers") { jwt.mapsToConsumers = v }
+        // Keys fetched over plain HTTP could be swapped by anyone on the path, and with them every identity; only
+        // a loopback address (a sidecar on the same host) has no path to attack.
+        if let url = jwt.jwksURL, !Self.isSafeKeyURL(url) {
+            f.fail("jwks_url", "expected an https:// URL (http:// only to a loopback address), found \"\(url)\"")
+        }
         if jwt.jwksFile != nil, jwt.jwksURL != nil { f.fail("jwks_url", "give jwks_file or jwks_url, not both") }
         let usesHMAC = jwt.algorithms.contains { $0.hasPrefix("HS") }
         let keyAlgorithms = jwt.algorithms.filter { !$0.hasPrefix("HS") && Self.jwtAlgorithms.contains($0) }
@@ -280,6 +306,21 @@ struct ConfigBuilder {
             f.fail("jwks_file", "file \"\(file)\" does not exist")
         }
         return jwt
+    }
+
+    /// An https URL with a host, or http to 127.0.0.0/8, [::1] or localhost.
+    static func isSafeKeyURL(_ url: String) -> Bool {
+        guard let parts = URLComponents(string: url), let host = parts.host?.lowercased(), !host.isEmpty else {
+            return false
+        }
+        switch parts.scheme?.lowercased() {
+        case "https": return true
+        case "http":
+            if host == "localhost" { return true }
+            let bytes = IPAddressText.parse(host.trimmingCharacters(in: CharacterSet(charactersIn: "[]")))
+            return bytes.map { $0.count == 4 ? $0[0] == 127 : $0 == Array(repeating: 0, count: 15) + [1] } ?? false
+        default: return false
+        }
     }
 
     private func rateLimit(_ name: String, _ node: Node) -> RateLimitPolicy? {
@@ -329,7 +370,7 @@ struct ConfigBuilder {
                 node, path,
                 allowed: [
                     "targets", "balance", "connect_timeout", "timeout", "retries", "health_check", "circuit_breaker",
-                    "passive_health", "tls", "request_headers", "oauth2",
+                    "passive_health", "tls", "request_headers", "oauth2", "pause_on_retry_after",
                 ])
         else { return nil }
         var upstream = UpstreamConfig(name: name)
@@ -401,12 +442,19 @@ struct ConfigBuilder {
         {
             if let v = p.int("failures", min: 0) { upstream.passiveHealth.failures = v }
             if let v = p.duration("eject_for") { upstream.passiveHealth.ejectFor = v }
-            if let v = p.duration("max_eject_for") { upstream.passiveHealth.maxEjectFor = v }
+            let maxEjectFor = p.duration("max_eject_for")
+            if let maxEjectFor { upstream.passiveHealth.maxEjectFor = maxEjectFor }
+            // Only two values the file gives can contradict each other; a longer eject_for raises the default cap.
             if upstream.passiveHealth.maxEjectFor.milliseconds < upstream.passiveHealth.ejectFor.milliseconds {
-                p.fail("max_eject_for", "must not be shorter than eject_for")
+                if maxEjectFor == nil {
+                    upstream.passiveHealth.maxEjectFor = upstream.passiveHealth.ejectFor
+                } else {
+                    p.fail("max_eject_for", "must not be shorter than eject_for")
+                }
             }
         }
         if let node = f["oauth2"] { upstream.oauth2 = oauth2(node, f.path("oauth2")) }
+        if let v = f.choice("pause_on_retry_after", as: RetryAfterPause.self) { upstream.pauseOnRetryAfter = v }
         if let node = f["tls"], let t = reader.fields(node, f.path("tls"), allowed: ["verify", "ca_file"]) {
             if let v = t.bool("verify") { upstream.tls.verify = v }
             upstream.tls.caFile = t.string("ca_file")
@@ -503,7 +551,7 @@ struct ConfigBuilder {
                 node, path,
                 allowed: [
                     "id", "match", "upstream", "rewrite", "auth", "auth_methods", "rate_limit", "cache", "timeout",
-                    "respond",
+                    "respond", "forward_authorization",
                 ]),
             let id = f.require("id").flatMap({ reader.string($0, f.path("id")) }),
             let matchNode = f.require("match"),
@@ -566,6 +614,7 @@ struct ConfigBuilder {
         }
         if let node = f["cache"] { route.cache = cache(node, f.path("cache")) }
         route.timeout = f.duration("timeout")
+        if let v = f.bool("forward_authorization") { route.forwardAuthorization = v }
         return route
     }
 
@@ -620,9 +669,7 @@ struct ConfigBuilder {
         if let v = f.bool("store_set_cookie") { cache.storeSetCookie = v }
         if let v = f.duration("local_ttl") { cache.localTTL = v }
         if let v = f.duration("lock_timeout") { cache.lockTimeout = v }
-        if cache.ttl.nanoseconds > cache.maxTTL.nanoseconds {
-            f.fail("ttl", "is larger than max_ttl (\(cache.maxTTL))")
-        }
+        // ttl larger than max_ttl is valid (SPEC §7.1): ttl is for answers without freshness, max_ttl caps the rest.
         return cache
     }
 

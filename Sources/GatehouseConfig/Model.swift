@@ -35,13 +35,22 @@ public struct ServerConfig: Sendable, Encodable {
     public var drainTimeout: ConfigDuration = .seconds(15)
     /// Where the JSON access log goes: `stdout` (default), `off`, or a file path.
     public var accessLog: String = "stdout"
+    /// What happens to request headers whose name has an underscore (`X_Consumer_ID`).
+    public var headersWithUnderscores: UnderscoreHeaders = .drop
 
     enum CodingKeys: String, CodingKey {
         case listen, threads, tls, limits
         case trustedProxies = "trusted_proxies"
         case drainTimeout = "drain_timeout"
         case accessLog = "access_log"
+        case headersWithUnderscores = "headers_with_underscores"
     }
+}
+
+/// `server.headers_with_underscores`: an upstream that folds `_` into `-` would read `X_Consumer_ID` as the
+/// gateway's own `X-Consumer-ID`, so such headers are dropped (default), refused with 400, or passed as they are.
+public enum UnderscoreHeaders: String, Sendable, Encodable, CaseIterable {
+    case drop, reject, allow
 }
 
 /// A certificate chain and private key in PEM files.
@@ -69,6 +78,15 @@ public struct ServerLimits: Sendable, Encodable {
 public struct AdminConfig: Sendable, Encodable {
     public var listen: ListenAddress = ListenAddress(host: "127.0.0.1", port: 9901)
     public var token: Secret?
+    /// The Host values the admin API answers, besides its listen address (DNS rebinding): a name, or host:port.
+    public var hosts: [String] = ["localhost", "127.0.0.1", "[::1]"]
+    /// Browser origins whose state-changing requests (POST, DELETE, ...) the admin API accepts; none by default.
+    public var allowedOrigins: [String] = []
+
+    enum CodingKeys: String, CodingKey {
+        case listen, token, hosts
+        case allowedOrigins = "allowed_origins"
+    }
 }
 
 /// `redis:` — the shared store for cache, limits and runtime keys.
@@ -81,6 +99,8 @@ public struct RedisConfig: Sendable, Encodable {
     public var keyPrefix: String = "gatehouse:"
     /// Memory each instance may use to keep hot cache entries from Redis (0: every hit asks Redis).
     public var localCacheBytes: Int = 64 << 20
+    /// With `memory://`: the most bytes of cached responses the process keeps; the oldest go first past it.
+    public var memoryCacheBytes: Int = 256 << 20
 
     enum CodingKeys: String, CodingKey {
         case url
@@ -89,6 +109,7 @@ public struct RedisConfig: Sendable, Encodable {
         case commandTimeout = "command_timeout"
         case keyPrefix = "key_prefix"
         case localCacheBytes = "local_cache_bytes"
+        case memoryCacheBytes = "memory_cache_bytes"
     }
 
     /// Where `url` points; nil only for a URL the loader would have refused.
@@ -173,6 +194,9 @@ public struct JWTIssuerConfig: Sendable, Encodable {
     public var secret: Secret?
     public var consumerClaim: String = "sub"
     public var leeway: ConfigDuration = .seconds(30)
+    /// false: the claim is the caller's own identity under this issuer, never a configured consumer; true: the
+    /// claim must name a configured consumer, and the token then acts as that consumer.
+    public var mapsToConsumers: Bool = false
 
     enum CodingKeys: String, CodingKey {
         case issuer, audiences, algorithms
@@ -181,6 +205,7 @@ public struct JWTIssuerConfig: Sendable, Encodable {
         case secret
         case consumerClaim = "consumer_claim"
         case leeway
+        case mapsToConsumers = "maps_to_consumers"
     }
 }
 
@@ -257,6 +282,8 @@ public struct UpstreamConfig: Sendable, Encodable {
     public var requestHeaders = HeaderRewrite()
     /// Client-credentials tokens fetched for this upstream and sent as `Authorization: Bearer`.
     public var oauth2: OAuth2Config?
+    /// Who waits when the upstream answers 429/503 with `Retry-After`.
+    public var pauseOnRetryAfter: RetryAfterPause = .off
 
     enum CodingKeys: String, CodingKey {
         case name, targets, balance
@@ -268,7 +295,14 @@ public struct UpstreamConfig: Sendable, Encodable {
         case tls
         case requestHeaders = "request_headers"
         case oauth2
+        case pauseOnRetryAfter = "pause_on_retry_after"
     }
+}
+
+/// `pause_on_retry_after`: off (the answer just passes), upstream (every caller waits, on every instance), or
+/// consumer (only the caller who was told to wait: a per-user limit upstream is not everyone's).
+public enum RetryAfterPause: String, Sendable, Encodable, CaseIterable {
+    case off, upstream, consumer
 }
 
 /// `passive_health:` of an upstream: `failures` consecutive failed requests eject a target for `eject_for`,
@@ -408,6 +442,8 @@ public struct RouteConfig: Sendable, Encodable {
     public var cache: RouteCache?
     public var timeout: ConfigDuration?
     public var respond: DirectResponse?
+    /// Whether a client `Authorization` the gateway did not verify goes upstream (false: it is removed).
+    public var forwardAuthorization: Bool = false
     /// The line of the route in the config file, for messages.
     public var line: Int = 0
 
@@ -416,6 +452,7 @@ public struct RouteConfig: Sendable, Encodable {
         case authMethods = "auth_methods"
         case rateLimit = "rate_limit"
         case cache, timeout, respond
+        case forwardAuthorization = "forward_authorization"
     }
 }
 
