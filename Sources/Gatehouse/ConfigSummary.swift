@@ -28,10 +28,10 @@ public enum ConfigSummary {
         lines.append(
             "  consumers   \(config.consumers.count), rate limit policies \(config.rateLimits.count), jwt issuers \(config.auth.jwt.count)"
         )
-        let unenforced = Runtime.unenforcedFeatures(of: config)
-        if !unenforced.isEmpty {
-            lines.append("  not enforced yet (accepted, logged at start):")
-            for feature in unenforced { lines.append("    - \(feature)") }
+        let warnings = Runtime.warnings(of: config)
+        if !warnings.isEmpty {
+            lines.append("  warnings (logged at start too):")
+            for warning in warnings { lines.append("    - \(warning)") }
         }
         return lines.joined(separator: "\n")
     }

@@ -48,9 +48,7 @@ public final class Gateway: Sendable {
     /// Binds the listeners and logs what is not enforced yet.
     public func start() async throws {
         let runtime = core.runtime
-        for feature in runtime.unenforcedFeatures {
-            logger.warning("config accepted but not enforced yet: \(feature)")
-        }
+        for warning in runtime.warnings { logger.warning("config: \(warning)") }
         let config = runtime.config
         // JWT issuers' keys first, so the first requests do not wait for them (a failure is logged; requests
         // then load them on demand).
@@ -95,16 +93,34 @@ public final class Gateway: Sendable {
                     // GatewayHandler orders pipelined requests itself (see its queue). Response headers are
                     // checked where they are made (upstream header lines are validated as they are parsed, the
                     // gateway's own come from the checked config), so NIO's per-response validator is left out.
+                    // The decoder forwards what it holds when removed: after an upgrade request (which stops it)
+                    // GatewayHandler puts a fresh one behind it, and the connection goes on.
                     var decoderLimits = NIOHTTPDecoderLimitConfiguration()
                     decoderLimits.maxHeaderListSize = limits.maxHeaderBytes
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(
-                        withPipeliningAssistance: false, withErrorHandling: false, withOutboundHeaderValidation: false,
-                        withEncoderConfiguration: .init(), withDecoderLimitConfiguration: decoderLimits)
+                    let makeDecoder = {
+                        ByteToMessageHandler(
+                            HTTPRequestDecoder(
+                                leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .drop,
+                                limitConfiguration: decoderLimits))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(HTTPResponseEncoder(configuration: .init()))
+                    try channel.pipeline.syncOperations.addHandler(makeDecoder())
                     try channel.pipeline.syncOperations.addHandler(
-                        GatewayHandler(core: core, activity: activity, tls: sslContext != nil))
+                        GatewayHandler(core: core, activity: activity, tls: sslContext != nil, makeDecoder: makeDecoder)
+                    )
                 }
             }
         return try await bootstrap.bind(host: config.server.listen.host, port: config.server.listen.port).get()
+    }
+
+    /// The answers written to client connections that the kernel has not taken yet, in bytes, summed over every
+    /// open connection: what clients that do not read make the gateway hold.
+    func bufferedAnswerBytes() async -> Int {
+        var total = 0
+        for channel in connections.withLock({ Array($0.values) }) {
+            total += (try? await channel.getOption(.bufferedWritableBytes).get()) ?? 0
+        }
+        return total
     }
 
     private func track(_ channel: Channel) {
@@ -142,9 +158,7 @@ public final class Gateway: Sendable {
             logger.warning("the redis section changes only on restart")
         }
         let runtime = Runtime(config: config, metrics: core.metrics, previous: oldRuntime)
-        for feature in runtime.unenforcedFeatures {
-            logger.warning("config accepted but not enforced yet: \(feature)")
-        }
+        for warning in runtime.warnings { logger.warning("config: \(warning)") }
         _ = core.authenticator.jwt.preload(config.auth.jwt, on: group.next())
         for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
         for pool in oldRuntime.pools { pool.stopHealthChecks() }

@@ -25,8 +25,14 @@ public final class RedisClient: Sendable {
         self.configuration = configuration
         self.logger = logger
         let recorder = metrics.map(RedisMetrics.init)
+        let address: String
+        switch configuration.address {
+        case .tcp(let host, let port): address = "\(host):\(port)"
+        case .unix(let path): address = path
+        }
+        let watch = ConnectionWatch(address: address, logger: logger)
         slots = (0..<max(1, configuration.poolSize)).map { _ in
-            Slot(configuration: configuration, eventLoop: group.next(), logger: logger, metrics: recorder)
+            Slot(configuration: configuration, eventLoop: group.next(), logger: logger, metrics: recorder, watch: watch)
         }
         for slot in slots { slot.start() }
     }
@@ -196,6 +202,62 @@ final class RedisMetrics: Sendable {
     func failed(_ kind: RedisError.Kind) { errors[kind]?.increment() }
 }
 
+/// Whether any of a client's connections is up, told once in the log when that changes: a warning when Redis goes
+/// away (or cannot be reached at first), an info line when it is back. Metrics count every reconnect; the log
+/// says only what an operator needs to know.
+final class ConnectionWatch: Sendable {
+    private enum Reach { case unknown, up, down }
+    private struct State {
+        var connections = 0
+        var reach = Reach.unknown
+    }
+
+    private let state = Mutex(State())
+    private let address: String
+    private let logger: Logger
+
+    init(address: String, logger: Logger) {
+        self.address = address
+        self.logger = logger
+    }
+
+    func connectionUp() {
+        let back = state.withLock { state -> Bool in
+            state.connections += 1
+            defer { state.reach = .up }
+            return state.reach == .down
+        }
+        if back {
+            logger.info(
+                "redis is back; cache, shared limits and runtime keys use it again", metadata: ["redis": "\(address)"])
+        }
+    }
+
+    func connectionDown() {
+        let gone = state.withLock { state -> Bool in
+            state.connections = max(0, state.connections - 1)
+            guard state.connections == 0, state.reach == .up else { return false }
+            state.reach = .down
+            return true
+        }
+        if gone {
+            logger.warning(
+                "redis went away; serving without it until it is back (SPEC §6)", metadata: ["redis": "\(address)"])
+        }
+    }
+
+    func connectFailed() {
+        let first = state.withLock { state -> Bool in
+            guard state.reach == .unknown else { return false }
+            state.reach = .down
+            return true
+        }
+        if first {
+            logger.warning("redis cannot be reached; serving without it until it is", metadata: ["redis": "\(address)"])
+        }
+    }
+}
+
 /// One pooled connection, kept up by a ``Reconnector``; commands go to its handler.
 final class Slot: Sendable {
 
@@ -205,14 +267,21 @@ final class Slot: Sendable {
     private let logger: Logger
     private let metrics: RedisMetrics?
     private let reconnector: Reconnector
+    private let watch: ConnectionWatch
+    /// Whether this connection is up, as told to ``watch``.
+    private let up = Atomic<Bool>(false)
     /// The connection's handler, set as soon as it is connected (AUTH and SELECT go through it).
     private let handler = Mutex<NIOLoopBound<RedisHandler>?>(nil)
 
-    init(configuration: RedisConfiguration, eventLoop: EventLoop, logger: Logger, metrics: RedisMetrics?) {
+    init(
+        configuration: RedisConfiguration, eventLoop: EventLoop, logger: Logger, metrics: RedisMetrics?,
+        watch: ConnectionWatch
+    ) {
         self.configuration = configuration
         self.eventLoop = eventLoop
         self.logger = logger
         self.metrics = metrics
+        self.watch = watch
         reconnector = Reconnector(logger: logger)
     }
 
@@ -223,8 +292,18 @@ final class Slot: Sendable {
         let metrics = self.metrics
         reconnector.start(
             open: { try await self.connect() },
-            opened: { again in if again { metrics?.reconnects.increment() } },
-            lost: { self.handler.withLock { $0 = nil } })
+            opened: { again in
+                if again { metrics?.reconnects.increment() }
+                if !self.up.exchange(true, ordering: .relaxed) { self.watch.connectionUp() }
+            },
+            lost: {
+                self.handler.withLock { $0 = nil }
+                if self.up.exchange(false, ordering: .relaxed) {
+                    self.watch.connectionDown()
+                } else {
+                    self.watch.connectFailed()
+                }
+            })
     }
 
     func send(_ argv: [RedisArgument]) async throws(RedisError) -> RedisValue {

@@ -181,11 +181,14 @@ public final class UpstreamTransfer: @unchecked Sendable {
             return count
         }
         if bytes[0] == UInt8(ascii: " ") || bytes[0] == UInt8(ascii: "\t") {
-            // Obsolete line folding: join to the previous value.
-            if let last = pendingHead?.headers.count, last > 0 {
-                let more = Self.trimmed(bytes, 0, end)
-                pendingHead?.headers[last - 1].value += " " + String(decoding: more, as: UTF8.self)
+            // Obsolete line folding: join to the previous value, checked like any value (a folded NUL or CR
+            // must not reach the client either); a fold with nothing to join makes the answer invalid.
+            guard Self.isFieldValue(bytes, 0, end), let last = pendingHead?.headers.count, last > 0 else {
+                pendingHead?.status = 0
+                return count
             }
+            let more = Self.trimmed(bytes, 0, end)
+            pendingHead?.headers[last - 1].value += " " + String(decoding: more, as: UTF8.self)
             return count
         }
         var colon = 0

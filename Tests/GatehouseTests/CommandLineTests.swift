@@ -67,7 +67,7 @@ import Testing
         let path = try Self.temporaryFile(
             """
             server: { listen: "127.0.0.1:0", access_log: "off", threads: 1, limits: { max_body_bytes: 100MiB } }
-            admin: { listen: "127.0.0.1:0" }
+            admin: { listen: "127.0.0.1:0", hosts: [test.local] }
             redis: { url: "memory://" }
             upstreams:
               demo: { targets: [{ url: "http://127.0.0.1:\(upstream.port)" }] }
@@ -107,7 +107,7 @@ import Testing
         defer { Task { await upstream.stop() } }
         let yaml = """
             server: { listen: "127.0.0.1:0", access_log: "off", drain_timeout: 5s }
-            admin: { listen: "127.0.0.1:0" }
+            admin: { listen: "127.0.0.1:0", hosts: [test.local] }
             redis: { url: "memory://" }
             upstreams:
               demo: { targets: [{ url: "http://127.0.0.1:\(upstream.port)" }] }

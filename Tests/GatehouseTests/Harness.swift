@@ -64,6 +64,7 @@ struct Harness {
         \(server)
         admin:
           listen: "127.0.0.1:0"
+          hosts: [test.local]  # the Host that request() sends
         redis:
           url: "\(redis)"
           key_prefix: "\(redisKeyPrefix)"

@@ -69,7 +69,7 @@ extension TLSTests {
             let front = { (_: Int) in
                 """
                 server: { listen: "127.0.0.1:0", threads: 1, access_log: "off" }
-                admin: { listen: "127.0.0.1:0" }
+                admin: { listen: "127.0.0.1:0", hosts: [test.local] }
                 redis: { url: "memory://" }
                 upstreams:
                   trusted: { targets: [{ url: "https://localhost:\(origin.port)" }], tls: { ca_file: "\(cert)" } }
@@ -98,7 +98,7 @@ extension TLSTests {
         let front = { (_: Int) in
             """
             server: { listen: "127.0.0.1:0", threads: 1, access_log: "off" }
-            admin: { listen: "127.0.0.1:0" }
+            admin: { listen: "127.0.0.1:0", hosts: [test.local] }
             redis: { url: "memory://" }
             upstreams:
               h2: { targets: [{ url: "https://localhost:\(port)" }], tls: { ca_file: "\(cert)" } }

@@ -27,6 +27,7 @@ import Testing
               access_log: "off"
             admin:
               listen: "127.0.0.1:0"
+              hosts: [test.local]
             redis:
               url: "\(redis)"
               key_prefix: "\(prefix)"
@@ -330,7 +331,8 @@ import Testing
     }
 
     @Test func retryAfterPausesTheTargetAndIsAnsweredLocally() async throws {
-        try await Self.run(weights: [1], settings: "passive_health: { failures: 0 }") {
+        let settings = "passive_health: { failures: 0 }\npause_on_retry_after: upstream"
+        try await Self.run(weights: [1], settings: settings) {
             (h: Harness, servers: [DemoUpstream]) async throws in
             let upstream = servers[0]
             upstream.failure = (429, "3")
@@ -371,7 +373,7 @@ import Testing
         let (url, server) = try await StoreTests.sharedRedisURL()
         let prefix = "gh-pause-\(UUID().uuidString.prefix(8)):"
         let origin = try await DemoUpstream.start()
-        let settings = "passive_health: { failures: 0 }"
+        let settings = "passive_health: { failures: 0 }\npause_on_retry_after: upstream"
         try await Self.run(weights: [1], settings: settings, redis: url, prefix: prefix, servers: [origin]) { a, _ in
             try await Self.run(weights: [1], settings: settings, redis: url, prefix: prefix, servers: [origin]) {
                 b, _ in

@@ -65,6 +65,18 @@ final class AdminHandler: ChannelInboundHandler {
             return eventLoop.makeSucceededFuture(Answer(status: .ok, body: "{\"status\":\"ok\"}"))
         }
         let config = gateway.core.runtime.config
+        // DNS rebinding: a browser that was made to resolve an attacker's name to this address sends that name.
+        guard Self.hostAllowed(request.head.headers, admin: config.admin) else {
+            return eventLoop.makeSucceededFuture(
+                .problem(.forbidden, "The admin API does not answer this Host; see admin.hosts."))
+        }
+        // A page from another origin may send simple POSTs here: state changes come only from trusted origins.
+        if ![.GET, .HEAD, .OPTIONS].contains(method), let origin = request.head.headers.first(name: "Origin"),
+            !config.admin.allowedOrigins.contains(origin.lowercased())
+        {
+            return eventLoop.makeSucceededFuture(
+                .problem(.forbidden, "The admin API takes no state-changing request from this Origin."))
+        }
         if let token = config.admin.token, !Self.authorized(request.head.headers, token: token.value) {
             return eventLoop.makeSucceededFuture(
                 .problem(
@@ -129,6 +141,19 @@ final class AdminHandler: ChannelInboundHandler {
         default:
             return eventLoop.makeSucceededFuture(.problem(.notFound, "No admin endpoint at this path."))
         }
+    }
+
+    /// Whether the request's one Host is in `admin.hosts` (by name, or exactly as host:port) or names the admin
+    /// listen address itself.
+    static func hostAllowed(_ headers: HTTPHeaders, admin: AdminConfig) -> Bool {
+        let values = headers["Host"]
+        guard values.count == 1, let host = values.first?.lowercased(), AcceptPhase.isValidHost(host) else {
+            return false
+        }
+        let name = AcceptPhase.hostName(host)
+        let listen = admin.listen.host.lowercased()
+        let listenName = listen.contains(":") ? "[" + listen + "]" : listen
+        return name == listenName || admin.hosts.contains { $0 == host || $0 == name }
     }
 
     /// `GET /upstreams`: each upstream's targets with their state (healthy, unhealthy, ejected, circuit-open,

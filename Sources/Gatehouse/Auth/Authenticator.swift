@@ -6,15 +6,17 @@ import NIOHTTP1
 import Prometheus
 import UpstreamClient
 
-/// What one loaded config says about authentication, resolved ahead: the config's API-key digests and the JWT
-/// issuers by `iss`.
+/// What one loaded config says about authentication, resolved ahead: the config's API-key digests, the consumer
+/// ids, and the JWT issuers by `iss`.
 struct AuthSettings: Sendable {
     let configKeys: ConfigKeyTable
+    let consumers: Set<String>
     let issuers: [String: JWTVerifier.AcceptedIssuer]
     let apiKey: APIKeyAuthConfig
 
     init(_ config: GatehouseConfiguration) {
         configKeys = ConfigKeyTable(config.consumers)
+        consumers = Set(config.consumers.map(\.id))
         var issuers: [String: JWTVerifier.AcceptedIssuer] = [:]
         for issuer in config.auth.jwt { issuers[issuer.issuer] = JWTVerifier.AcceptedIssuer(issuer) }
         self.issuers = issuers
@@ -30,9 +32,10 @@ struct AuthSettings: Sendable {
 /// Authenticates callers: API keys from the config (digests compared in constant time) or issued at runtime
 /// (``RuntimeKeys``), and JWTs (``JWTVerifier``). Lives as long as the process, so key caches survive reloads.
 ///
-/// Outcomes: the consumer; anonymous on an `optional` route without credentials; 401 with `WWW-Authenticate`
-/// (RFC 6750, `error="invalid_token"` for credentials that do not verify); 403 for valid credentials of a method
-/// the route does not accept; 503 when a runtime key cannot be checked (Redis away, nothing recent known).
+/// Only credentials of a method the route accepts count: anything else is no credentials for that route. Outcomes:
+/// the caller; anonymous on an `optional` route without credentials; 401 with `WWW-Authenticate` (RFC 6750,
+/// `error="invalid_token"` for credentials that do not verify); 503 when a runtime key cannot be checked (Redis
+/// away, nothing recent known).
 final class Authenticator: Sendable {
     let runtimeKeys: RuntimeKeys
     let jwt: JWTVerifier
@@ -45,35 +48,39 @@ final class Authenticator: Sendable {
     }
 
     /// Checks the credentials the route accepts: a JWT when it takes JWTs and one came, else an API key when it
-    /// takes keys and one came. Credentials only of a kind the route does not take get 403 when they are valid
-    /// (an API key is checked; a JWT only against keys already loaded), else 401.
+    /// takes keys and one came (on a route that takes no JWTs, a bearer token of three parts is read as a key).
     func authenticate(
         _ context: inout RequestContext, route: CompiledRoute, runtime: Runtime, eventLoop: EventLoop
-    ) throws(GatewayError) -> EventLoopFuture<String?>? {
+    ) throws(GatewayError) -> EventLoopFuture<Caller?>? {
         let settings = runtime.auth
         let methods = settings.methods(for: route.config)
         let credentials = Credentials(headers: context.head.headers, query: context.query, config: settings.apiKey)
-        if credentials.isEmpty {
+        let takesJWT = methods.contains(.jwt) && !settings.issuers.isEmpty
+        let takesKey = methods.contains(.apiKey)
+        if takesJWT, let token = credentials.jwt {
+            context.authorizationVerified = true
+            return try verifyJWT(token, settings: settings, context: &context, on: eventLoop)
+        }
+        let key = takesKey ? credentials.apiKey ?? credentials.jwt : nil
+        guard let key else {
             guard route.config.auth == .required else { return nil }
-            metrics.record(method: "none", result: "missing")
-            throw Self.unauthorized("This route requires credentials: an API key or a bearer token.", error: nil)
+            metrics.record(method: "none", result: credentials.isEmpty ? "missing" : "wrong_method")
+            let takes = [takesKey ? "an API key" : nil, takesJWT ? "a JWT bearer token" : nil].compactMap { $0 }
+            let detail = "This route requires credentials: \(takes.joined(separator: " or "))."
+            throw Self.unauthorized(detail, error: credentials.isEmpty ? nil : "invalid_token")
         }
-        let jwtAccepted = methods.contains(.jwt) && !settings.issuers.isEmpty
-        let keyAccepted = methods.contains(.apiKey)
-        if let token = credentials.jwt, jwtAccepted || credentials.apiKey == nil || !keyAccepted {
-            return try verifyJWT(token, settings: settings, accepted: jwtAccepted, context: &context, on: eventLoop)
-        }
-        guard let key = credentials.apiKey else { return nil }
-        context.authorizationWasAPIKey = credentials.apiKeyInAuthorization
+        context.authorizationWasAPIKey = credentials.apiKeyInAuthorization || credentials.apiKey == nil
         let digest = KeyDigest(key: key)
         if let consumer = settings.configKeys.consumer(for: digest) {
-            context.consumer = try allowed(consumer, method: .apiKey, accepted: keyAccepted)
+            metrics.record(method: "api_key", result: "ok")
+            context.caller = .consumer(consumer)
             return nil
         }
-        return runtimeKeys.lookup(digest, on: eventLoop).flatMapThrowing { answer -> String? in
+        return runtimeKeys.lookup(digest, on: eventLoop).flatMapThrowing { answer -> Caller? in
             switch answer {
             case .consumer(let consumer):
-                return try self.allowed(consumer, method: .apiKey, accepted: keyAccepted)
+                self.metrics.record(method: "api_key", result: "ok")
+                return .consumer(consumer)
             case .unknown:
                 self.metrics.record(method: "api_key", result: "invalid")
                 throw Self.unauthorized("The API key is not valid.", error: "invalid_token")
@@ -88,16 +95,11 @@ final class Authenticator: Sendable {
     }
 
     private func verifyJWT(
-        _ token: String, settings: AuthSettings, accepted: Bool, context: inout RequestContext, on eventLoop: EventLoop
-    ) throws(GatewayError) -> EventLoopFuture<String?>? {
-        guard !settings.issuers.isEmpty else {
-            metrics.record(method: "jwt", result: "invalid")
-            throw Self.unauthorized("This gateway accepts no JWTs.", error: "invalid_token")
-        }
-        // A route that does not take JWTs never makes the gateway fetch keys for one.
-        switch jwt.verify(token, accepted: settings.issuers, mayFetch: accepted, on: eventLoop) {
-        case .consumer(let consumer):
-            context.consumer = try allowed(consumer, method: .jwt, accepted: accepted)
+        _ token: String, settings: AuthSettings, context: inout RequestContext, on eventLoop: EventLoop
+    ) throws(GatewayError) -> EventLoopFuture<Caller?>? {
+        switch jwt.verify(token, accepted: settings.issuers, mayFetch: true, on: eventLoop) {
+        case .verified(let subject, let issuer):
+            context.caller = try caller(subject, issuer: issuer, settings: settings)
             return nil
         case .invalid(let detail):
             metrics.record(method: "jwt", result: "invalid")
@@ -105,10 +107,10 @@ final class Authenticator: Sendable {
         case .wait(let loaded):
             let verifier = jwt
             let issuers = settings.issuers
-            return loaded.flatMapThrowing { _ -> String? in
+            return loaded.flatMapThrowing { _ -> Caller? in
                 switch verifier.verify(token, accepted: issuers, mayFetch: false, on: eventLoop) {
-                case .consumer(let consumer):
-                    return try self.allowed(consumer, method: .jwt, accepted: accepted)
+                case .verified(let subject, let issuer):
+                    return try self.caller(subject, issuer: issuer, settings: settings)
                 case .invalid(let detail):
                     self.metrics.record(method: "jwt", result: "invalid")
                     throw Self.unauthorized(detail, error: "invalid_token")
@@ -120,18 +122,19 @@ final class Authenticator: Sendable {
         }
     }
 
-    /// The consumer, when the route accepts the method that proved it; 403 otherwise.
-    private func allowed(_ consumer: String, method: AuthMethod, accepted: Bool) throws(GatewayError) -> String {
-        guard accepted else {
-            metrics.record(method: method.rawValue, result: "forbidden")
-            throw GatewayError(
-                status: .forbidden,
-                detail:
-                    "The credentials are valid, but this route does not accept \(method == .jwt ? "JWTs" : "API keys").",
-                origin: .client)
+    /// The caller a verified token names: under `maps_to_consumers` the configured consumer its claim names (401
+    /// when none has that id), otherwise the subject as its own identity under the issuer.
+    private func caller(_ subject: String, issuer: String, settings: AuthSettings) throws(GatewayError) -> Caller {
+        guard settings.issuers[issuer]?.config.mapsToConsumers == true else {
+            metrics.record(method: "jwt", result: "ok")
+            return Caller(id: subject, issuer: issuer)
         }
-        metrics.record(method: method.rawValue, result: "ok")
-        return consumer
+        guard settings.consumers.contains(subject) else {
+            metrics.record(method: "jwt", result: "invalid")
+            throw Self.unauthorized("The token names no configured consumer.", error: "invalid_token")
+        }
+        metrics.record(method: "jwt", result: "ok")
+        return .consumer(subject)
     }
 
     /// 401 with an RFC 6750 challenge; `error` is left out when no credentials came (RFC 6750 §3.1).
@@ -150,7 +153,7 @@ final class Authenticator: Sendable {
 /// is made up front: recording one is a dictionary read, no lock.
 final class AuthMetrics: Sendable {
     static let methods = ["api_key", "jwt", "none"]
-    static let results = ["ok", "invalid", "missing", "forbidden", "unavailable"]
+    static let results = ["ok", "invalid", "missing", "wrong_method", "unavailable"]
     private let counters: [String: CoreMetrics.Counter]
 
     init(factory: PrometheusMetricsFactory) {

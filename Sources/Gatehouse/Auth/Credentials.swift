@@ -61,6 +61,21 @@ struct Credentials {
     }
 }
 
+/// Who a request's credentials proved the caller to be: a configured consumer, or a JWT subject that is its own
+/// identity under its issuer (`maps_to_consumers: false`), which never becomes a consumer of the same name.
+struct Caller: Sendable, Hashable {
+    /// The consumer's id or the token's subject: `X-Consumer-ID` upstream.
+    let id: String
+    /// The issuer of a subject that is its own identity (`X-Consumer-Issuer` upstream); nil for a consumer.
+    let issuer: String?
+
+    static func consumer(_ id: String) -> Caller { Caller(id: id, issuer: nil) }
+
+    /// What keys this caller's own state (cache entries, limit buckets, pauses). A subject's key holds its issuer
+    /// and a space, which no consumer id has, so the two can never meet.
+    var key: String { issuer.map { "jwt " + $0 + " " + id } ?? id }
+}
+
 /// Consumer ids, as passed upstream in `X-Consumer-ID`: 1 to 128 letters, digits and `._:@-` (a JWT claim that is
 /// anything else is refused, so no header can be smuggled through it).
 enum ConsumerID {

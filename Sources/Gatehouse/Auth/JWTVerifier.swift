@@ -18,7 +18,8 @@ import UpstreamClient
 final class JWTVerifier: Sendable {
     /// What verifying a token came to.
     enum Outcome: Sendable {
-        case consumer(String)
+        /// The token is valid: the subject its `consumer_claim` names, under the issuer (`iss`) that signed it.
+        case verified(subject: String, issuer: String)
         case invalid(String)
         /// The issuer's keys are being loaded (first use, or an unknown `kid`): verify again when this completes.
         case wait(EventLoopFuture<Void>)
@@ -95,7 +96,9 @@ final class JWTVerifier: Sendable {
             issuer.identity == known.identity
         {
             let leeway = issuer.config.leeway.milliseconds
-            if now <= known.expires + leeway, now + leeway >= known.notBefore { return .consumer(known.consumer) }
+            if now <= known.expires + leeway, now + leeway >= known.notBefore {
+                return .verified(subject: known.consumer, issuer: known.issuer)
+            }
         }
         guard let parsed = ParsedToken(token) else { return .invalid("The token is not a well-formed JWT.") }
         guard let iss = parsed.payload["iss"] as? String, let issuer = accepted[iss] else {
@@ -170,7 +173,7 @@ final class JWTVerifier: Sendable {
             verified[token] = VerifiedToken(
                 consumer: consumer, issuer: iss, identity: identity, expires: exp * 1000, notBefore: nbf)
         }
-        return .consumer(consumer)
+        return .verified(subject: consumer, issuer: iss)
     }
 
     private static func seconds(_ value: Any?) -> Int64? {

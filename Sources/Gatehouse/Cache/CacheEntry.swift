@@ -61,6 +61,8 @@ struct CacheEntry: Sendable {
     // MARK: encoding
 
     static let entryTag: UInt8 = 0x45  // "E"
+    /// The largest time a decoded entry may carry, in milliseconds (2^46: about 2,200 years).
+    static let maxMilliseconds: Int64 = 1 << 46
     static let version: UInt8 = 1
 
     func encoded() -> [UInt8] {
@@ -94,7 +96,10 @@ struct CacheEntry: Sendable {
             let sie = input.readInteger(as: Int64.self),
             let flags = input.readInteger(as: UInt8.self),
             let headers = read(from: &input),
-            let vary = read(from: &input)
+            let vary = read(from: &input),
+            // What Redis hands back is checked like any input: numbers past ~2,000 years would overflow the
+            // arithmetic on them.
+            [responseTime, initialAge, lifetime, swr, sie].allSatisfy({ (0...Self.maxMilliseconds).contains($0) })
         else { return nil }
         return CacheEntry(
             status: Int(status), headers: headers, body: input, responseTime: responseTime, initialAge: initialAge,

@@ -190,10 +190,13 @@ final class CacheExchange {
         recording?.headers = Self.storable(headers)
     }
 
+    /// The headers an entry keeps: not those of one exchange (framing, its request id, its caller's RateLimit).
     static func storable(_ headers: HTTPHeaders) -> [(name: String, value: String)] {
         headers.compactMap { name, value in
             switch name.lowercased() {
-            case "content-length", "connection", "x-request-id", "age", "cache-status", "transfer-encoding": nil
+            case "content-length", "connection", "x-request-id", "age", "cache-status", "transfer-encoding",
+                "ratelimit", "ratelimit-policy":
+                nil
             default: (name, value)
             }
         }

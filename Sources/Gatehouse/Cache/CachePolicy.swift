@@ -84,18 +84,20 @@ enum CachePolicy {
         varyNames.sort()
 
         let date = header("Date", in: headers).flatMap(HTTPDate.parse).map { $0 * 1000 }
+        // max_ttl caps the freshness the origin gives; the route's ttl, for answers that give none, stands as set.
         var lifetime: Int64
         if let seconds = control.sharedMaxAge ?? control.maxAge {
-            lifetime = seconds * 1000
+            lifetime = min(seconds * 1000, route.maxTTL.milliseconds)
         } else if let expires = header("Expires", in: headers) {
             // An invalid Expires, such as "0", means already expired.
-            lifetime = HTTPDate.parse(expires).map { $0 * 1000 - (date ?? responseTime) } ?? 0
+            lifetime = min(
+                HTTPDate.parse(expires).map { $0 * 1000 - (date ?? responseTime) } ?? 0, route.maxTTL.milliseconds)
         } else if heuristicallyCacheable.contains(status) {
             lifetime = route.ttl.milliseconds
         } else {
             return .failure(.status)
         }
-        lifetime = max(0, min(lifetime, route.maxTTL.milliseconds))
+        lifetime = max(0, lifetime)
 
         let ageValue =
             (header("Age", in: headers).flatMap { CacheControl.deltaSeconds(Substring($0).trimmedSpaces) } ?? 0) * 1000

@@ -8,9 +8,10 @@ import UpstreamClient
 /// | phase        | job                                                        | may answer with       |
 /// |--------------|------------------------------------------------------------|-----------------------|
 /// | accept       | request id, client address, framing and size limits        | 400 413 431           |
-/// | route        | normalise the path, match host/method/path, bind params    | 404 405, `respond`    |
-/// | authenticate | API key or JWT -> consumer                                 | 401 403 503           |
+/// | route        | normalise the path, match host/method/path, bind params    | 400 404 405           |
+/// | authenticate | API key or JWT -> caller                                   | 401 403 503           |
 /// | rate limit   | every policy that applies, one Redis round trip            | 429 (503 `deny`)      |
+/// | direct       | a `respond` route answers here, after auth and limits      | `respond`             |
 /// | cache lookup | key, fresh hit, 304, stale rules, coalescing               | cached answer         |
 /// | pick target  | balancer over healthy targets, breakers, Retry-After pauses | 503 (429)             |
 /// | forward      | rewrite path and headers, stream through libcurl           | 502 504               |
@@ -28,8 +29,8 @@ enum Pipeline {
         case forward(UpstreamRequest)
         case direct(DirectAnswer)
         /// Authentication needs an answer from elsewhere (Redis for a runtime key, an issuer's keys): continue
-        /// with ``afterAuthentication(_:_:runtime:core:)`` when it completes (the consumer, or nil for none).
-        case authenticating(EventLoopFuture<String?>)
+        /// with ``afterAuthentication(_:_:runtime:core:)`` when it completes (the caller, or nil for none).
+        case authenticating(EventLoopFuture<Caller?>)
         /// Look the response up in the cache first.
         case lookUp(CacheExchange)
         /// The rate-limit check is out at Redis: continue with ``afterRateLimit(_:_:runtime:core:)``.
@@ -40,7 +41,7 @@ enum Pipeline {
         _ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop
     ) throws(GatewayError) -> Decision {
         try AcceptPhase.run(&context, runtime: runtime)
-        if let direct = try RoutePhase.run(&context, runtime: runtime) { return .direct(direct) }
+        try RoutePhase.run(&context, runtime: runtime)
         if let pending = try AuthenticatePhase.run(&context, runtime: runtime, core: core, eventLoop: eventLoop) {
             return .authenticating(pending)
         }
@@ -59,12 +60,12 @@ enum Pipeline {
 
     /// Continues after an asynchronous authentication with its outcome.
     static func afterAuthentication(
-        _ outcome: Result<String?, Error>, _ context: inout RequestContext, runtime: Runtime, core: GatewayCore,
+        _ outcome: Result<Caller?, Error>, _ context: inout RequestContext, runtime: Runtime, core: GatewayCore,
         eventLoop: EventLoop
     ) throws(GatewayError) -> Decision {
         switch outcome {
-        case .success(let consumer):
-            context.consumer = consumer
+        case .success(let caller):
+            context.caller = caller
         case .failure(let error as GatewayError):
             throw error
         case .failure(let error):
@@ -85,6 +86,8 @@ enum Pipeline {
     static func afterRateLimit(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore)
         throws(GatewayError) -> Decision
     {
+        // A direct answer comes only now: `respond` routes pass authentication and rate limits like any other.
+        if let direct = context.route?.direct { return .direct(direct) }
         if let lookup = CacheLookupPhase.run(&context, runtime: runtime, cache: core.cache) { return .lookUp(lookup) }
         return .forward(try forward(&context, runtime: runtime))
     }
@@ -119,6 +122,11 @@ enum AcceptPhase {
         if let host = hosts.first, !Self.isValidHost(host) { throw .badRequest("The request's Host is invalid.") }
         context.hostHeader = hosts.first ?? ""
         context.host = Self.hostName(context.hostHeader)
+        if runtime.config.server.headersWithUnderscores == .reject,
+            head.headers.contains(where: { $0.name.utf8.contains(UInt8(ascii: "_")) })
+        {
+            throw .badRequest("The request has a header whose name contains an underscore.")
+        }
 
         let lengths = head.headers["Content-Length"]
         if !lengths.isEmpty {
@@ -212,7 +220,12 @@ enum AcceptPhase {
 
 /// route: normalises the path and finds the route.
 enum RoutePhase {
-    static func run(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) -> DirectAnswer? {
+    /// What the gateway answers CONNECT with: the methods a route may take.
+    static let methodsForConnect = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+    static func run(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) {
+        // The gateway is no tunnel: CONNECT never reaches a route or an upstream.
+        if context.head.method == .CONNECT { throw .methodNotAllowed(allow: methodsForConnect) }
         var target = Substring(context.head.uri)
         // Absolute-form ("GET http://other.host/x"): only the path and query count; the host never picks a target.
         if !target.hasPrefix("/") {
@@ -236,20 +249,23 @@ enum RoutePhase {
         case .methodNotAllowed(let allow):
             throw .methodNotAllowed(allow: allow)
         case .found(let index, let parameters):
-            let route = runtime.routes[index]
-            context.route = route
+            context.route = runtime.routes[index]
             context.parameters = parameters
-            return route.direct
         }
     }
 }
 
-/// authenticate: API key or JWT -> consumer, as the route's `auth` and `auth_methods` say (``Authenticator``).
-/// Returns nil when decided here (the consumer, if any, is in the context), or the answer still to come.
+/// authenticate: API key or JWT -> caller, as the route's `auth` and `auth_methods` say (``Authenticator``).
+/// Returns nil when decided here (the caller, if any, is in the context), or the answer still to come.
 enum AuthenticatePhase {
     static func run(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop)
-        throws(GatewayError) -> EventLoopFuture<String?>?
+        throws(GatewayError) -> EventLoopFuture<Caller?>?
     {
+        // Authorization is a singleton field: with two, the gateway and the upstream could each read another one.
+        if context.head.headers["Authorization"].count > 1 {
+            throw Authenticator.unauthorized(
+                "The request has more than one Authorization header.", error: "invalid_request")
+        }
         guard let route = context.route, route.config.auth != .none else { return nil }
         return try core.authenticator.authenticate(&context, route: route, runtime: runtime, eventLoop: eventLoop)
     }
@@ -262,14 +278,16 @@ enum RateLimitPhase {
     {
         guard let route = context.route else { return nil }
         var names: [String] = []
-        if let consumer = context.consumer, let own = runtime.consumerRateLimits[consumer] { names.append(own) }
+        if let caller = context.caller, caller.issuer == nil, let own = runtime.consumerRateLimits[caller.id] {
+            names.append(own)
+        }
         for name in route.config.rateLimit where !names.contains(name) { names.append(name) }
         let checks = names.compactMap { name -> RateLimitCheck? in
             guard let rule = runtime.rateLimitRules[name] else { return nil }
             let policy = rule.policy
             let identity: String
             switch policy.by {
-            case .consumer: identity = context.consumer.map { "c:" + $0 } ?? "ip:" + context.clientIP
+            case .consumer: identity = context.callerKey
             case .ip: identity = "ip:" + context.clientIP
             case .route: identity = "r:" + route.config.id
             case .header(let header):
@@ -340,7 +358,7 @@ enum CacheLookupPhase {
         {
             authenticated = true
         }
-        let perConsumer = !config.shared && context.consumer != nil
+        let perConsumer = !config.shared && context.caller != nil
         // Without a consumer to key by, an authenticated request may only share entries on a `shared` route.
         if authenticated, !config.shared, !perConsumer { return bypass("authorization") }
         if cache.store.problem != nil { return bypass("redis-unavailable") }
@@ -349,7 +367,7 @@ enum CacheLookupPhase {
             route: route.config.id, scheme: origin.proto.lowercased(), host: origin.host?.lowercased() ?? "",
             path: context.path,
             query: context.query, droppingParameter: runtime.apiKeyQueryParameter, keyHeaders: config.keyHeaders,
-            headers: head.headers, consumer: perConsumer ? context.consumer : nil)
+            headers: head.headers, consumer: perConsumer ? context.caller?.key : nil)
         let exchange = CacheExchange(cache: cache, key: key, config: config, metrics: metrics, request: head)
         exchange.facts.authenticated = authenticated
         exchange.facts.keyedPerConsumer = perConsumer
@@ -362,12 +380,17 @@ enum CacheLookupPhase {
     }
 }
 
-/// pick target: chooses the upstream server.
+/// pick target: chooses the upstream server; a caller the upstream told to wait is answered here meanwhile.
 enum PickTargetPhase {
     static func run(_ context: inout RequestContext) throws(GatewayError) {
         guard let pool = context.route?.pool else {
             throw GatewayError(
                 status: .serviceUnavailable, detail: "No upstream target is available.", origin: .gateway)
+        }
+        if pool.config.pauseOnRetryAfter == .consumer,
+            let refusal = pool.callerPauses.refusal(for: context.callerKey, upstream: pool.config.name)
+        {
+            throw refusal
         }
         switch pool.pick(hashKey: pool.hashHeader.flatMap { context.head.headers.first(name: $0) }) {
         case .success(let lease):
@@ -381,11 +404,13 @@ enum PickTargetPhase {
 
 /// forward: builds what is sent upstream (SPEC §3).
 enum ForwardPhase {
-    /// Request headers that belong to one connection and are never forwarded, plus those the gateway sets itself.
+    /// Request headers that belong to one connection and are never forwarded, plus those the gateway sets itself
+    /// (identity headers belong to the gateway, SPEC §7.1) and the URL overrides some servers obey.
     static let droppedRequestHeaders: Set<String> = [
         "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-        "proxy-authorization", "host", "content-length", "x-consumer-id", "x-forwarded-for", "x-forwarded-proto",
-        "x-forwarded-host", "x-request-id", "via", "expect",
+        "proxy-authorization", "host", "content-length", "x-consumer-id", "x-consumer-issuer", "x-forwarded-for",
+        "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via", "expect", "forwarded", "x-real-ip",
+        "x-original-url", "x-rewrite-url",
     ]
 
     static func upstreamRequest(for context: RequestContext, runtime: Runtime) -> UpstreamRequest {
@@ -402,12 +427,18 @@ enum ForwardPhase {
         let connectionNamed = connectionTokens(head.headers)
         // request_headers.remove and the client's API key, which is never forwarded.
         let removed = route?.pool?.droppedHeaders ?? []
+        let dropUnderscores = runtime.config.server.headersWithUnderscores != .allow
+        // An Authorization the gateway did not verify goes on only where the route says so; an API key never.
+        let forwardAuthorization =
+            !context.authorizationWasAPIKey
+            && (context.authorizationVerified || route?.config.forwardAuthorization == true)
         var headers: [(name: String, value: String)] = []
         headers.reserveCapacity(head.headers.count + 6)
         var via: String?
         var forwardedFor: String?
         var forwardedProto: String?
         var forwardedHost: String?
+        var forwarded: String?
         for (name, value) in head.headers {
             let lower = name.lowercased()
             switch lower {
@@ -415,15 +446,18 @@ enum ForwardPhase {
             case "x-forwarded-for": forwardedFor = forwardedFor.map { $0 + ", " + value } ?? value
             case "x-forwarded-proto": forwardedProto = value
             case "x-forwarded-host": forwardedHost = value
+            case "forwarded": forwarded = forwarded.map { $0 + ", " + value } ?? value
+            case "authorization" where !forwardAuthorization: continue
             default: break
             }
             if droppedRequestHeaders.contains(lower) || connectionNamed.contains(lower) || removed.contains(lower)
-                || (context.authorizationWasAPIKey && lower == "authorization")
+                || (dropUnderscores && lower.utf8.contains(UInt8(ascii: "_")))
             {
                 continue
             }
             headers.append((name, value))
         }
+        // From a peer outside trusted_proxies, the identity headers it sent are replaced, not extended.
         let peerTrusted = context.peerTrusted
         let peer = context.peerIP
         headers.append(
@@ -431,9 +465,15 @@ enum ForwardPhase {
         let origin = forwardedOrigin(context, proto: forwardedProto, host: forwardedHost)
         headers.append(("X-Forwarded-Proto", origin.proto))
         if let host = origin.host { headers.append(("X-Forwarded-Host", host)) }
+        headers.append(("X-Real-IP", context.clientIP))
+        let element = forwardedElement(peer: peer, host: context.hostHeader, proto: context.scheme)
+        headers.append(("Forwarded", peerTrusted && forwarded != nil ? "\(forwarded ?? ""), \(element)" : element))
         headers.append(("X-Request-ID", context.requestID))
         headers.append(("Via", via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse"))
-        if let consumer = context.consumer { headers.append(("X-Consumer-ID", consumer)) }
+        if let caller = context.caller {
+            headers.append(("X-Consumer-ID", caller.id))
+            if let issuer = caller.issuer { headers.append(("X-Consumer-Issuer", issuer)) }
+        }
         for header in upstream?.requestHeaders.set ?? [] {
             headers.removeAll { $0.name.lowercased() == header.name.lowercased() }
             headers.append((header.name, header.value.value))
@@ -467,6 +507,15 @@ enum ForwardPhase {
         let headers = context.head.headers
         return forwardedOrigin(
             context, proto: headers["X-Forwarded-Proto"].last, host: headers["X-Forwarded-Host"].last)
+    }
+
+    /// This hop's RFC 7239 element: who connected, to which host, over which scheme (values quoted, as an address
+    /// or a host with a port needs).
+    static func forwardedElement(peer: String, host: String, proto: String) -> String {
+        let node = peer.contains(":") ? "\"[" + peer + "]\"" : peer
+        var element = "for=" + node + ";proto=" + proto
+        if !host.isEmpty { element += ";host=\"" + host + "\"" }
+        return element
     }
 
     /// The query without `name=...` pairs (the API key's query parameter).
@@ -560,7 +609,8 @@ enum LogPhase {
         line += ",\"method\":"
         JSONText.appendString(context.head.method.rawValue, to: &line)
         line += ",\"path\":"
-        JSONText.appendString(context.path.isEmpty ? context.head.uri : context.path, to: &line)
+        // The path only: a query may carry the API key's query parameter, which is never written down.
+        JSONText.appendString(context.path.isEmpty ? String(Self.pathOnly(context.head.uri)) : context.path, to: &line)
         line += ",\"status\":\(context.status),\"bytes_in\":\(context.bytesIn),\"bytes_out\":\(context.bytesOut)"
         line += ",\"duration_ms\":\(Double(elapsed / 1000) / 1000)"
         if let upstream = context.upstreamMicroseconds {
@@ -569,7 +619,11 @@ enum LogPhase {
             line += ",\"upstream_ms\":null"
         }
         line += ",\"consumer\":"
-        if let consumer = context.consumer { JSONText.appendString(consumer, to: &line) } else { line += "null" }
+        if let caller = context.caller { JSONText.appendString(caller.id, to: &line) } else { line += "null" }
+        if let issuer = context.caller?.issuer {
+            line += ",\"consumer_issuer\":"
+            JSONText.appendString(issuer, to: &line)
+        }
         line += ",\"cache\":"
         if let cache = context.cacheStatus { JSONText.appendString(cache, to: &line) } else { line += "null" }
         if let error = context.error {
@@ -578,5 +632,11 @@ enum LogPhase {
         }
         line += "}"
         log.write(line)
+    }
+
+    /// A request target without its query (or fragment).
+    static func pathOnly(_ uri: String) -> Substring {
+        let target = Substring(uri)
+        return target.firstIndex(where: { $0 == "?" || $0 == "#" }).map { target[..<$0] } ?? target
     }
 }

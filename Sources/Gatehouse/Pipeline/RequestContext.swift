@@ -33,12 +33,17 @@ struct RequestContext {
     var bytesIn = 0
     var bytesOut = 0
     var upstreamMicroseconds: Int64?
-    /// Set by authentication.
-    var consumer: String?
+    /// Who the caller proved to be; set by authentication.
+    var caller: Caller?
+    /// Whose request this is, for state kept per caller (`by: consumer` limits, caller pauses): the caller, or
+    /// without one its address.
+    var callerKey: String { caller.map { "c:" + $0.key } ?? "ip:" + clientIP }
     /// `RateLimit-Policy` and `RateLimit` for every answer of a rate-limited route.
     var rateLimitHeaders: [(String, String)] = []
     /// The `Authorization` header carried an API key: it is not forwarded.
     var authorizationWasAPIKey = false
+    /// The `Authorization` header carried the JWT the gateway verified: it may go upstream.
+    var authorizationVerified = false
     /// The `Cache-Status` of the answer on a caching route; also written to the access log.
     var cacheStatus: String?
     /// The caching route whose entries for this path a successful unsafe request removes.

@@ -43,13 +43,16 @@ final class Runtime: Sendable {
             uniquingKeysWith: { first, _ in first })
     }
 
-    /// The config features that are accepted but not enforced by this build, one line each.
-    var unenforcedFeatures: [String] { Self.unenforcedFeatures(of: config) }
+    /// What in a valid config may not mean what its author thinks, one line each (logged at start, shown by `check`).
+    var warnings: [String] { Self.warnings(of: config) }
 
-    static func unenforcedFeatures(of c: GatehouseConfiguration) -> [String] {
+    static func warnings(of c: GatehouseConfiguration) -> [String] {
         var out: [String] = []
-        for route in c.routes where route.respond != nil && !route.rateLimit.isEmpty {
-            out.append("routes[\(route.id)].rate_limit (a respond route answers before rate limits are checked)")
+        for route in c.routes {
+            guard let cache = route.cache, cache.ttl.milliseconds > cache.maxTTL.milliseconds else { continue }
+            out.append(
+                "routes[\(route.id)].cache: ttl \(cache.ttl) is larger than max_ttl \(cache.maxTTL); ttl applies to "
+                    + "answers without freshness, max_ttl caps only the freshness an origin gives")
         }
         return out
     }

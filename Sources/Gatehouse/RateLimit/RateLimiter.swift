@@ -79,7 +79,7 @@ struct RateLimitOutcome: Sendable {
     }
 
     /// Whole seconds, rounded up.
-    static func seconds(_ milliseconds: Int64) -> Int64 { max(0, (milliseconds + 999) / 1000) }
+    static func seconds(_ milliseconds: Int64) -> Int64 { (min(max(0, milliseconds), 1 << 46) + 999) / 1000 }
 }
 
 /// Enforces `rate_limits` across every instance in one Redis round trip per request, with the Redis server's
@@ -248,7 +248,8 @@ final class RateLimiter: Sendable {
         guard case .array(let items?) = reply, items.count == checks.count * 4 else {
             throw RedisError(.protocolError, "unexpected reply to the rate limit script")
         }
-        let numbers = items.map { $0.integer ?? 0 }
+        // Bounded, so that no reply (another script under the same name, a damaged server) can trap the sums.
+        let numbers = items.map { min(max($0.integer ?? 0, 0), 1 << 46) }
         return RateLimitOutcome(
             members: checks.enumerated().map { index, check in
                 .init(
@@ -260,7 +261,8 @@ final class RateLimiter: Sendable {
 
 /// The same algorithms in this process's memory, in whole microseconds like the script: exact for `memory://`,
 /// per instance as the `local` fallback. At most `limit` buckets are kept; past that, expired ones are dropped,
-/// and if none are, all are (counting starts afresh rather than memory growing without bound).
+/// and if too few are, the tenth that ends soonest (the callers seen least lately), so memory stays bounded and
+/// the buckets of callers over their limit survive a flood of new keys.
 final class LocalRateLimiter: Sendable {
     private struct Bucket {
         /// GCRA: theoretical arrival time (µs); windows: the count of `window`.
@@ -270,8 +272,12 @@ final class LocalRateLimiter: Sendable {
         var expires: Int64
     }
 
-    static let limit = 100_000
+    let limit: Int
     private let buckets = Mutex<[String: Bucket]>([:])
+
+    init(limit: Int = 100_000) {
+        self.limit = max(10, limit)
+    }
 
     private static func now() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1000) }
 
@@ -343,9 +349,12 @@ final class LocalRateLimiter: Sendable {
                 }
             }
             if members.allSatisfy(\.allowed) {
-                if buckets.count + commits.count > Self.limit {
+                if buckets.count + commits.count > limit {
                     buckets = buckets.filter { $0.value.expires > now }
-                    if buckets.count + commits.count > Self.limit { buckets.removeAll(keepingCapacity: true) }
+                    if buckets.count + commits.count > limit {
+                        let oldest = buckets.sorted { $0.value.expires < $1.value.expires }.prefix(limit / 10)
+                        for (key, _) in oldest { buckets[key] = nil }
+                    }
                 }
                 for (key, bucket) in commits { buckets[key] = bucket }
             } else {

@@ -3,7 +3,8 @@
 /// Percent-encoded unreserved characters are decoded (`%7E` -> `~`, `%2e` -> `.`), other escapes are kept with
 /// upper-case hex (so `%2F` never becomes a separator), duplicate slashes are folded and dot-segments removed.
 /// `/v1/../admin`, `/v1/%2e%2e/admin` and `//admin` all become `/admin`. A segment whose encoded slashes
-/// would make a dot-segment for an upstream that decodes them (`..%2F..%2Fadmin`, `..%5Cadmin`) is refused.
+/// would make a dot-segment for an upstream that decodes them (`..%2F..%2Fadmin`, `..%5Cadmin`) is refused, and
+/// so is a dot-segment with path parameters (`..;/`, `.;x/`), which servlet containers read as `..` and `.`.
 enum PathNormalizer {
     /// The normalised path, or nil when the path is malformed (not starting with `/`, or a bad escape).
     static func normalize(_ raw: Substring) -> String? {
@@ -58,7 +59,9 @@ enum PathNormalizer {
             index += 1
         }
         if !current.isEmpty { closeSegment() }
-        for segment in segments where hasEncodedDotSegment(segment) { return nil }
+        for segment in segments where hasEncodedDotSegment(segment) || isDotSegmentWithParameters(segment) {
+            return nil
+        }
         var out: [UInt8] = [UInt8(ascii: "/")]
         for (i, segment) in segments.enumerated() {
             if i > 0 { out.append(UInt8(ascii: "/")) }
@@ -102,6 +105,15 @@ enum PathNormalizer {
             && pieces.contains { $0 == [UInt8(ascii: ".")] || $0 == [UInt8(ascii: "."), UInt8(ascii: ".")] }
     }
 
+    /// `.;...` or `..;...` (also with `;` as `%3B`): a dot-segment to a server that strips path parameters.
+    private static func isDotSegmentWithParameters(_ segment: [UInt8]) -> Bool {
+        var rest = segment[...]
+        guard rest.first == UInt8(ascii: ".") else { return false }
+        rest = rest.dropFirst()
+        if rest.first == UInt8(ascii: ".") { rest = rest.dropFirst() }
+        return rest.first == UInt8(ascii: ";") || rest.starts(with: Array("%3B".utf8))
+    }
+
     private static func hasSpecialSegment(_ bytes: [UInt8]) -> Bool {
         var previous = UInt8(ascii: "/")
         var index = 1
@@ -110,10 +122,10 @@ enum PathNormalizer {
             if byte == UInt8(ascii: "/"), previous == UInt8(ascii: "/") { return true }
             if byte == UInt8(ascii: "."), previous == UInt8(ascii: "/") {
                 let next = index + 1 < bytes.count ? bytes[index + 1] : UInt8(ascii: "/")
-                if next == UInt8(ascii: "/") { return true }
+                if next == UInt8(ascii: "/") || next == UInt8(ascii: ";") { return true }
                 if next == UInt8(ascii: ".") {
                     let after = index + 2 < bytes.count ? bytes[index + 2] : UInt8(ascii: "/")
-                    if after == UInt8(ascii: "/") { return true }
+                    if after == UInt8(ascii: "/") || after == UInt8(ascii: ";") { return true }
                 }
             }
             previous = byte

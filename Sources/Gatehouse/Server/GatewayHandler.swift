@@ -84,10 +84,17 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Queued pipelined bytes past which the client is not read until the queue drains.
     private static let queueLimit = 64 * 1024
 
-    init(core: GatewayCore, activity: ConnectionActivity, tls: Bool) {
+    /// Makes the request decoder this connection restarts after an upgrade request.
+    private let makeDecoder: () -> ByteToMessageHandler<HTTPRequestDecoder>
+
+    init(
+        core: GatewayCore, activity: ConnectionActivity, tls: Bool,
+        makeDecoder: @escaping () -> ByteToMessageHandler<HTTPRequestDecoder>
+    ) {
         self.core = core
         self.activity = activity
         self.tls = tls
+        self.makeDecoder = makeDecoder
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -104,8 +111,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
-        if !queued.isEmpty || exchange?.requestEnded == true {
-            // A pipelined request: it is answered after the current one.
+        if !queued.isEmpty || exchange?.requestEnded == true || (exchange == nil && !context.channel.isWritable) {
+            // A pipelined request: it is answered after the current one, and only once the client takes answers
+            // again (a client that sends and never reads must not fill the gateway's memory with answers).
             queued.append(part)
             queuedBytes += Self.size(of: part)
             if queuedBytes > Self.queueLimit { readBlocked = true }
@@ -122,7 +130,33 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .body(let buffer):
             requestBody(buffer, context: context)
         case .end:
+            if let head = exchange?.context.head, Self.isUpgradeRequest(head) { restartDecoder(context: context) }
             requestEnd(context: context)
+        }
+    }
+
+    /// Whether the HTTP parser takes `head` for a protocol switch (llhttp's rule: CONNECT, or `Upgrade` with
+    /// `Connection: upgrade`): it then stops parsing, and everything the client sends after it would pile up.
+    static func isUpgradeRequest(_ head: HTTPRequestHead) -> Bool {
+        head.method == .CONNECT
+            || (head.headers.contains(name: "Upgrade")
+                && ForwardPhase.connectionTokens(head.headers).contains("upgrade"))
+    }
+
+    /// The gateway switches no protocol, so after an upgrade request a fresh decoder takes over the bytes the
+    /// stopped one holds (it forwards them when removed) and the connection goes on with HTTP/1.1.
+    private func restartDecoder(context: ChannelHandlerContext) {
+        let loopBound = NIOLoopBound((context, makeDecoder), eventLoop: context.eventLoop)
+        context.eventLoop.execute {
+            let (context, makeDecoder) = loopBound.value
+            let pipeline = context.pipeline.syncOperations
+            guard let old = try? pipeline.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self) else { return }
+            do {
+                try pipeline.addHandler(makeDecoder(), position: .after(old))
+                pipeline.removeHandler(old, promise: nil)
+            } catch {
+                context.close(promise: nil)
+            }
         }
     }
 
@@ -140,7 +174,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard !servingQueue else { return }
         servingQueue = true
         defer { servingQueue = false }
-        while !closed, exchange?.requestEnded != true, let part = queued.popFirst() {
+        while !closed, exchange?.requestEnded != true, exchange != nil || context.channel.isWritable,
+            let part = queued.popFirst()
+        {
             queuedBytes -= Self.size(of: part)
             serve(part, context: context)
         }
@@ -406,18 +442,26 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     {
         let lease = exchange.context.lease
         lease?.record(.of(status: head.status))
-        if head.status == 429 || head.status == 503,
+        guard let pool = exchange.context.route?.pool else { return false }
+        if head.status == 429 || head.status == 503, pool.config.pauseOnRetryAfter != .off,
             let value = head.headers.first(where: { $0.name.caseInsensitiveEquals("Retry-After") })?.value,
             let seconds = Self.retryAfterSeconds(value)
         {
-            if let pause = lease?.pause(status: head.status, seconds: seconds) { core.store.announcePause(pause) }
+            switch pool.config.pauseOnRetryAfter {
+            case .upstream:
+                if let pause = lease?.pause(status: head.status, seconds: seconds) { core.store.announcePause(pause) }
+            case .consumer:
+                pool.callerPauses.pause(exchange.context.callerKey, status: head.status, seconds: seconds)
+            case .off:
+                break
+            }
         }
-        guard !exchange.responseStarted, let pool = exchange.context.route?.pool else { return false }
+        guard !exchange.responseStarted else { return false }
         if head.status == 401, let token = exchange.token, let grant = pool.oauth2, !exchange.tokenRefreshed,
-            canResend(exchange)
+            canResend(exchange),
+            let refreshed = core.oauth2.refreshAfterRefusal(of: token, for: grant, on: context.eventLoop)
         {
             exchange.tokenRefreshed = true
-            let refreshed = core.oauth2.invalidate(token, for: grant, on: context.eventLoop)
             return resend(exchange, context: context, preferOther: false, after: refreshed)
         }
         return mayRetry(exchange, after: .status(head.status)) && resend(exchange, context: context, preferOther: true)
@@ -520,14 +564,20 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        exchange?.transfer?.setResponsePaused(!context.channel.isWritable && exchange?.cache?.isRecording != true)
+        let writable = context.channel.isWritable
+        exchange?.transfer?.setResponsePaused(!writable && exchange?.cache?.isRecording != true)
+        if writable, exchange == nil {
+            serveQueue(context: context)
+            if queuedBytes <= Self.queueLimit, exchange?.requestEnded != true { resumeReading(context: context) }
+        }
         context.fireChannelWritabilityChanged()
     }
 
     // MARK: outbound
 
     func read(context: ChannelHandlerContext) {
-        if readBlocked {
+        // Between requests, nothing more is read while the client does not take the answers already written.
+        if readBlocked || (!context.channel.isWritable && (exchange == nil || exchange?.requestEnded == true)) {
             readPending = true
         } else {
             context.read()
@@ -547,6 +597,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func respondDirect(_ answer: DirectAnswer, _ exchange: Exchange, context: ChannelHandlerContext) {
         var headers = answer.headers
         headers.add(name: "X-Request-ID", value: exchange.context.requestID)
+        for (name, value) in exchange.context.rateLimitHeaders { headers.add(name: name, value: value) }
         if !exchange.context.keepAlive { headers.add(name: "Connection", value: "close") }
         let head = HTTPResponseHead(version: exchange.context.head.version, status: answer.status, headers: headers)
         exchange.context.status = Int(answer.status.code)

@@ -400,10 +400,13 @@ final class MemoryStore: SharedStore {
         }
     }
 
-    /// A path's record in memory: its variants and when it expires.
+    /// A path's record in memory: its variants, when it expires, and its place in the write order.
     private struct Record {
         var fields: [String: [UInt8]]
         var expires: UInt64
+        var written: UInt64 = 0
+
+        var bytes: Int { fields.reduce(0) { $0 + $1.key.utf8.count + $1.value.count } }
     }
 
     /// A route's records by path, and the versions purges have moved it and its paths to.
@@ -417,15 +420,22 @@ final class MemoryStore: SharedStore {
         }
     }
 
-    private let records = Mutex<[String: RouteRecords]>([:])
+    /// The records, and the bytes their fields hold in all.
+    private let records = Mutex<(routes: [String: RouteRecords], bytes: Int)>(([:], 0))
     private let writes = Atomic<Int>(0)
+    /// `redis.memory_cache_bytes`: past it, expired records go, then the least recently written.
+    private let cacheBytes: Int
+
+    init(cacheBytes: Int = 256 << 20) {
+        self.cacheBytes = cacheBytes
+    }
 
     func cacheRead(route: String, path: String, fields: [String], on eventLoop: EventLoop)
         -> EventLoopFuture<CacheRecord>
     {
         let now = Self.now()
         let record = records.withLock { records in
-            let routeRecords = records[route] ?? RouteRecords()
+            let routeRecords = records.routes[route] ?? RouteRecords()
             let version = routeRecords.version(of: path)
             guard let record = routeRecords.paths[path], record.expires > now else {
                 return CacheRecord(version: version, values: fields.map { _ in nil })
@@ -441,26 +451,56 @@ final class MemoryStore: SharedStore {
     ) -> EventLoopFuture<Void> {
         let now = Self.now()
         let expires = now + UInt64(max(0, expireMilliseconds)) * 1_000_000
-        let sweep = writes.wrappingAdd(1, ordering: .relaxed).newValue % 1024 == 0
+        let count = writes.wrappingAdd(1, ordering: .relaxed).newValue
+        let limit = cacheBytes
         records.withLock { records in
-            var routeRecords = records[route] ?? RouteRecords()
+            var routeRecords = records.routes[route] ?? RouteRecords()
             guard routeRecords.version(of: path) == version else { return }
             var record = routeRecords.paths[path] ?? Record(fields: [:], expires: expires)
+            records.bytes -= record.bytes
             if record.expires <= now { record = Record(fields: [:], expires: expires) }
             for field in remove { record.fields[field] = nil }
             for (field, value) in set { record.fields[field] = value }
             record.expires = max(record.expires, expires)
+            record.written = UInt64(count)
+            records.bytes += record.bytes
             routeRecords.paths[path] = record
-            if sweep { routeRecords.paths = routeRecords.paths.filter { $0.value.expires > now } }
-            records[route] = routeRecords
+            records.routes[route] = routeRecords
+            if count % 1024 == 0 || records.bytes > limit { Self.evict(&records, now: now, limit: limit) }
         }
         return eventLoop.makeSucceededVoidFuture()
+    }
+
+    /// Drops expired records and, while more than `limit` bytes remain, the least recently written, down to 90%
+    /// of it (so a full cache does not evict on every write).
+    private static func evict(_ records: inout (routes: [String: RouteRecords], bytes: Int), now: UInt64, limit: Int) {
+        var live: [(route: String, path: String, written: UInt64, bytes: Int)] = []
+        var bytes = 0
+        for (route, routeRecords) in records.routes {
+            var kept = routeRecords
+            kept.paths = routeRecords.paths.filter { $0.value.expires > now }
+            for (path, record) in kept.paths {
+                let size = record.bytes
+                bytes += size
+                live.append((route, path, record.written, size))
+            }
+            records.routes[route] = kept
+        }
+        if bytes > limit {
+            let target = limit / 10 * 9
+            for victim in live.sorted(by: { $0.written < $1.written }) {
+                guard bytes > target else { break }
+                records.routes[victim.route]?.paths[victim.path] = nil
+                bytes -= victim.bytes
+            }
+        }
+        records.bytes = bytes
     }
 
     func cachePurge(route: String, path: String?) async throws -> Int {
         let now = Self.now()
         return records.withLock { records in
-            var routeRecords = records[route] ?? RouteRecords()
+            var routeRecords = records.routes[route] ?? RouteRecords()
             let removed: [Record]
             if let path {
                 routeRecords.pathVersions[path, default: 0] += 1
@@ -471,7 +511,8 @@ final class MemoryStore: SharedStore {
                 removed = Array(routeRecords.paths.values)
                 routeRecords.paths = [:]
             }
-            records[route] = routeRecords
+            records.routes[route] = routeRecords
+            records.bytes -= removed.reduce(0) { $0 + $1.bytes }
             return removed.filter { $0.expires > now }.reduce(0) { total, record in
                 total + record.fields.keys.filter(CacheFields.isEntry).count
             }
@@ -520,7 +561,7 @@ enum SharedStores {
         -> SharedStore
     {
         guard let endpoint = config.endpoint, var configuration = redisConfiguration(for: endpoint) else {
-            return MemoryStore()
+            return MemoryStore(cacheBytes: config.memoryCacheBytes)
         }
         configuration.poolSize = config.poolSize
         configuration.connectTimeout = .nanoseconds(config.connectTimeout.nanoseconds)

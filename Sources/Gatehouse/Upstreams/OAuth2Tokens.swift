@@ -30,7 +30,13 @@ final class OAuth2Tokens: Sendable {
         var pending: EventLoopFuture<String>?
         /// The last token an upstream refused: never taken from the store again.
         var refused: String?
+        /// When a refusal last dropped the token (wall-clock milliseconds): at most one per ``refusalInterval``.
+        var refusedAt: Int64 = 0
     }
+
+    /// After an upstream's 401 drops a token, further 401s within this many milliseconds go to the client as they
+    /// are: an upstream that refuses every token cannot make the gateway fetch one per request.
+    static let refusalInterval: Int64 = 5_000
 
     private let store: SharedStore
     private let client: UpstreamClient
@@ -91,9 +97,29 @@ final class OAuth2Tokens: Sendable {
         return tasks
     }
 
+    /// The upstream answered 401 to `token`: what to wait for before the request is sent again, or nil when it is
+    /// not. A newer token this instance already holds is used at once; otherwise the token is dropped, at most
+    /// once per ``refusalInterval`` for the grant.
+    func refreshAfterRefusal(of token: String, for grant: OAuth2Grant, on loop: EventLoop) -> EventLoopFuture<Void>? {
+        let now = Self.wallMilliseconds()
+        enum Next { case resend, refresh, none }
+        let next = slots.withLock { slots -> Next in
+            let slot = slots[grant.key] ?? Slot()
+            if let held = slot.token, held.value != token, held.expiresAt > now { return .resend }
+            guard now - slot.refusedAt >= Self.refusalInterval else { return .none }
+            slots[grant.key, default: Slot()].refusedAt = now
+            return .refresh
+        }
+        switch next {
+        case .resend: return loop.makeSucceededVoidFuture()
+        case .refresh: return invalidate(token, for: grant, on: loop)
+        case .none: return nil
+        }
+    }
+
     /// The upstream refused `token` (401): it is dropped here and in the store, unless another instance has
     /// already replaced it there. Completes when the store no longer offers it.
-    func invalidate(_ token: String, for grant: OAuth2Grant, on loop: EventLoop) -> EventLoopFuture<Void> {
+    private func invalidate(_ token: String, for grant: OAuth2Grant, on loop: EventLoop) -> EventLoopFuture<Void> {
         let promise = loop.makePromise(of: Void.self)
         promise.completeWithTask { await self.invalidate(token, key: grant.key) }
         return promise.futureResult
@@ -267,7 +293,9 @@ final class OAuth2Tokens: Sendable {
     static func decodeStored(_ bytes: [UInt8]) -> Token? {
         let parts = bytes.split(separator: 0x20, maxSplits: 2, omittingEmptySubsequences: false)
         guard parts.count == 3, let refreshAt = Int64(String(decoding: parts[0], as: UTF8.self)),
-            let expiresAt = Int64(String(decoding: parts[1], as: UTF8.self))
+            let expiresAt = Int64(String(decoding: parts[1], as: UTF8.self)),
+            // Wall-clock milliseconds, as this code writes them: anything else could overflow the sums on them.
+            (0...(1 << 46)).contains(refreshAt), (0...(1 << 46)).contains(expiresAt)
         else { return nil }
         return Token(value: String(decoding: parts[2], as: UTF8.self), refreshAt: refreshAt, expiresAt: expiresAt)
     }

@@ -22,6 +22,8 @@ final class UpstreamPool: Sendable {
     let hashHeader: String?
     /// The client-credentials grant whose token goes with every request, with `oauth2`.
     let oauth2: OAuth2Grant?
+    /// The callers told to wait, with `pause_on_retry_after: consumer`; kept across reloads.
+    let callerPauses: CallerPauses
     private let ring: HashRing?
     private let state: Mutex<PoolState>
     private let metrics: [TargetMetrics]
@@ -40,6 +42,7 @@ final class UpstreamPool: Sendable {
         let urls = config.targets.map(\.url)
         self.urls = urls
         oauth2 = OAuth2Grant(config)
+        callerPauses = previous?.callerPauses ?? CallerPauses()
         if case .hashHeader(let name) = config.balance {
             hashHeader = name
             ring = HashRing(config.targets)
