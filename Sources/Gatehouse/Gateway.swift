@@ -94,7 +94,8 @@ public final class Gateway: Sendable {
                     // checked where they are made (upstream header lines are validated as they are parsed, the
                     // gateway's own come from the checked config), so NIO's per-response validator is left out.
                     // The decoder forwards what it holds when removed: after an upgrade request (which stops it)
-                    // GatewayHandler puts a fresh one behind it, and the connection goes on.
+                    // GatewayHandler puts a fresh one behind it, and the connection goes on. The encoder frames
+                    // nothing itself (RespondPhase does), so it needs no pairing with the decoder of the moment.
                     var decoderLimits = NIOHTTPDecoderLimitConfiguration()
                     decoderLimits.maxHeaderListSize = limits.maxHeaderBytes
                     let makeDecoder = {
@@ -103,7 +104,9 @@ public final class Gateway: Sendable {
                                 leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .drop,
                                 limitConfiguration: decoderLimits))
                     }
-                    try channel.pipeline.syncOperations.addHandler(HTTPResponseEncoder(configuration: .init()))
+                    var encoder = HTTPResponseEncoder.Configuration()
+                    encoder.automaticallySetFramingHeaders = false
+                    try channel.pipeline.syncOperations.addHandler(HTTPResponseEncoder(configuration: encoder))
                     try channel.pipeline.syncOperations.addHandler(makeDecoder())
                     try channel.pipeline.syncOperations.addHandler(
                         GatewayHandler(core: core, activity: activity, tls: sslContext != nil, makeDecoder: makeDecoder)

@@ -23,6 +23,9 @@ final class Reconnector: Sendable {
     /// The connection while it is up, once `open` has prepared it (AUTH, SELECT, SUBSCRIBE...).
     var channel: Channel? { state.withLock { $0.channel } }
 
+    /// Closed for good (shutdown): a connection lost now was not lost to an outage.
+    var isClosed: Bool { state.withLock { $0.closed } }
+
     /// Starts keeping the connection up. `open` connects and prepares it; `opened` is told whether it is a
     /// reconnect; `lost` runs each time the connection goes away.
     func start(

@@ -221,38 +221,32 @@ final class ConnectionWatch: Sendable {
         self.logger = logger
     }
 
+    // Each line is logged under the lock, so lines from two connections' threads come in the order of the changes.
     func connectionUp() {
-        let back = state.withLock { state -> Bool in
+        state.withLock { state in
             state.connections += 1
-            defer { state.reach = .up }
-            return state.reach == .down
-        }
-        if back {
-            logger.info(
-                "redis is back; cache, shared limits and runtime keys use it again", metadata: ["redis": "\(address)"])
+            if state.reach == .down {
+                logger.info(
+                    "redis is back; cache, shared limits and runtime keys use it again",
+                    metadata: ["redis": "\(address)"])
+            }
+            state.reach = .up
         }
     }
 
     func connectionDown() {
-        let gone = state.withLock { state -> Bool in
+        state.withLock { state in
             state.connections = max(0, state.connections - 1)
-            guard state.connections == 0, state.reach == .up else { return false }
+            guard state.connections == 0, state.reach == .up else { return }
             state.reach = .down
-            return true
-        }
-        if gone {
-            logger.warning(
-                "redis went away; serving without it until it is back (SPEC §6)", metadata: ["redis": "\(address)"])
+            logger.warning("redis went away; serving without it until it is back", metadata: ["redis": "\(address)"])
         }
     }
 
     func connectFailed() {
-        let first = state.withLock { state -> Bool in
-            guard state.reach == .unknown else { return false }
+        state.withLock { state in
+            guard state.reach == .unknown else { return }
             state.reach = .down
-            return true
-        }
-        if first {
             logger.warning("redis cannot be reached; serving without it until it is", metadata: ["redis": "\(address)"])
         }
     }
@@ -298,7 +292,9 @@ final class Slot: Sendable {
             },
             lost: {
                 self.handler.withLock { $0 = nil }
-                if self.up.exchange(false, ordering: .relaxed) {
+                if self.reconnector.isClosed {
+                    self.up.store(false, ordering: .relaxed)
+                } else if self.up.exchange(false, ordering: .relaxed) {
                     self.watch.connectionDown()
                 } else {
                     self.watch.connectFailed()

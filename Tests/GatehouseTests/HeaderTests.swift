@@ -27,9 +27,10 @@ import UpstreamClient
         let head = Pipeline.responseHead(for: upstream, Self.context([("Host", "a")]))
         #expect(head.status == .ok)
         #expect(head.headers["Content-Type"] == ["text/plain"])
-        for name in ["Connection", "X-Internal", "Keep-Alive", "Transfer-Encoding", "Proxy-Authenticate"] {
+        for name in ["Connection", "X-Internal", "Keep-Alive", "Proxy-Authenticate"] {
             #expect(head.headers[name].isEmpty, "\(name)")
         }
+        #expect(head.headers["Transfer-Encoding"] == ["chunked"], "the gateway frames the body afresh")
         #expect(head.headers["Via"] == ["1.0 origin, 1.1 gatehouse"])
         #expect(head.headers["X-Request-ID"] == ["rid-1"])
         #expect(head.headers["Set-Cookie"] == ["a=1", "b=2"])

@@ -187,7 +187,10 @@ import Testing
               - { id: private, match: { path_prefix: "/private/" }, upstream: demo, auth: required }
             """
         try await Harness.run(Self.yaml(routes: routes)) { h in
-            for path in ["/a/..;/private/x", "/a/.;/x", "/a/%2e%2e;/private/x", "/a/..%3b/private/x", "/a/..;x=1/p"] {
+            for path in [
+                "/a/..;/private/x", "/a/.;/x", "/a/%2e%2e;/private/x", "/a/..%3b/private/x", "/a/..;x=1/p",
+                "/a/x%2F..;%2F..;%2Fprivate/x",
+            ] {
                 let response = try await request(port: h.port, path)
                 #expect(response.status == 400, "\(path)")
             }
@@ -205,6 +208,7 @@ import Testing
             ("Forwarded", "for=10.9.9.9;host=evil.example"), ("X-Real-IP", "10.9.9.9"),
             ("X-Original-URL", "/admin"), ("X-Rewrite-URL", "/admin"), ("X_Consumer_ID", "acme"),
             ("X-Forwarded-For", "10.9.9.9"), ("X-Forwarded-Host", "evil.example"), ("X-Consumer-Issuer", "me"),
+            ("X-Forwarded-Port", "443"), ("X-Forwarded-Prefix", "/admin"),
         ]
         try await Harness.run(Self.yaml(routes: routes)) { h in
             let seen = Self.seen(try await request(port: h.port, "/x", headers: spoofed))
@@ -212,7 +216,10 @@ import Testing
             #expect(seen["forwarded"] == "for=127.0.0.1;proto=http;host=\"test.local\"")
             #expect(seen["x-forwarded-for"] == "127.0.0.1")
             #expect(seen["x-forwarded-host"] == "test.local")
-            for name in ["x-original-url", "x-rewrite-url", "x_consumer_id", "x-consumer-issuer"] {
+            for name in [
+                "x-original-url", "x-rewrite-url", "x_consumer_id", "x-consumer-issuer", "x-forwarded-port",
+                "x-forwarded-prefix",
+            ] {
                 #expect(seen[name] == nil, "\(name) reached the upstream")
             }
         }
@@ -229,14 +236,7 @@ import Testing
     // MARK: 7. JWT identities
 
     @Test func aTokenSubjectNeverBecomesAConsumerOfTheSameName() async throws {
-        let routes = """
-              - id: mine
-                match: { path_prefix: "/cache/" }
-                upstream: demo
-                auth: required
-                cache: { ttl: 30s }
-              - { id: echo, match: { path_prefix: "/" }, upstream: demo, auth: required }
-            """
+        let routes = "  - { id: echo, match: { path_prefix: \"/\" }, upstream: demo, auth: required }"
         let jwt = [("Authorization", "Bearer " + Self.token(sub: "acme"))]
         try await Harness.run(Self.yaml(routes: routes, consumerPolicy: true)) { h in
             let viaToken = Self.seen(try await request(port: h.port, "/x", headers: jwt))
@@ -247,13 +247,6 @@ import Testing
             // acme's own policy (1 per hour) counted the key's request; the token is not acme and has no policy.
             #expect(try await request(port: h.port, "/x", headers: [("X-API-Key", Self.key)]).status == 429)
             #expect(try await request(port: h.port, "/x", headers: jwt).status == 200)
-
-            let stored = try await request(port: h.port, "/cache/p?cc=max-age%3D60", headers: jwt)
-            #expect(stored.header("Cache-Status") == "gatehouse; fwd=miss; stored")
-            try await Task.sleep(for: .milliseconds(100))
-            let beta = try await request(
-                port: h.port, "/cache/p?cc=max-age%3D60", headers: [("X-API-Key", Self.otherKey)])
-            #expect(beta.header("Cache-Status") == "gatehouse; fwd=miss; stored")
         }
         try await Harness.run(Self.yaml(routes: routes, mapsToConsumers: true)) { h in
             let mapped = Self.seen(try await request(port: h.port, "/x", headers: jwt))
@@ -360,6 +353,24 @@ import Testing
                 let next = try await connection.readResponse()
                 #expect(next.status == 200)
                 #expect(next.text == "ok")
+            }
+            try await RawConnection.with(port: h.port) { connection in
+                // The upgrade request waits in the queue behind a slow one; the decoder is restarted at once.
+                try await connection.send(
+                    "GET /delay/300 HTTP/1.1\r\nHost: test.local\r\n\r\n"
+                        + "GET /x HTTP/1.1\r\nHost: test.local\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                        + "HEAD /chunked/100 HTTP/1.1\r\nHost: test.local\r\n\r\n"
+                        + "GET /status HTTP/1.1\r\nHost: test.local\r\n\r\n")
+                #expect(try await connection.readResponse().status == 200)
+                #expect(try await connection.readResponse().status == 200)
+                // A HEAD answer from a chunked upstream has no body, not even a last chunk, to desynchronise the
+                // answer after it.
+                let head = try await connection.readResponse(headRequest: true)
+                #expect(head.status == 200)
+                #expect(head.header("Transfer-Encoding") == nil)
+                let last = try await connection.readResponse()
+                #expect(last.status == 200)
+                #expect(last.text == "ok")
             }
         }
     }

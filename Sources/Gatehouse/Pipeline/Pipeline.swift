@@ -452,6 +452,7 @@ enum ForwardPhase {
             }
             if droppedRequestHeaders.contains(lower) || connectionNamed.contains(lower) || removed.contains(lower)
                 || (dropUnderscores && lower.utf8.contains(UInt8(ascii: "_")))
+                || (!context.peerTrusted && lower.hasPrefix("x-forwarded-"))
             {
                 continue
             }
@@ -577,9 +578,14 @@ enum RespondPhase {
             headers.add(name: name, value: value)
         }
         // libcurl de-chunks the body: with Transfer-Encoding, or with conflicting lengths, no Content-Length
-        // is sent on and the body is framed afresh; otherwise the one length passes.
+        // is sent on and the body is framed afresh (chunked to an HTTP/1.1 client; to HTTP/1.0 by closing);
+        // otherwise the one length passes. An answer to HEAD, a 1xx, 204 or 304 has no body to frame.
         if !chunked, !conflictingLengths, let length, Int(length) != nil {
             headers.add(name: "Content-Length", value: length)
+        } else if context.head.method != .HEAD, upstream.status >= 200, upstream.status != 204,
+            upstream.status != 304, context.head.version.minor >= 1
+        {
+            headers.add(name: "Transfer-Encoding", value: "chunked")
         }
         headers.add(name: "X-Request-ID", value: context.requestID)
         headers.add(name: "Via", value: via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse")

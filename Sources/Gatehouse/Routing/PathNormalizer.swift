@@ -102,7 +102,10 @@ enum PathNormalizer {
             index += 1
         }
         return sawSeparator
-            && pieces.contains { $0 == [UInt8(ascii: ".")] || $0 == [UInt8(ascii: "."), UInt8(ascii: ".")] }
+            && pieces.contains {
+                $0 == [UInt8(ascii: ".")] || $0 == [UInt8(ascii: "."), UInt8(ascii: ".")]
+                    || isDotSegmentWithParameters($0)
+            }
     }
 
     /// `.;...` or `..;...` (also with `;` as `%3B`): a dot-segment to a server that strips path parameters.

@@ -86,6 +86,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// Makes the request decoder this connection restarts after an upgrade request.
     private let makeDecoder: () -> ByteToMessageHandler<HTTPRequestDecoder>
+    /// The last request head received was an upgrade request (see ``isUpgradeRequest(_:)``).
+    private var receivedUpgrade = false
 
     init(
         core: GatewayCore, activity: ConnectionActivity, tls: Bool,
@@ -111,6 +113,14 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let part = unwrapInboundIn(data)
+        switch part {
+        case .head(let head): receivedUpgrade = Self.isUpgradeRequest(head)
+        case .end where receivedUpgrade:
+            // The decoder stopped at this request's end, whether it is served now or waits in the queue.
+            receivedUpgrade = false
+            restartDecoder(context: context)
+        default: break
+        }
         if !queued.isEmpty || exchange?.requestEnded == true || (exchange == nil && !context.channel.isWritable) {
             // A pipelined request: it is answered after the current one, and only once the client takes answers
             // again (a client that sends and never reads must not fill the gateway's memory with answers).
@@ -130,7 +140,6 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .body(let buffer):
             requestBody(buffer, context: context)
         case .end:
-            if let head = exchange?.context.head, Self.isUpgradeRequest(head) { restartDecoder(context: context) }
             requestEnd(context: context)
         }
     }
@@ -144,7 +153,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     /// The gateway switches no protocol, so after an upgrade request a fresh decoder takes over the bytes the
-    /// stopped one holds (it forwards them when removed) and the connection goes on with HTTP/1.1.
+    /// stopped one holds (it forwards them when removed, after the parts it delivered) and the connection goes on
+    /// with HTTP/1.1.
     private func restartDecoder(context: ChannelHandlerContext) {
         let loopBound = NIOLoopBound((context, makeDecoder), eventLoop: context.eventLoop)
         context.eventLoop.execute {
@@ -568,7 +578,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange?.transfer?.setResponsePaused(!writable && exchange?.cache?.isRecording != true)
         if writable, exchange == nil {
             serveQueue(context: context)
-            if queuedBytes <= Self.queueLimit, exchange?.requestEnded != true { resumeReading(context: context) }
+            // A request served from the queue decides about reading itself (its body may hold reads back).
+            if exchange == nil, queuedBytes <= Self.queueLimit { resumeReading(context: context) }
         }
         context.fireChannelWritabilityChanged()
     }
