@@ -262,7 +262,7 @@ enum AuthenticatePhase {
         throws(GatewayError) -> EventLoopFuture<Caller?>?
     {
         // Authorization is a singleton field: with two, the gateway and the upstream could each read another one.
-        if context.head.headers["Authorization"].count > 1 {
+        if context.head.headers.lazy.filter({ $0.name.caseInsensitiveEquals("Authorization") }).count > 1 {
             throw Authenticator.unauthorized(
                 "The request has more than one Authorization header.", error: "invalid_request")
         }
