@@ -225,7 +225,11 @@ enum RoutePhase {
 
     static func run(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) {
         // The gateway is no tunnel: CONNECT never reaches a route or an upstream.
-        if context.head.method == .CONNECT { throw .methodNotAllowed(allow: methodsForConnect) }
+        if context.head.method == .CONNECT {
+            var refusal = GatewayError.methodNotAllowed(allow: methodsForConnect)
+            refusal.detail = "The gateway is no tunnel: CONNECT is not accepted."
+            throw refusal
+        }
         var target = Substring(context.head.uri)
         // Absolute-form ("GET http://other.host/x"): only the path and query count; the host never picks a target.
         if !target.hasPrefix("/") {
