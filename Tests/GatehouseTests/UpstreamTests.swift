@@ -246,10 +246,14 @@ import Testing
             """
         try await Self.run(weights: [1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
             servers[0].failure = (503, nil)
+            let started = ContinuousClock.now
             for _ in 0..<100 { #expect(try await request(port: h.port, "/").status == 503) }
+            let elapsed = ContinuousClock.now - started
             // Unbudgeted, 100 requests would make 300 attempts; the budget allows 20% more plus a reserve of 10.
+            // It counts the last 10 seconds: on a machine so loaded that the requests take longer, the first
+            // ones and their retries leave the window, and a second window's reserve is allowed.
             #expect(servers[0].requestCount > 100)
-            #expect(servers[0].requestCount <= 130)
+            #expect(servers[0].requestCount <= (elapsed < .seconds(10) ? 130 : 170), "\(elapsed)")
         }
     }
 
