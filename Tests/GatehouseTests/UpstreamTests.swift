@@ -278,7 +278,10 @@ import Testing
             // take a while to reload).
             #expect(try await request(port: h.adminPort, "/reload", method: "POST").status == 200)
             let afterReload = try await request(port: h.port, "/")
-            if clock.now - opened < .milliseconds(1900) {
+            // Past open_for, the request after the reload was itself the half-open probe: the steps below then
+            // cannot be told apart on this machine, and are checked only when the reload was quick.
+            let reloadedQuickly = clock.now - opened < .milliseconds(1900)
+            if reloadedQuickly {
                 #expect(afterReload.header("Content-Type") == "application/problem+json")
                 #expect(upstream.requestCount == 4)
                 let metrics = try await request(port: h.adminPort, "/metrics").text
@@ -288,6 +291,7 @@ import Testing
                     ))
             }
 
+            guard reloadedQuickly else { return }
             // Half-open: one probe goes through; it fails, so the circuit opens again.
             try await Task.sleep(until: opened + .milliseconds(2050))
             let before = upstream.requestCount
