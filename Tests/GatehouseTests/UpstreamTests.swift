@@ -183,31 +183,39 @@ import Testing
     }
 
     @Test func passiveHealthEjectsAndNoTargetLeftIs503() async throws {
-        let settings = "passive_health: { failures: 2, eject_for: 1s, max_eject_for: 10s }"
+        // Ejections of 2 s, then 4 s. An ejection starts between sending the failing request and its answer. A step
+        // that must see the target ejected is checked only when its answer came inside the ejection even if that
+        // started when the failing request was sent: a loaded machine can stall a test for seconds (CI once did).
+        let settings = "passive_health: { failures: 2, eject_for: 2s, max_eject_for: 10s }"
         try await Self.run(weights: [1], settings: settings) { (h: Harness, servers: [DemoUpstream]) async throws in
             let port = servers[0].port
             let hold = await PortHold.takeDown(servers[0])
-            for _ in 0..<2 {
-                let failed = try await request(port: h.port, "/")
-                #expect(failed.status == 502, "\(failed.text)")
-            }
-            let refused = try await request(port: h.port, "/")
-            #expect(refused.status == 503)
-            #expect(refused.header("Content-Type") == "application/problem+json")
-            #expect((refused.json["detail"] as? String)?.contains("No healthy target") == true)
-            // Back in after the wait, one more failure ejects it again, now for twice as long (2 s).
-            try await Task.sleep(for: .milliseconds(1050))
             #expect(try await request(port: h.port, "/").status == 502)
-            let ejectedAgain = ContinuousClock.now
-            #expect(try await request(port: h.port, "/").status == 503)
+            let sent = ContinuousClock.now
+            let failed = try await request(port: h.port, "/")
+            let answered = ContinuousClock.now
+            #expect(failed.status == 502, "\(failed.text)")
+            let refused = try await request(port: h.port, "/")
+            if ContinuousClock.now - sent < .milliseconds(1900) {
+                #expect(refused.status == 503)
+                #expect(refused.header("Content-Type") == "application/problem+json")
+                #expect((refused.json["detail"] as? String)?.contains("No healthy target") == true)
+            }
+            // Back in after the wait, one more failure ejects it again, now for twice as long (4 s).
+            try await Task.sleep(until: answered + .milliseconds(2050), clock: .continuous)
+            let sentAgain = ContinuousClock.now
+            let failedAgain = try await request(port: h.port, "/")
+            let answeredAgain = ContinuousClock.now
+            #expect(failedAgain.status == 502, "\(failedAgain.text)")
+            let refusedAgain = try await request(port: h.port, "/")
+            if ContinuousClock.now - sentAgain < .milliseconds(3900) { #expect(refusedAgain.status == 503) }
             hold.release()
             let back = try await DemoUpstream.start(port: port)
-            try await Task.sleep(for: .milliseconds(1000))
-            // Still ejected a second later, though the server is back: the wait doubled.
-            if ContinuousClock.now - ejectedAgain < .milliseconds(1900) {
-                #expect(try await request(port: h.port, "/").status == 503)
-            }
-            try await Task.sleep(until: ejectedAgain + .milliseconds(2100), clock: .continuous)
+            // Still ejected 2.3 s after it surely began, though the server is back: the wait doubled.
+            try await Task.sleep(until: answeredAgain + .milliseconds(2300), clock: .continuous)
+            let stillOut = try await request(port: h.port, "/")
+            if ContinuousClock.now - sentAgain < .milliseconds(3900) { #expect(stillOut.status == 503) }
+            try await Task.sleep(until: answeredAgain + .milliseconds(4100), clock: .continuous)
             #expect(try await request(port: h.port, "/").status == 200)
             await back.stop()
         }
