@@ -375,6 +375,12 @@ public struct RetryPolicy: Sendable, Encodable {
     /// Retries may add at most this fraction of the upstream's requests (plus a small reserve), so retries
     /// cannot multiply an outage.
     public var budget: Double = 0.2
+
+    public init(attempts: Int = 1, on: [Condition] = [.connectFailure], budget: Double = 0.2) {
+        self.attempts = attempts
+        self.on = on
+        self.budget = budget
+    }
 }
 
 /// `health_check:` of an upstream.

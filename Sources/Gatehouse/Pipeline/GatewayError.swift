@@ -1,9 +1,11 @@
 import NIOHTTP1
+import UpstreamClient
 
 /// An answer the gateway makes itself instead of forwarding: always RFC 9457 problem+json.
 ///
-/// It carries where the failure came from and whether the connection must close afterwards;
-/// ``ProblemResponse`` is the one place that turns it into bytes.
+/// It carries where the failure came from, whether the request may go out again, and whether the connection must
+/// close afterwards. `GatewayHandler.respondError` is the one place that turns it into the client's answer (or a
+/// stale entry when stale-if-error allows, for a failure on the upstream's side); ``ProblemResponse`` renders it.
 struct GatewayError: Error, Sendable {
     /// Who caused the failure, for logs and metrics.
     enum Origin: String, Sendable {
@@ -17,6 +19,40 @@ struct GatewayError: Error, Sendable {
     var headers: [(String, String)] = []
     /// The connection cannot be trusted or reused after this answer.
     var closeConnection = false
+    /// The upstream never took the request (no connection was made), so sending it again repeats nothing.
+    var retryAllowed = false
+
+    /// The answer for an upstream exchange that ended without a complete answer.
+    init(upstream error: UpstreamError) {
+        switch error.kind {
+        case .timeout:
+            self = .upstreamTimeout
+        case .connectTimeout, .connect:
+            self.init(status: .badGateway, detail: "The upstream could not be reached.", origin: .upstream)
+            retryAllowed = true
+        case .tls:
+            self.init(status: .badGateway, detail: "The TLS handshake with the upstream failed.", origin: .upstream)
+        case .requestBody:
+            self.init(
+                status: .badRequest, detail: "The request body could not be read.", origin: .client,
+                closeConnection: true)
+        case .cancelled:
+            self.init(status: .serviceUnavailable, detail: "The gateway is shutting down.", origin: .gateway)
+        case .reset, .other:
+            self.init(status: .badGateway, detail: "The upstream connection failed.", origin: .upstream)
+        }
+    }
+
+    init(
+        status: HTTPResponseStatus, detail: String, origin: Origin, headers: [(String, String)] = [],
+        closeConnection: Bool = false
+    ) {
+        self.status = status
+        self.detail = detail
+        self.origin = origin
+        self.headers = headers
+        self.closeConnection = closeConnection
+    }
 
     static func badRequest(_ detail: String) -> GatewayError {
         GatewayError(status: .badRequest, detail: detail, origin: .client, closeConnection: true)

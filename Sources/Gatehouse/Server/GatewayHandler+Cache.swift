@@ -184,11 +184,6 @@ extension GatewayHandler {
             }
             startTransfer(request, exchange, context: context)
         } catch {
-            if let stale = exchange.cache?.staleForError(now: HTTPDate.nowMilliseconds()) {
-                serveStaleForError(stale, upstreamStatus: nil, exchange, context: context)
-                return
-            }
-            exchange.cache?.land(nil)
             respondError(error, exchange, context: context)
         }
     }
@@ -225,16 +220,18 @@ extension GatewayHandler {
         }
     }
 
-    /// The upstream failed (5xx, or no answer) while a stale entry may stand in for it (stale-if-error).
-    func serveStaleForError(
-        _ entry: CacheEntry, upstreamStatus: Int?, _ exchange: Exchange, context: ChannelHandlerContext
-    ) {
-        guard let cache = exchange.cache else { return }
+    /// stale-if-error: the upstream failed (it answered `upstreamStatus`, a 5xx, or nothing), and the stored entry
+    /// answers instead when its window allows. True when it did.
+    func servedStale(forFailure upstreamStatus: Int?, _ exchange: Exchange, context: ChannelHandlerContext) -> Bool {
+        guard !exchange.responseStarted, let cache = exchange.cache,
+            let entry = cache.staleForError(now: HTTPDate.nowMilliseconds())
+        else { return false }
         cache.metrics.staleIfError.increment()
         cache.land(nil)
         let forwarded = upstreamStatus.map { "; fwd-status=\($0)" } ?? ""
         serveCached(
             entry, status: "gatehouse; fwd=stale\(forwarded); detail=stale-if-error", exchange, context: context)
+        return true
     }
 
     /// Revalidates a stale entry in the background, once per key on this instance, while the client gets it.

@@ -40,21 +40,10 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         /// Request body that arrived before the upstream exchange started.
         var heldBody = CircularBuffer<ByteBuffer>()
         var heldBodyBytes = 0
-        /// The request as last sent upstream, for a retry or a resend with a fresh OAuth2 token.
-        var upstreamRequest: UpstreamRequest?
-        /// Upstream attempts so far, and the targets they used.
-        var attempts = 0
-        var triedTargets: [Int] = []
-        /// Monotonic nanoseconds when the first attempt started: retries share the route's timeout.
-        var firstAttemptStart: UInt64 = 0
-        /// Whether this request may be sent again (retries or OAuth2); only then is its body kept in `replay`.
-        var mayResend = false
-        /// The request body sent so far, while it stays within ``GatewayHandler/replayLimit``.
-        var replay: [ByteBuffer] = []
-        var replayBytes = 0
-        /// The OAuth2 token the current attempt carries, and whether it was already refreshed once.
+        /// The upstream attempts: retries, resends with a fresh token, the timeout they share, the kept body.
+        var attempts: UpstreamAttempts
+        /// The OAuth2 token the current attempt carries.
         var token: String?
-        var tokenRefreshed = false
         /// Waiting for what the next attempt needs (a token); the request body is held meanwhile.
         var awaitingUpstream = false
         var isHead: Bool { context.head.method == .HEAD }
@@ -62,6 +51,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         init(context: RequestContext, runtime: Runtime) {
             self.context = context
             self.runtime = runtime
+            attempts = UpstreamAttempts(route: nil, method: context.head.method)
         }
     }
 
@@ -259,26 +249,19 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    /// Request bodies up to this size are kept while they may have to be sent again.
-    static let replayLimit = 1 << 20
-
     /// Starts an upstream attempt, with whatever request body arrived while the pipeline was waiting. On an
     /// upstream with `oauth2`, the attempt waits for a token when this instance holds none.
     func startTransfer(_ request: UpstreamRequest, _ exchange: Exchange, context: ChannelHandlerContext) {
-        exchange.attempts += 1
-        if let lease = exchange.context.lease { exchange.triedTargets.append(lease.index) }
         let pool = exchange.context.route?.pool
-        if exchange.attempts == 1 {
-            exchange.firstAttemptStart = UpstreamPool.now()
-            exchange.mayResend =
-                pool?.oauth2 != nil
-                || ((pool?.config.retries?.attempts ?? 1) > 1 && Self.isIdempotent(exchange.context.head.method))
+        if exchange.attempts.count == 0 {
+            exchange.attempts = UpstreamAttempts(route: exchange.context.route, method: exchange.context.head.method)
             let head = exchange.context.head
             if !exchange.requestEnded, head.headers.first(name: "Expect")?.lowercased() == "100-continue" {
                 context.writeAndFlush(
                     wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))), promise: nil)
             }
         }
+        exchange.attempts.started(target: exchange.context.lease?.index, now: UpstreamPool.now())
         guard let grant = pool?.oauth2 else {
             launch(request, token: nil, exchange, context: context)
             return
@@ -332,8 +315,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// What is left of the route's timeout since the first attempt started, in milliseconds.
     private func remainingMilliseconds(_ exchange: Exchange) -> Int {
-        let elapsed = Int((UpstreamPool.now() - exchange.firstAttemptStart) / 1_000_000)
-        return (exchange.context.route?.timeoutMilliseconds ?? 30_000) - elapsed
+        exchange.attempts.remainingMilliseconds(now: UpstreamPool.now())
     }
 
     /// The current attempt is over without an answer worth reporting.
@@ -363,13 +345,13 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             Self.authorize(&request, token: token)
             exchange.token = token
         }
-        if exchange.mayResend { exchange.upstreamRequest = request }
+        exchange.attempts.sending(request)
         let bridge = UpstreamBridge(handler: self, exchange: exchange, eventLoop: context.eventLoop)
         let transfer = core.upstream.start(request, delegate: bridge, worker: workerIndex)
         exchange.transfer = transfer
         var keepReading = true
-        if exchange.attempts > 1 {
-            for buffer in exchange.replay { keepReading = transfer.sendBody(buffer) }
+        if exchange.attempts.count > 1 {
+            for buffer in exchange.attempts.replay { keepReading = transfer.sendBody(buffer) }
         }
         while let buffer = exchange.heldBody.popFirst() { keepReading = send(buffer, exchange, to: transfer) }
         exchange.heldBodyBytes = 0
@@ -379,37 +361,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// Sends request body upstream, keeping a copy while the request may be sent again.
     private func send(_ buffer: ByteBuffer, _ exchange: Exchange, to transfer: UpstreamTransfer) -> Bool {
-        if exchange.mayResend {
-            exchange.replayBytes += buffer.readableBytes
-            if exchange.replayBytes <= Self.replayLimit {
-                exchange.replay.append(buffer)
-            } else {
-                exchange.replay.removeAll()
-            }
-        }
+        exchange.attempts.sendingBody(buffer)
         return transfer.sendBody(buffer)
-    }
-
-    /// Whether the request can be sent again: nothing reached the client yet and its whole body so far is kept.
-    private func canResend(_ exchange: Exchange) -> Bool {
-        exchange.mayResend && !exchange.responseStarted && exchange.upstreamRequest != nil
-            && exchange.replayBytes <= Self.replayLimit
-    }
-
-    /// RFC 9110 §9.2.2: the methods whose repetition has the effect of one request.
-    static func isIdempotent(_ method: HTTPMethod) -> Bool {
-        switch method {
-        case .GET, .HEAD, .OPTIONS, .PUT, .DELETE, .TRACE: true
-        default: false
-        }
-    }
-
-    /// Whether `retries` allows another attempt after `condition`; takes one retry from the budget when it does.
-    private func mayRetry(_ exchange: Exchange, after condition: RetryPolicy.Condition) -> Bool {
-        guard let pool = exchange.context.route?.pool, let policy = pool.config.retries, policy.on.contains(condition),
-            exchange.attempts < policy.attempts, Self.isIdempotent(exchange.context.head.method), canResend(exchange)
-        else { return false }
-        return pool.allowRetry()
     }
 
     /// Sends the request again, to another target when `preferOther` and one is available, within what is left of
@@ -418,13 +371,13 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         _ exchange: Exchange, context: ChannelHandlerContext, preferOther: Bool,
         after: EventLoopFuture<Void>? = nil
     ) -> Bool {
-        guard var request = exchange.upstreamRequest, let pool = exchange.context.route?.pool,
+        guard var request = exchange.attempts.request, let pool = exchange.context.route?.pool,
             remainingMilliseconds(exchange) > 0
         else { return false }
         let hashKey = pool.hashHeader.flatMap { exchange.context.head.headers.first(name: $0) }
         guard
             case .success(let lease) = pool.pick(
-                hashKey: hashKey, excluding: preferOther ? exchange.triedTargets : [], firstAttempt: false)
+                hashKey: hashKey, excluding: preferOther ? exchange.attempts.triedTargets : [], firstAttempt: false)
         else { return false }
         exchange.transfer?.cancel()
         exchange.transfer = nil
@@ -453,36 +406,30 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let lease = exchange.context.lease
         lease?.record(.of(status: head.status))
         guard let pool = exchange.context.route?.pool else { return false }
-        if head.status == 429 || head.status == 503, pool.config.pauseOnRetryAfter != .off,
-            let value = head.headers.first(where: { $0.name.caseInsensitiveEquals("Retry-After") })?.value,
-            let seconds = Self.retryAfterSeconds(value)
+        switch RetryAfterPauseDecision.of(
+            status: head.status, headers: head.headers, mode: pool.config.pauseOnRetryAfter,
+            nowMilliseconds: HTTPDate.nowMilliseconds())
         {
-            switch pool.config.pauseOnRetryAfter {
-            case .upstream:
-                if let pause = lease?.pause(status: head.status, seconds: seconds) { core.store.announcePause(pause) }
-            case .consumer:
-                pool.callerPauses.pause(exchange.context.callerKey, status: head.status, seconds: seconds)
-            case .off:
-                break
+        case .target(let status, let seconds):
+            if let pause = lease?.pause(status: status, seconds: seconds) { core.store.announcePause(pause) }
+        case .caller(let status, let seconds):
+            pool.callerPauses.pause(exchange.context.callerKey, status: status, seconds: seconds)
+        case nil:
+            break
+        }
+        var next = exchange.attempts.answered(
+            status: head.status, responseStarted: exchange.responseStarted, carriesToken: exchange.token != nil,
+            budget: pool.allowRetry)
+        if next == .resendWithFreshToken {
+            if let token = exchange.token, let grant = pool.oauth2,
+                let refreshed = core.oauth2.refreshAfterRefusal(of: token, for: grant, on: context.eventLoop)
+            {
+                return resend(exchange, context: context, preferOther: false, after: refreshed)
             }
+            next = exchange.attempts.noFreshToken(status: head.status, budget: pool.allowRetry)
         }
-        guard !exchange.responseStarted else { return false }
-        if head.status == 401, let token = exchange.token, let grant = pool.oauth2, !exchange.tokenRefreshed,
-            canResend(exchange),
-            let refreshed = core.oauth2.refreshAfterRefusal(of: token, for: grant, on: context.eventLoop)
-        {
-            exchange.tokenRefreshed = true
-            return resend(exchange, context: context, preferOther: false, after: refreshed)
-        }
-        return mayRetry(exchange, after: .status(head.status)) && resend(exchange, context: context, preferOther: true)
-    }
-
-    /// `Retry-After` as seconds from now: delay-seconds or an HTTP date.
-    static func retryAfterSeconds(_ value: String) -> Int? {
-        let trimmed = value.trimmingCharacters(in: .whitespaces)
-        if let seconds = Int(trimmed) { return seconds >= 0 ? seconds : nil }
-        guard let date = HTTPDate.parse(trimmed) else { return nil }
-        return Int(max(0, date - HTTPDate.nowMilliseconds() / 1000))
+        guard case .retry(let preferOther) = next else { return false }
+        return resend(exchange, context: context, preferOther: preferOther)
     }
 
     private func requestBody(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
@@ -490,11 +437,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         exchange.context.bytesIn += buffer.readableBytes
         let limit = exchange.runtime.config.server.limits.maxBodyBytes
         if exchange.context.bytesIn > limit {
-            if exchange.responseStarted {
-                abort(context: context)
-            } else {
-                respondError(.bodyTooLarge(limit: limit), exchange, context: context)
-            }
+            respondError(.bodyTooLarge(limit: limit), exchange, context: context)
             return
         }
         if let transfer = exchange.transfer, !exchange.responseEnded {
@@ -615,8 +558,17 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
         sendWhole(head, body: exchange.isHead ? nil : answer.body, exchange, context: context)
     }
 
+    /// The one way a failure reaches the client. Once the answer started, the connection closes (the failure is
+    /// logged). Before, a stored entry stands in for a failure on the upstream's side when stale-if-error allows;
+    /// otherwise the client gets the problem+json answer.
     func respondError(_ error: GatewayError, _ exchange: Exchange, context: ChannelHandlerContext) {
+        if error.origin == .upstream, servedStale(forFailure: nil, exchange, context: context) { return }
+        exchange.cache?.finish(intact: false, on: context.eventLoop)
         exchange.context.error = error
+        if exchange.responseStarted {
+            abort(context: context)
+            return
+        }
         exchange.context.status = Int(error.status.code)
         if error.closeConnection { exchange.context.keepAlive = false }
         // A client waiting for 100 Continue will not send its body now: close rather than wait for it.
@@ -688,10 +640,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if let cache = exchange.cache {
                 if cache.revalidating, head.status == 304 {
                     exchange.notModified = head
-                } else if head.status >= 500, let stale = cache.staleForError(now: HTTPDate.nowMilliseconds()) {
-                    exchange.transfer?.cancel()
-                    exchange.transfer = nil
-                    serveStaleForError(stale, upstreamStatus: head.status, exchange, context: context)
+                } else if head.status >= 500, servedStale(forFailure: head.status, exchange, context: context) {
                     return
                 } else {
                     exchange.context.cacheStatus = cache.responseArrived(
@@ -735,8 +684,11 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if let error = completion.error {
                 let lease = exchange.context.lease
                 lease?.record(error.kind == .cancelled || error.kind == .requestBody ? .neutral : .failure)
-                if error.kind == .connect || error.kind == .connectTimeout, !exchange.responseStarted,
-                    mayRetry(exchange, after: .connectFailure), resend(exchange, context: context, preferOther: true)
+                if let pool = exchange.context.route?.pool,
+                    case .retry(let preferOther) = exchange.attempts.failed(
+                        GatewayError(upstream: error), responseStarted: exchange.responseStarted,
+                        budget: pool.allowRetry),
+                    resend(exchange, context: context, preferOther: preferOther)
                 {
                     return
                 }
@@ -791,40 +743,11 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func upstreamFailed(_ error: UpstreamError, _ exchange: Exchange, context: ChannelHandlerContext) {
-        if !exchange.responseStarted, let stale = exchange.cache?.staleForError(now: HTTPDate.nowMilliseconds()) {
-            serveStaleForError(stale, upstreamStatus: nil, exchange, context: context)
-            return
-        }
-        exchange.cache?.finish(intact: false, on: context.eventLoop)
-        let routeID = exchange.context.route?.config.id ?? "-"
         let upstreamName = exchange.context.route?.pool?.config.name ?? "-"
         exchange.context.route?.metrics.recordUpstreamError(upstream: upstreamName, kind: "\(error.kind)")
-        let answer: GatewayError
-        switch error.kind {
-        case .timeout:
-            answer = .upstreamTimeout
-        case .connectTimeout, .connect:
-            answer = GatewayError(status: .badGateway, detail: "The upstream could not be reached.", origin: .upstream)
-        case .tls:
-            answer = GatewayError(
-                status: .badGateway, detail: "The TLS handshake with the upstream failed.", origin: .upstream)
-        case .requestBody:
-            answer = GatewayError(
-                status: .badRequest, detail: "The request body could not be read.", origin: .client,
-                closeConnection: true)
-        case .cancelled:
-            answer = GatewayError(
-                status: .serviceUnavailable, detail: "The gateway is shutting down.", origin: .gateway)
-        case .reset, .other:
-            answer = GatewayError(status: .badGateway, detail: "The upstream connection failed.", origin: .upstream)
-        }
-        core.logger.debug("upstream failed", metadata: ["route": "\(routeID)", "error": "\(error)"])
-        if exchange.responseStarted {
-            exchange.context.error = answer
-            abort(context: context)
-        } else {
-            respondError(answer, exchange, context: context)
-        }
+        core.logger.debug(
+            "upstream failed", metadata: ["route": "\(exchange.context.route?.config.id ?? "-")", "error": "\(error)"])
+        respondError(GatewayError(upstream: error), exchange, context: context)
     }
 
     // MARK: finishing
