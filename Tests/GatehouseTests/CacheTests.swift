@@ -193,8 +193,14 @@ import Testing
             #expect(revalidated.header("Cache-Status")?.contains("fwd-status=304") == true)
             #expect(revalidated.body == first.body, "the stored body, not the 304's empty one")
             #expect(h.upstream.requestCount == 2)
-            // The refreshed entry is written in the background: give a loaded machine time to land it.
-            try await Task.sleep(for: .milliseconds(300))
+            // The refreshed entry is written in the background: wait until Redis has it (the second store).
+            let written = ContinuousClock.now + .seconds(3)
+            while ContinuousClock.now < written,
+                try await !request(port: h.adminPort, "/metrics").text.contains(
+                    "gatehouse_cache_stores_total{route=\"c\"} 2")
+            {
+                try await Task.sleep(for: .milliseconds(10))
+            }
             let refreshed = try await Self.get(h, path)
             // The client's own conditional request is answered 304 from the cache.
             let conditional = try await Self.get(h, path, headers: [("If-None-Match", "\"v1\"")])
