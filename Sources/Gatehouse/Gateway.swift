@@ -109,8 +109,9 @@ public final class Gateway: Sendable {
                     try channel.pipeline.syncOperations.addHandler(HTTPResponseEncoder(configuration: encoder))
                     try channel.pipeline.syncOperations.addHandler(makeDecoder())
                     try channel.pipeline.syncOperations.addHandler(
-                        GatewayHandler(core: core, activity: activity, tls: sslContext != nil, makeDecoder: makeDecoder)
-                    )
+                        GatewayHandler(
+                            core: core, activity: activity, tls: sslContext != nil, eventLoop: channel.eventLoop,
+                            makeDecoder: makeDecoder))
                 }
             }
         return try await bootstrap.bind(host: config.server.listen.host, port: config.server.listen.port).get()

@@ -143,3 +143,38 @@ import UpstreamClient
         #expect(RetryAfterPauseDecision.retryAfterSeconds("-1", nowMilliseconds: 0) == nil)
     }
 }
+
+/// The exchange's progress as a value: what the connection does when the answer or the request completes.
+@Suite struct ExchangeStateTests {
+    @Test func anAnswerAfterTheWholeRequestFinishesTheExchange() {
+        var state = ExchangeState()
+        #expect(state.requestCompleted() == .endUpstreamBody)
+        state.answerBegan()
+        #expect(state.answerStarted && !state.answerComplete)
+        #expect(state.answerCompleted(keepAlive: true) == .finish)
+        #expect(!state.answerEndWritten)
+    }
+
+    @Test func anEarlyAnswerEndsFirstAndTheExchangeFinishesWithTheRequest() {
+        var state = ExchangeState()
+        state.waitingFor = .phase
+        #expect(state.answerCompleted(keepAlive: true) == .endAnswerAndDrainRequest)
+        #expect(state.answerEndWritten)
+        #expect(state.waitingFor == nil)
+        #expect(state.requestCompleted() == .finish)
+    }
+
+    @Test func anEarlyAnswerOnAClosingConnectionFinishesAtOnce() {
+        var state = ExchangeState()
+        #expect(state.answerCompleted(keepAlive: false) == .finish)
+    }
+
+    @Test func theLogPhaseRunsOnce() {
+        var state = ExchangeState()
+        state.abandoned()
+        #expect(state.answerComplete)
+        let first = state.markLogged()
+        let second = state.markLogged()
+        #expect(first && !second)
+    }
+}

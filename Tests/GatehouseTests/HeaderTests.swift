@@ -24,7 +24,7 @@ import UpstreamClient
                 ("Keep-Alive", "timeout=5"), ("Transfer-Encoding", "chunked"), ("Proxy-Authenticate", "Basic"),
                 ("Via", "1.0 origin"), ("X-Request-ID", "spoofed"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
             ])
-        let head = Pipeline.responseHead(for: upstream, Self.context([("Host", "a")]))
+        let head = RespondPhase.head(for: upstream, Self.context([("Host", "a")]))
         #expect(head.status == .ok)
         #expect(head.headers["Content-Type"] == ["text/plain"])
         for name in ["Connection", "X-Internal", "Keep-Alive", "Proxy-Authenticate"] {
@@ -39,13 +39,13 @@ import UpstreamClient
     @Test func contentLengthIsDroppedWhenTheUpstreamAlsoSentTransferEncoding() {
         let both = UpstreamResponseHead(
             status: 200, headers: [("Content-Length", "10"), ("Transfer-Encoding", "chunked")])
-        #expect(Pipeline.responseHead(for: both, Self.context([("Host", "a")])).headers["Content-Length"].isEmpty)
+        #expect(RespondPhase.head(for: both, Self.context([("Host", "a")])).headers["Content-Length"].isEmpty)
         let conflicting = UpstreamResponseHead(
             status: 200, headers: [("Content-Length", "10"), ("Content-Length", "12")])
         #expect(
-            Pipeline.responseHead(for: conflicting, Self.context([("Host", "a")])).headers["Content-Length"].isEmpty)
+            RespondPhase.head(for: conflicting, Self.context([("Host", "a")])).headers["Content-Length"].isEmpty)
         let one = UpstreamResponseHead(status: 200, headers: [("content-length", "10")])
-        #expect(Pipeline.responseHead(for: one, Self.context([("Host", "a")])).headers["Content-Length"] == ["10"])
+        #expect(RespondPhase.head(for: one, Self.context([("Host", "a")])).headers["Content-Length"] == ["10"])
     }
 
     @Test func clientAddressBehindTrustedProxies() {

@@ -3,115 +3,45 @@ import NIOCore
 import NIOHTTP1
 import UpstreamClient
 
-/// The corridor every request walks, top to bottom. Each phase lets the request go on or answers it.
-///
-/// | phase        | job                                                        | may answer with       |
-/// |--------------|------------------------------------------------------------|-----------------------|
-/// | accept       | request id, client address, framing and size limits        | 400 413 431           |
-/// | route        | normalise the path, match host/method/path, bind params    | 400 404 405           |
-/// | authenticate | API key or JWT -> caller                                   | 401 403 503           |
-/// | rate limit   | every policy that applies, one Redis round trip            | 429 (503 `deny`)      |
-/// | direct       | a `respond` route answers here, after auth and limits      | `respond`             |
-/// | cache lookup | key, fresh hit, 304, stale rules, coalescing               | cached answer         |
-/// | pick target  | balancer over healthy targets, breakers, Retry-After pauses | 503 (429)             |
-/// | forward      | rewrite path and headers, stream through libcurl           | 502 504               |
-/// | cache store  | decide cacheability, store while streaming to the client   |                       |
-/// | respond      | response headers (X-Request-ID, Via, Cache-Status)         |                       |
-/// | log          | access log line and metrics; always runs                   |                       |
-///
-/// The connection handler (`GatewayHandler`) runs ``beforeForward(_:runtime:cache:)``; on a cacheable request
-/// it looks the response up (``CacheExchange`` decides) and, when it must go upstream, runs ``forward(_:runtime:)``.
-/// It then streams the exchange (storing as it goes), and runs ``responseHead(for:_:)`` and ``log(_:gateway:)``.
-/// Time outs (408) happen below the HTTP codec.
-enum Pipeline {
-    /// What the phases before forwarding decided.
-    enum Decision {
-        case forward(UpstreamRequest)
-        case direct(DirectAnswer)
-        /// Authentication needs an answer from elsewhere (Redis for a runtime key, an issuer's keys): continue
-        /// with ``afterAuthentication(_:_:runtime:core:)`` when it completes (the caller, or nil for none).
-        case authenticating(EventLoopFuture<Caller?>)
-        /// Look the response up in the cache first.
-        case lookUp(CacheExchange)
-        /// The rate-limit check is out at Redis: continue with ``afterRateLimit(_:_:runtime:core:)``.
-        case rateLimiting(EventLoopFuture<RateLimitOutcome>)
-    }
+/// The phases that decide before anything goes to the cache or upstream, in their order.
+enum DecidingPhase: Int {
+    case accept, route, authenticate, rateLimit
 
-    static func beforeForward(
-        _ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop
-    ) throws(GatewayError) -> Decision {
-        try AcceptPhase.run(&context, runtime: runtime)
-        try RoutePhase.run(&context, runtime: runtime)
-        if let pending = try AuthenticatePhase.run(&context, runtime: runtime, core: core, eventLoop: eventLoop) {
-            return .authenticating(pending)
+    func run(_ context: inout RequestContext, _ environment: PhaseEnvironment) throws(GatewayError) -> PhaseStep {
+        switch self {
+        case .accept: try AcceptPhase.run(&context, environment)
+        case .route: try RoutePhase.run(&context, environment)
+        case .authenticate: try AuthenticatePhase.run(&context, environment)
+        case .rateLimit: RateLimitPhase.run(&context, environment)
         }
-        return try afterAuthentication(&context, runtime: runtime, core: core, eventLoop: eventLoop)
-    }
-
-    /// The phases after authentication: rate limit, cache lookup, then forward.
-    static func afterAuthentication(
-        _ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop
-    ) throws(GatewayError) -> Decision {
-        if let pending = RateLimitPhase.run(&context, runtime: runtime, core: core, eventLoop: eventLoop) {
-            return .rateLimiting(pending)
-        }
-        return try afterRateLimit(&context, runtime: runtime, core: core)
-    }
-
-    /// Continues after an asynchronous authentication with its outcome.
-    static func afterAuthentication(
-        _ outcome: Result<Caller?, Error>, _ context: inout RequestContext, runtime: Runtime, core: GatewayCore,
-        eventLoop: EventLoop
-    ) throws(GatewayError) -> Decision {
-        switch outcome {
-        case .success(let caller):
-            context.caller = caller
-        case .failure(let error as GatewayError):
-            throw error
-        case .failure(let error):
-            throw GatewayError(status: .serviceUnavailable, detail: "Authentication failed: \(error)", origin: .gateway)
-        }
-        return try afterAuthentication(&context, runtime: runtime, core: core, eventLoop: eventLoop)
-    }
-
-    /// Continues with the rate limit's outcome: 429 when a policy refused, else the cache lookup and forward.
-    static func afterRateLimit(
-        _ outcome: Result<RateLimitOutcome, Error>, _ context: inout RequestContext, runtime: Runtime,
-        core: GatewayCore
-    ) throws(GatewayError) -> Decision {
-        if case .success(let outcome) = outcome { try RateLimitPhase.apply(outcome, &context) }
-        return try afterRateLimit(&context, runtime: runtime, core: core)
-    }
-
-    static func afterRateLimit(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore)
-        throws(GatewayError) -> Decision
-    {
-        // A direct answer comes only now: `respond` routes pass authentication and rate limits like any other.
-        if let direct = context.route?.direct { return .direct(direct) }
-        if let lookup = CacheLookupPhase.run(&context, runtime: runtime, cache: core.cache) { return .lookUp(lookup) }
-        return .forward(try forward(&context, runtime: runtime))
-    }
-
-    /// The phases that send the request upstream: pick target, forward.
-    static func forward(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) -> UpstreamRequest {
-        try PickTargetPhase.run(&context)
-        return ForwardPhase.upstreamRequest(for: context, runtime: runtime)
-    }
-
-    static func responseHead(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
-        RespondPhase.head(for: upstream, context)
-    }
-
-    static func log(_ context: RequestContext, gateway: GatewayCore) {
-        LogPhase.run(context, gateway: gateway)
     }
 }
 
+/// What the deciding phases may use besides the request's context.
+struct PhaseEnvironment {
+    let runtime: Runtime
+    let core: GatewayCore
+    let eventLoop: EventLoop
+}
+
+/// What a deciding phase decided, when it did not answer (a phase answers by throwing a ``GatewayError``).
+enum PhaseStep {
+    /// The next phase runs now.
+    case next
+    /// The phase waits for an answer from elsewhere (Redis, an issuer's keys). Once it is in, the update records it
+    /// in the context, or throws the answer to the client; then the next phase runs.
+    case wait(EventLoopFuture<ContextUpdate>)
+}
+
+/// How a waiting phase's answer changes the request's context.
+typealias ContextUpdate = @Sendable (inout RequestContext) throws -> Void
+
 /// accept: checks what the HTTP codec cannot (Host, head size, declared body size).
 enum AcceptPhase {
-    static func run(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) {
+    static func run(_ context: inout RequestContext, _ environment: PhaseEnvironment) throws(GatewayError) -> PhaseStep
+    {
         let head = context.head
-        let limits = runtime.config.server.limits
+        let limits = environment.runtime.config.server.limits
         var headBytes = head.method.rawValue.utf8.count + head.uri.utf8.count + 12
         for (name, value) in head.headers { headBytes += name.utf8.count + value.utf8.count + 4 }
         if headBytes > limits.maxHeaderBytes { throw .headersTooLarge(limit: limits.maxHeaderBytes) }
@@ -122,7 +52,7 @@ enum AcceptPhase {
         if let host = hosts.first, !Self.isValidHost(host) { throw .badRequest("The request's Host is invalid.") }
         context.hostHeader = hosts.first ?? ""
         context.host = Self.hostName(context.hostHeader)
-        if runtime.config.server.headersWithUnderscores == .reject,
+        if environment.runtime.config.server.headersWithUnderscores == .reject,
             head.headers.contains(where: { $0.name.utf8.contains(UInt8(ascii: "_")) })
         {
             throw .badRequest("The request has a header whose name contains an underscore.")
@@ -138,6 +68,7 @@ enum AcceptPhase {
             }
             if length > limits.maxBodyBytes { throw .bodyTooLarge(limit: limits.maxBodyBytes) }
         }
+        return .next
     }
 
     /// Whether a Host header is `host[:port]` (RFC 9110 §7.2): a registered name or IPv4 address made of
@@ -223,7 +154,9 @@ enum RoutePhase {
     /// What the gateway answers CONNECT with: the methods a route may take.
     static let methodsForConnect = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
-    static func run(_ context: inout RequestContext, runtime: Runtime) throws(GatewayError) {
+    static func run(_ context: inout RequestContext, _ environment: PhaseEnvironment) throws(GatewayError) -> PhaseStep
+    {
+        let runtime = environment.runtime
         // The gateway is no tunnel: CONNECT never reaches a route or an upstream.
         if context.head.method == .CONNECT {
             var refusal = GatewayError.methodNotAllowed(allow: methodsForConnect)
@@ -256,31 +189,40 @@ enum RoutePhase {
             context.route = runtime.routes[index]
             context.parameters = parameters
         }
+        return .next
     }
 }
 
 /// authenticate: API key or JWT -> caller, as the route's `auth` and `auth_methods` say (``Authenticator``).
 /// Returns nil when decided here (the caller, if any, is in the context), or the answer still to come.
 enum AuthenticatePhase {
-    static func run(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop)
-        throws(GatewayError) -> EventLoopFuture<Caller?>?
+    static func run(_ context: inout RequestContext, _ environment: PhaseEnvironment) throws(GatewayError) -> PhaseStep
     {
         // Authorization is a singleton field: with two, the gateway and the upstream could each read another one.
         if context.head.headers.lazy.filter({ $0.name.caseInsensitiveEquals("Authorization") }).count > 1 {
             throw Authenticator.unauthorized(
                 "The request has more than one Authorization header.", error: "invalid_request")
         }
-        guard let route = context.route, route.config.auth != .none else { return nil }
-        return try core.authenticator.authenticate(&context, route: route, runtime: runtime, eventLoop: eventLoop)
+        guard let route = context.route, route.config.auth != .none,
+            let pending = try environment.core.authenticator.authenticate(
+                &context, route: route, runtime: environment.runtime, eventLoop: environment.eventLoop)
+        else { return .next }
+        return .wait(
+            pending.map { caller -> ContextUpdate in { $0.caller = caller } }.recover { error -> ContextUpdate in
+                let answer =
+                    error as? GatewayError
+                    ?? GatewayError(
+                        status: .serviceUnavailable, detail: "Authentication failed: \(error)", origin: .gateway)
+                return { _ in throw answer }
+            })
     }
 }
 
 /// rate limit: every policy that applies (the consumer's own, then the route's), checked together.
 enum RateLimitPhase {
-    static func run(_ context: inout RequestContext, runtime: Runtime, core: GatewayCore, eventLoop: EventLoop)
-        -> EventLoopFuture<RateLimitOutcome>?
-    {
-        guard let route = context.route else { return nil }
+    static func run(_ context: inout RequestContext, _ environment: PhaseEnvironment) -> PhaseStep {
+        let runtime = environment.runtime
+        guard let route = context.route else { return .next }
         var names: [String] = []
         if let caller = context.caller, caller.issuer == nil, let own = runtime.consumerRateLimits[caller.id] {
             names.append(own)
@@ -300,8 +242,12 @@ enum RateLimitPhase {
             }
             return RateLimitCheck(rule: rule, key: RateLimiter.key(policy, identity: identity))
         }
-        guard !checks.isEmpty else { return nil }
-        return core.rateLimiter.check(checks, on: eventLoop)
+        guard !checks.isEmpty else { return .next }
+        // The limiter answers from its local fallback when Redis fails; a failure here lets the request on.
+        return .wait(
+            environment.core.rateLimiter.check(checks, on: environment.eventLoop).map { outcome -> ContextUpdate in
+                { context in try apply(outcome, &context) }
+            }.recover { _ in { _ in } })
     }
 
     /// Keeps the headers for the answer; refuses with 429 (or 503 when a `deny` policy could not be checked).
@@ -543,7 +489,8 @@ enum ForwardPhase {
     }
 }
 
-/// respond: the headers the client gets on a forwarded answer.
+/// respond: the one builder of the heads the client gets, for upstream answers, cache hits, direct answers and
+/// errors alike. Each adds what is its own, then ``finish(_:status:_:)`` what every answer carries.
 enum RespondPhase {
     static let droppedResponseHeaders: Set<String> = [
         "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
@@ -591,13 +538,64 @@ enum RespondPhase {
         {
             headers.add(name: "Transfer-Encoding", value: "chunked")
         }
-        headers.add(name: "X-Request-ID", value: context.requestID)
         headers.add(name: "Via", value: via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse")
-        if let cacheStatus = context.cacheStatus { headers.add(name: "Cache-Status", value: cacheStatus) }
+        return finish(&headers, status: HTTPResponseStatus(statusCode: upstream.status), context)
+    }
+
+    /// A stored entry's answer: 304 when the client's own conditional matches it, else the whole response (the
+    /// caller sends the body unless the status is 204 or 304). `context.cacheStatus` says how it was found.
+    static func head(for entry: CacheEntry, _ context: RequestContext) -> HTTPResponseHead {
+        let notModified = CachePolicy.notModified(context.head.headers, entry: entry)
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(entry.headers.count + 5)
+        for (name, value) in entry.headers where !notModified || keptOnNotModified(name) {
+            headers.add(name: name, value: value)
+        }
+        let age = max(0, CacheExchange.seconds(entry.age(now: HTTPDate.nowMilliseconds())))
+        headers.add(name: "Age", value: String(age))
+        let status = notModified ? 304 : entry.status
+        if status != 204, status != 304 { headers.add(name: "Content-Length", value: String(entry.body.readableBytes)) }
+        return finish(&headers, status: HTTPResponseStatus(statusCode: status), context)
+    }
+
+    /// Headers a 304 from the cache carries (RFC 9110 §15.4.5).
+    private static func keptOnNotModified(_ name: String) -> Bool {
+        switch name.lowercased() {
+        case "etag", "cache-control", "content-location", "date", "expires", "vary", "last-modified", "via": true
+        default: false
+        }
+    }
+
+    /// A `respond` route's answer.
+    static func head(for direct: DirectAnswer, _ context: RequestContext) -> HTTPResponseHead {
+        var headers = direct.headers
+        return finish(&headers, status: direct.status, context)
+    }
+
+    /// A problem+json answer of `bodyLength` bytes (``ProblemResponse`` renders the body).
+    static func head(for error: GatewayError, bodyLength: Int, _ context: RequestContext) -> HTTPResponseHead {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(6 + error.headers.count)
+        headers.add(name: "Content-Type", value: "application/problem+json")
+        headers.add(name: "Content-Length", value: String(bodyLength))
+        for (name, value) in error.headers { headers.add(name: name, value: value) }
+        return finish(&headers, status: error.status, context)
+    }
+
+    /// What every answer carries: its request id, the `Cache-Status` of a caching route, the rate limits, and
+    /// `Connection: close` when the connection ends after it.
+    private static func finish(_ headers: inout HTTPHeaders, status: HTTPResponseStatus, _ context: RequestContext)
+        -> HTTPResponseHead
+    {
+        headers.add(name: "X-Request-ID", value: context.requestID)
+        if let cacheStatus = context.cacheStatus {
+            headers.add(name: "Cache-Status", value: cacheStatus)
+        } else if context.route?.config.cache != nil {
+            headers.add(name: "Cache-Status", value: "gatehouse; fwd=bypass")
+        }
         for (name, value) in context.rateLimitHeaders { headers.add(name: name, value: value) }
         if !context.keepAlive { headers.add(name: "Connection", value: "close") }
-        return HTTPResponseHead(
-            version: context.head.version, status: HTTPResponseStatus(statusCode: upstream.status), headers: headers)
+        return HTTPResponseHead(version: context.head.version, status: status, headers: headers)
     }
 }
 
