@@ -530,7 +530,7 @@ import Testing
             RateLimitPolicy(name: "p", requests: 1, per: .seconds(1), burst: 1), factory: GatewayMetrics().factory)
         let check = RateLimitCheck(rule: rule, key: "k")
         let reply = RedisValue.array([.integer(1), .integer(Int64.max), .integer(Int64.max), .integer(Int64.min)])
-        let outcome = try? RateLimiter.outcome([check], reply: reply)
+        let outcome = try? RedisStore.rateLimitOutcome([check], reply: reply)
         #expect(outcome.map { RateLimitOutcome.seconds($0.members[0].resetMilliseconds) } ?? 0 > 0)
         _ = outcome?.headers
         #expect(OAuth2Tokens.decodeStored(Array("-9223372036854775808 9223372036854775807 t".utf8)) == nil)

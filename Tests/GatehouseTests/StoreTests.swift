@@ -29,6 +29,31 @@ import Testing
         try await Task.sleep(for: .milliseconds(700))
         #expect(try await store.get(key + "-short") == nil)
         #expect(try await store.increment(key + "-n", expireMilliseconds: 400) == 1, "the counter expired")
+        try await exerciseLock(store, other: nil, name: key + "-lock")
+    }
+
+    /// The fleet lock: one holder at a time, given back by its holder only, and gone by itself when it expires.
+    /// `other` is a second instance on the same store, when there is one.
+    static func exerciseLock(_ store: SharedStore, other: SharedStore?, name: String) async throws {
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        #expect(try await store.lock(name, milliseconds: 5000, on: loop).get())
+        #expect(try await !store.lock(name, milliseconds: 5000, on: loop).get())
+        #expect(try await store.isLocked(name, on: loop).get())
+        if let other {
+            #expect(try await !other.lock(name, milliseconds: 5000, on: loop).get())
+            other.unlock(name, on: loop)
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(try await store.isLocked(name, on: loop).get(), "only its holder gives a lock back")
+        }
+        store.unlock(name, on: loop)
+        let deadline = ContinuousClock.now + .seconds(2)
+        while try await store.isLocked(name, on: loop).get(), ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(try await store.lock(name, milliseconds: 100, on: loop).get(), "given back")
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(try await !store.isLocked(name, on: loop).get(), "expired")
+        #expect(try await (other ?? store).lock(name, milliseconds: 100, on: loop).get())
     }
 
     @Test func memoryStore() async throws {
@@ -44,6 +69,8 @@ import Testing
         try await waitUntil { client.isConnected }
         let store = RedisStore(client: client, prefix: "gh-test:", display: url)
         try await Self.exercise(store, prefix: "r")
+        let otherInstance = RedisStore(client: client, prefix: "gh-test:", display: url)
+        try await Self.exerciseLock(store, other: otherInstance, name: "two-\(UUID().uuidString)")
         _ = try await store.set("visible", [1], expireMilliseconds: 5000, onlyIfAbsent: false)
         #expect(try await client.get("gh-test:visible") == [1])
         await store.close()

@@ -291,11 +291,11 @@ final class CacheExchange {
     func land(_ entry: CacheEntry?) {
         if let loop = holdsLock {
             holdsLock = nil
-            let (store, route, name) = (cache.store, key.route, key.lockName)
+            let (store, name) = (cache.store, key.fleetLock)
             if let pendingWrite {
-                pendingWrite.whenComplete { _ in store.cacheUnlock(route: route, name: name, on: loop) }
+                pendingWrite.whenComplete { _ in store.unlock(name, on: loop) }
             } else {
-                store.cacheUnlock(route: route, name: name, on: loop)
+                store.unlock(name, on: loop)
             }
         }
         guard leadsFlight else { return }

@@ -47,7 +47,8 @@ struct CacheKey: Sendable, Hashable {
     var flightKey: String { route + "\u{0}" + path + "\u{0}" + base }
 
     /// The name of the fleet-wide fetch lock (`lock_timeout`).
-    var lockName: String { path + "\u{0}" + base }
+    /// The fleet lock on fetching this entry when it is missing (`lock_timeout`).
+    var fleetLock: String { "cache:" + route + ":" + path + "\u{0}" + base }
 }
 
 /// What a lookup saw, so that what it leads to is written only if no purge came in between: the store's

@@ -77,11 +77,11 @@ extension Exchange {
     private func lockFleetWide(_ cache: CacheExchange) {
         let timeout = cache.config.lockTimeout.milliseconds
         let store = cache.cache.store
-        let (route, name, loop) = (cache.key.route, cache.key.lockName, eventLoop)
-        let locked = store.cacheLock(route: route, name: name, milliseconds: timeout, on: eventLoop)
+        let (name, loop) = (cache.key.fleetLock, eventLoop)
+        let locked = store.lock(name, milliseconds: timeout, on: eventLoop)
         // A lock taken for an exchange that ended meanwhile is given back.
         locked.whenSuccess { [bound = NIOLoopBound(self, eventLoop: eventLoop)] held in
-            if held, !bound.value.isLive { store.cacheUnlock(route: route, name: name, on: loop) }
+            if held, !bound.value.isLive { store.unlock(name, on: loop) }
         }
         whenLive(locked, waitingFor: .phase) { exchange, result in
             switch result {
@@ -105,7 +105,7 @@ extension Exchange {
             let loop = exchange.eventLoop
             let polled = cache.cache.lookup(
                 cache.key, headers: exchange.context.head.headers, localMilliseconds: 0, mayUseLocal: false, on: loop
-            ).and(store.cacheLockHeld(route: cache.key.route, name: cache.key.lockName, on: loop))
+            ).and(store.isLocked(cache.key.fleetLock, on: loop))
             exchange.whenLive(polled, waitingFor: .phase) { exchange, result in
                 if case .success((.found(let entry, _), _)) = result,
                     entry.freshnessLeft(now: HTTPDate.nowMilliseconds()) > 0

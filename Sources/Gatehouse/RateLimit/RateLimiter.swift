@@ -3,7 +3,6 @@ import Crypto
 import GatehouseConfig
 import Logging
 import NIOCore
-import RedisClient
 import Synchronization
 
 /// A policy as the request path uses it, made once per config load: its script arguments, its member of
@@ -11,8 +10,9 @@ import Synchronization
 /// `gatehouse_rate_limit_fallback_total{policy,mode}`).
 final class RateLimitRule: Sendable {
     let policy: RateLimitPolicy
-    /// Algorithm (1 GCRA, 2 sliding window, 3 fixed window), requests, period in ms, burst.
-    let scriptArguments: [RedisArgument]
+    /// The store's arguments for the policy: algorithm (1 GCRA, 2 sliding window, 3 fixed window), requests,
+    /// period in ms, burst.
+    let scriptArguments: [String]
     /// `"name";q=<requests>;w=<seconds>`.
     let policyHeader: String
     let allowedCounter: CoreMetrics.Counter
@@ -28,8 +28,8 @@ final class RateLimitRule: Sendable {
             case .fixedWindow: "3"
             }
         scriptArguments = [
-            .string(algorithm), .string(String(max(1, policy.requests))),
-            .string(String(max(1, policy.per.milliseconds))), .string(String(max(1, policy.burst))),
+            algorithm, String(max(1, policy.requests)), String(max(1, policy.per.milliseconds)),
+            String(max(1, policy.burst)),
         ]
         policyHeader =
             "\"\(policy.name)\";q=\(policy.requests);w=\(RateLimitOutcome.seconds(policy.per.milliseconds))"
@@ -88,21 +88,17 @@ struct RateLimitOutcome: Sendable {
 /// All the policies of a request are checked by one Lua script: each is evaluated, and only when all pass are
 /// their buckets updated, so a request one policy refuses consumes nothing from the others.
 final class RateLimiter: Sendable {
-    private let store: SharedStore
+    private let store: RateLimitStore
     private let local = LocalRateLimiter()
     private let logger: Logger
 
-    init(store: SharedStore, logger: Logger) {
+    init(store: RateLimitStore, logger: Logger) {
         self.store = store
         self.logger = logger
     }
 
     func check(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
-        guard store.usesRedis else {
-            // memory://: one instance, so memory is exact.
-            return eventLoop.makeSucceededFuture(record(local.check(checks)))
-        }
-        return store.rateLimit(checks, on: eventLoop).map { self.record($0) }.recover { error in
+        store.rateLimit(checks, on: eventLoop).map { self.record($0) }.recover { error in
             self.logger.debug("rate limit check failed", metadata: ["error": "\(error)"])
             return self.record(self.fallback(checks))
         }
@@ -144,118 +140,6 @@ final class RateLimiter: Sendable {
         let part =
             safe ? identity : "h:" + SHA256.hash(data: Array(identity.utf8)).map { String($0, radix: 16) }.joined()
         return "rl:" + policy.name + ":" + part
-    }
-
-    /// The script: KEYS are the buckets; ARGV holds four numbers per policy: algorithm (1 GCRA, 2 sliding window,
-    /// 3 fixed window), requests, period in ms, burst. Returns, per policy: allowed, remaining, reset ms, retry ms.
-    static let script = RedisScript(
-        """
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-        local n = #KEYS
-        local out = {}
-        local commits = {}
-        local all = true
-        for i = 1, n do
-          local alg = tonumber(ARGV[i * 4 - 3])
-          local limit = tonumber(ARGV[i * 4 - 2])
-          local period = tonumber(ARGV[i * 4 - 1]) * 1000
-          local burst = tonumber(ARGV[i * 4])
-          local key = KEYS[i]
-          local allowed, remaining, reset, retry
-          if alg == 1 then
-            -- GCRA in whole microseconds: exact integers in a double.
-            local interval = math.max(1, math.floor(period / limit + 0.5))
-            local capacity = burst * interval
-            local tat = tonumber(redis.call('GET', key) or '0')
-            if tat < now then tat = now end
-            local new = tat + interval
-            if new - now <= capacity then
-              allowed = 1
-              remaining = math.floor((capacity - (new - now)) / interval)
-              reset = new - now
-              retry = 0
-              commits[i] = {'gcra', new, new - now}
-            else
-              allowed = 0
-              remaining = 0
-              reset = tat - now
-              retry = new - now - capacity
-            end
-          else
-            local window = math.floor(now / period)
-            local into = now % period
-            local current = tonumber(redis.call('GET', key .. ':' .. window) or '0')
-            local previous = 0
-            if alg == 2 then previous = tonumber(redis.call('GET', key .. ':' .. (window - 1)) or '0') end
-            local used = previous * (1 - into / period) + current
-            reset = period - into
-            if used + 1 <= limit then
-              allowed = 1
-              remaining = math.floor(limit - used - 1)
-              retry = 0
-              commits[i] = {'count', key .. ':' .. window, (alg == 2 and 2 or 1) * period}
-            else
-              allowed = 0
-              remaining = 0
-              if current + 1 > limit then
-                -- Not before the next window; there the current count weighs as the previous one.
-                retry = reset
-                if alg == 2 and current > 0 then
-                  retry = reset + math.max(0, math.ceil((1 - (limit - 1) / current) * period))
-                end
-              else
-                -- The previous window's weight has to fall far enough within this one.
-                retry = math.ceil((1 - (limit - current - 1) / previous) * period) - into
-              end
-            end
-          end
-          if allowed == 0 then all = false end
-          out[#out + 1] = allowed
-          out[#out + 1] = remaining
-          out[#out + 1] = reset
-          out[#out + 1] = retry
-        end
-        if all then
-          for i = 1, n do
-            local c = commits[i]
-            if c[1] == 'gcra' then
-              redis.call('SET', KEYS[i], string.format('%d', c[2]), 'PX', math.max(1, math.ceil(c[3] / 1000)))
-            else
-              redis.call('INCR', c[2])
-              redis.call('PEXPIRE', c[2], math.ceil(c[3] / 1000))
-            end
-          end
-        else
-          -- A refused request counted nothing: the others' remaining is one more than computed.
-          for i = 1, n do
-            if out[i * 4 - 3] == 1 then out[i * 4 - 2] = out[i * 4 - 2] + 1 end
-          end
-        end
-        -- Times go back in whole milliseconds, rounded up.
-        for i = 1, n do
-          out[i * 4 - 1] = math.ceil(out[i * 4 - 1] / 1000)
-          out[i * 4] = math.ceil(out[i * 4] / 1000)
-        end
-        return out
-        """)
-
-    static func arguments(_ checks: [RateLimitCheck]) -> [RedisArgument] {
-        checks.flatMap(\.rule.scriptArguments)
-    }
-
-    static func outcome(_ checks: [RateLimitCheck], reply: RedisValue) throws -> RateLimitOutcome {
-        guard case .array(let items?) = reply, items.count == checks.count * 4 else {
-            throw RedisError(.protocolError, "unexpected reply to the rate limit script")
-        }
-        // Bounded, so that no reply (another script under the same name, a damaged server) can trap the sums.
-        let numbers = items.map { min(max($0.integer ?? 0, 0), 1 << 46) }
-        return RateLimitOutcome(
-            members: checks.enumerated().map { index, check in
-                .init(
-                    rule: check.rule, allowed: numbers[index * 4] == 1, remaining: Int(numbers[index * 4 + 1]),
-                    resetMilliseconds: numbers[index * 4 + 2], retryMilliseconds: numbers[index * 4 + 3])
-            })
     }
 }
 

@@ -3,7 +3,6 @@ import Foundation
 import GatehouseConfig
 import Logging
 import NIOCore
-import RedisClient
 import Synchronization
 import UpstreamClient
 
@@ -38,17 +37,15 @@ final class OAuth2Tokens: Sendable {
     /// are: an upstream that refuses every token cannot make the gateway fetch one per request.
     static let refusalInterval: Int64 = 5_000
 
-    private let store: SharedStore
+    private let store: KeyValueStore & FleetLock
     private let client: UpstreamClient
     private let logger: Logger
     private let slots = Mutex<[String: Slot]>([:])
     /// Acquisitions under way, so that shutdown can wait for them while the event loops still run.
     private let running = Mutex<[UUID: Task<Void, Never>]>([:])
     private let metrics: GatewayMetrics
-    /// Identifies this instance's lock.
-    private let owner = Array(UUID().uuidString.utf8)
 
-    init(store: SharedStore, client: UpstreamClient, metrics: GatewayMetrics, logger: Logger) {
+    init(store: KeyValueStore & FleetLock, client: UpstreamClient, metrics: GatewayMetrics, logger: Logger) {
         self.store = store
         self.client = client
         self.metrics = metrics
@@ -157,40 +154,48 @@ final class OAuth2Tokens: Sendable {
         }
     }
 
-    /// A token from the store, or fetched by this instance (under the store's lock when Redis is there).
+    /// A token from the store, or fetched by the one instance that takes the fleet lock while the others wait for
+    /// it. When the store cannot be asked, this instance fetches a token for itself.
     private func sharedToken(_ grant: OAuth2Grant, loop: EventLoop) async throws -> Token {
-        guard store.usesRedis else { return try await fetch(grant, loop: loop) }
         let key = grant.key
-        let lockKey = key + ":lock"
-        do {
-            for _ in 0..<2 {
+        let lock = "oauth2:" + key
+        for _ in 0..<2 {
+            let locked: Bool
+            do {
                 if let stored = try await freshStored(key) { return stored }
-                if try await store.set(lockKey, owner, expireMilliseconds: 10_000, onlyIfAbsent: true) {
-                    do {
-                        let token = try await fetch(grant, loop: loop)
-                        let ttl = Int(token.refreshAt - Self.wallMilliseconds())
-                        if ttl > 0 {
-                            _ = try? await store.set(
-                                key, Self.encodeStored(token), expireMilliseconds: ttl, onlyIfAbsent: false)
-                        }
-                        _ = try? await store.delete(lockKey, ifEqualTo: owner)
-                        return token
-                    } catch {
-                        _ = try? await store.delete(lockKey, ifEqualTo: owner)
-                        throw error
-                    }
+                locked = try await store.lock(lock, milliseconds: 10_000, on: loop).get()
+            } catch {
+                return try await fetchAlone(grant, loop: loop, because: error)
+            }
+            if locked {
+                defer { store.unlock(lock, on: loop) }
+                let token = try await fetch(grant, loop: loop)
+                let ttl = Int(token.refreshAt - Self.wallMilliseconds())
+                if ttl > 0 {
+                    _ = try? await store.set(
+                        key, Self.encodeStored(token), expireMilliseconds: ttl, onlyIfAbsent: false)
                 }
-                // Another instance is fetching: wait for its token, up to the lock's lifetime.
+                return token
+            }
+            // Another instance is fetching: wait for its token, up to the lock's lifetime.
+            do {
                 for _ in 0..<200 {
                     try await Task.sleep(for: .milliseconds(50))
                     if let stored = try await freshStored(key) { return stored }
-                    if try await store.get(lockKey) == nil { break }
+                    if try await !store.isLocked(lock, on: loop).get() { break }
                 }
+            } catch {
+                return try await fetchAlone(grant, loop: loop, because: error)
             }
-        } catch let error as RedisError {
-            logger.info(
-                "oauth2: the store is unavailable; fetching a token for this instance", metadata: ["error": "\(error)"])
         }
+        return try await fetch(grant, loop: loop)
+    }
+
+    /// The store failed: this instance fetches a token of its own (cancellation ends the acquisition instead).
+    private func fetchAlone(_ grant: OAuth2Grant, loop: EventLoop, because error: Error) async throws -> Token {
+        try Task.checkCancellation()
+        logger.info(
+            "oauth2: the store is unavailable; fetching a token for this instance", metadata: ["error": "\(error)"])
         return try await fetch(grant, loop: loop)
     }
 
