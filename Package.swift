@@ -1,6 +1,13 @@
 // swift-tools-version: 6.0
 import PackageDescription
 
+/// Every target's imports are internal unless marked `public import`, and a file sees only the members of the
+/// modules it imports itself: module boundaries the compiler enforces.
+let strictImports: [SwiftSetting] = [
+    .enableUpcomingFeature("InternalImportsByDefault"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
 let package = Package(
     name: "gatehouse",
     platforms: [.macOS(.v15)],
@@ -20,6 +27,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.7.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-http-structured-headers.git", from: "1.7.0"),
     ],
     targets: [
         .systemLibrary(
@@ -33,7 +42,8 @@ let package = Package(
         ),
         .target(
             name: "GatehouseConfig",
-            dependencies: [.product(name: "Yams", package: "Yams")]
+            dependencies: [.product(name: "Yams", package: "Yams")],
+            swiftSettings: strictImports
         ),
         .target(
             name: "RedisClient",
@@ -44,14 +54,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Crypto", package: "swift-crypto"),
-            ]
+            ],
+            swiftSettings: strictImports
         ),
         .target(
             name: "UpstreamClient",
             dependencies: [
                 "CCurl",
                 .product(name: "NIOCore", package: "swift-nio"),
-            ]
+            ],
+            swiftSettings: strictImports
         ),
         .target(
             name: "Gatehouse",
@@ -68,7 +80,10 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "JWTKit", package: "jwt-kit"),
-            ]
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "RawStructuredFieldValues", package: "swift-http-structured-headers"),
+            ],
+            swiftSettings: strictImports
         ),
         .executableTarget(
             name: "gatehouse",
@@ -76,8 +91,12 @@ let package = Package(
                 "Gatehouse",
                 "GatehouseConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strictImports
         ),
         .target(
             name: "DemoUpstream",
@@ -85,15 +104,18 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
-            ]
+            ],
+            swiftSettings: strictImports
         ),
         .executableTarget(
             name: "gatehouse-demo-upstream",
-            dependencies: ["DemoUpstream"]
+            dependencies: ["DemoUpstream"],
+            swiftSettings: strictImports
         ),
         .executableTarget(
             name: "gatehouse-redis-bench",
-            dependencies: ["RedisClient", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["RedisClient", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strictImports
         ),
         .testTarget(
             name: "GatehouseTests",
@@ -113,7 +135,8 @@ let package = Package(
                 .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
-            ]
+            ],
+            swiftSettings: strictImports
         ),
     ],
     swiftLanguageModes: [.v6]

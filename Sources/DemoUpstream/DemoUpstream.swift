@@ -1,7 +1,7 @@
 import Foundation
-import NIOCore
+public import NIOCore
 import NIOHTTP1
-import NIOPosix
+public import NIOPosix
 import Synchronization
 
 /// A small HTTP/1.1 server to put behind the gateway: used by `Scripts/serve` as the demo service and by the

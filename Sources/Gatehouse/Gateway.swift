@@ -1,35 +1,43 @@
 import Foundation
-import GatehouseConfig
-import Logging
-import NIOCore
+public import GatehouseConfig
+public import Logging
+public import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+public import ServiceLifecycle
 import Synchronization
 import UpstreamClient
 
 /// A running gateway: the client listener, the admin listener, and what they share.
 ///
-/// `start` binds both listeners; `reload` swaps the config atomically; `shutdown` drains and stops.
+/// `start` binds both listeners; `reload` swaps the config atomically; `shutdown` drains and stops. Its parts stop
+/// in the reverse of the order they start in (swift-service-lifecycle); as a `Service` it runs until its service
+/// group shuts down.
 public final class Gateway: Sendable {
-    /// Where the gateway reads its config, for reloads.
-    public let configPath: String?
+    /// Reads the config again, for reloads; nil when there is nothing to re-read.
+    private let readConfig: (@Sendable () throws -> GatehouseConfiguration)?
     let core: GatewayCore
     private let group: MultiThreadedEventLoopGroup
     private let logger: Logger
     private let channels = Mutex<(server: Channel?, admin: Channel?)>((nil, nil))
     private let connections = Mutex<[ObjectIdentifier: Channel]>([:])
     private let reloadLock = Mutex(())
+    /// The parts' service group while the gateway runs, and the task that runs it.
+    private let parts = Mutex<(group: ServiceGroup, running: Task<Void, Never>)?>(nil)
 
     /// The address the client listener is bound to (port 0 in the config picks a free one).
     public var localAddress: SocketAddress? { channels.withLock { $0.server?.localAddress } }
     /// The address the admin listener is bound to.
     public var adminAddress: SocketAddress? { channels.withLock { $0.admin?.localAddress } }
 
-    /// Builds a gateway for `config`; `configPath` is re-read on reload.
-    public init(config: GatehouseConfiguration, configPath: String?, logger: Logger = Logger(label: "gatehouse")) {
+    /// Builds a gateway for `config`; `reload` reads the config again when asked to (SIGHUP, `POST /reload`).
+    public init(
+        config: GatehouseConfiguration, reload: (@Sendable () throws -> GatehouseConfiguration)? = nil,
+        logger: Logger = Logger(label: "gatehouse")
+    ) {
         let threads = config.server.threads ?? System.coreCount
-        self.configPath = configPath
+        readConfig = reload
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
         let metrics = GatewayMetrics()
@@ -45,10 +53,11 @@ public final class Gateway: Sendable {
             loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, logger: logger)
     }
 
-    /// Binds the listeners and logs what is not enforced yet.
+    /// Starts the parts in order: the admin listener, health checks, the client listener (the store and the
+    /// upstream client run from `init`). A part that cannot start (a port in use) throws here.
     public func start() async throws {
         let runtime = core.runtime
-        for warning in runtime.warnings { logger.warning("config: \(warning)") }
+        for warning in runtime.config.warnings { logger.warning("config: \(warning)") }
         let config = runtime.config
         // JWT issuers' keys first, so the first requests do not wait for them (a failure is logged; requests
         // then load them on demand).
@@ -59,10 +68,19 @@ public final class Gateway: Sendable {
             return try NIOSSLContext(
                 configuration: .makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)))
         }
-        for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
-        let server = try await bindServer(config: config, sslContext: sslContext)
         let admin = try await AdminServer.bind(gateway: self, group: group, address: config.admin.listen)
+        for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
+        let server: Channel
+        do {
+            server = try await bindServer(config: config, sslContext: sslContext)
+        } catch {
+            try? await admin.close()
+            throw error
+        }
         channels.withLock { $0 = (server, admin) }
+        let services = ServiceGroup(
+            configuration: ServiceGroupConfiguration(services: stopSteps(server: server, admin: admin), logger: logger))
+        parts.withLock { $0 = (services, Task { try? await services.run() }) }
         logger.info(
             "gatehouse listening",
             metadata: [
@@ -135,13 +153,10 @@ public final class Gateway: Sendable {
         }
     }
 
-    /// Re-reads the config file and swaps it in. Throws ``ConfigErrors`` and keeps the old config on failure.
+    /// Reads the config again and swaps it in. Throws ``ConfigErrors`` and keeps the old config on failure.
     public func reload() throws {
-        guard let configPath else { return }
-        try reloadLock.withLock { _ in
-            let config = try ConfigLoader.load(path: configPath)
-            try apply(config)
-        }
+        guard let readConfig else { return }
+        try reloadLock.withLock { _ in try apply(readConfig()) }
     }
 
     /// Swaps in a new config. Listener addresses and thread counts only change on restart.
@@ -162,7 +177,7 @@ public final class Gateway: Sendable {
             logger.warning("the redis section changes only on restart")
         }
         let runtime = Runtime(config: config, metrics: core.metrics, previous: oldRuntime)
-        for warning in runtime.warnings { logger.warning("config: \(warning)") }
+        for warning in runtime.config.warnings { logger.warning("config: \(warning)") }
         _ = core.authenticator.jwt.preload(config.auth.jwt, on: group.next())
         for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
         for pool in oldRuntime.pools { pool.stopHealthChecks() }
@@ -170,28 +185,79 @@ public final class Gateway: Sendable {
         logger.info("config reloaded", metadata: ["routes": "\(config.routes.count)"])
     }
 
-    /// Stops accepting, lets in-flight requests finish for up to `drain_timeout`, then closes everything.
+    /// Stops accepting, lets in-flight requests finish for up to `drain_timeout`, then stops every part in the
+    /// reverse of its start order, and the event loops last.
     public func shutdown() async {
-        let (server, admin) = channels.withLock { $0 }
-        try? await server?.close()
-        for pool in core.runtime.pools { pool.stopHealthChecks() }
-        let open = connections.withLock { Array($0.values) }
-        for channel in open { channel.pipeline.fireUserInboundEventTriggered(DrainEvent()) }
+        if let running = parts.withLock({ $0 }) {
+            logger.info("draining")
+            await running.group.triggerGracefulShutdown()
+            await running.running.value
+            parts.withLock { $0 = nil }
+        }
+        try? await group.shutdownGracefully()
+    }
+
+    /// What stops each part, in the order the parts start; the service group stops them in reverse: clients are
+    /// drained while health checks, the admin API, the upstream client and the store still serve them; token
+    /// requests under way complete while the event loops still run to deliver their answers.
+    private func stopSteps(server: Channel, admin: Channel) -> [ServiceGroupConfiguration.ServiceConfiguration] {
+        let core = self.core
+        return [
+            StopStep(name: "store and access log") {
+                await core.store.close()
+                core.accessLog?.close()
+            },
+            StopStep(name: "upstream client") {
+                let acquisitions = core.oauth2.cancelAcquisitions()
+                core.upstream.shutdown()
+                for acquisition in acquisitions { await acquisition.value }
+            },
+            StopStep(name: "admin API") { try? await admin.close() },
+            StopStep(name: "health checks") { for pool in core.runtime.pools { pool.stopHealthChecks() } },
+            StopStep(name: "client listener") { [self] in
+                try? await server.close()
+                await drainConnections()
+            },
+        ].map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
+    }
+
+    /// Asks every open connection to close after its current request, waits up to `drain_timeout`, then closes
+    /// what is left.
+    private func drainConnections() async {
+        for channel in connections.withLock({ Array($0.values) }) {
+            channel.pipeline.fireUserInboundEventTriggered(DrainEvent())
+        }
         let deadline = ContinuousClock.now + .nanoseconds(core.runtime.config.server.drainTimeout.nanoseconds)
         while ContinuousClock.now < deadline, !connections.withLock({ $0.isEmpty }) {
             try? await Task.sleep(for: .milliseconds(20))
         }
         for channel in connections.withLock({ Array($0.values) }) { try? await channel.close() }
-        try? await admin?.close()
-        // Token requests under way complete while the event loops still run to deliver their answers.
-        let acquisitions = core.oauth2.cancelAcquisitions()
-        core.upstream.shutdown()
-        for acquisition in acquisitions { await acquisition.value }
-        await core.store.close()
-        core.accessLog?.close()
-        try? await group.shutdownGracefully()
     }
 
     /// Readiness for `/readyz`: nil when ready, otherwise what is wrong.
     var readinessProblem: String? { core.store.problem }
+}
+
+extension Gateway: Service {
+    /// Runs the gateway until its service group shuts down gracefully (SIGTERM or SIGINT for `gatehouse serve`).
+    public func run() async throws {
+        try await start()
+        try? await gracefulShutdown()
+        await shutdown()
+    }
+}
+
+/// One part of a running gateway as a service: it started before its group runs, and `stop` ends it when the group
+/// shuts down gracefully (or is cancelled).
+private struct StopStep: Service, CustomStringConvertible {
+    let name: String
+    let stop: @Sendable () async -> Void
+
+    /// How the service group's log lines name it.
+    var description: String { name }
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await stop()
+    }
 }

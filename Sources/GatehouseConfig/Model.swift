@@ -13,6 +13,16 @@ public struct GatehouseConfiguration: Sendable, Encodable {
     public var upstreams: [UpstreamConfig]
     public var routes: [RouteConfig]
 
+    /// What in a valid config may not mean what its author thinks, one line each (logged at start, shown by
+    /// `gatehouse check`).
+    public var warnings: [String] {
+        routes.compactMap { route in
+            guard let cache = route.cache, cache.ttl.milliseconds > cache.maxTTL.milliseconds else { return nil }
+            return "routes[\(route.id)].cache: ttl \(cache.ttl) is larger than max_ttl \(cache.maxTTL); ttl applies to "
+                + "answers without freshness, max_ttl caps only the freshness an origin gives"
+        }
+    }
+
     enum CodingKeys: String, CodingKey {
         case server, admin, redis, consumers, auth
         case rateLimits = "rate_limits"
@@ -121,6 +131,15 @@ public enum RedisEndpoint: Sendable, Hashable {
     case memory
     case tcp(host: String, port: Int, database: Int, username: String?, password: String?)
     case unix(path: String, database: Int, password: String?)
+
+    /// The endpoint without credentials, for logs, `/readyz` and `gatehouse check`.
+    public var display: String {
+        switch self {
+        case .memory: "memory://"
+        case .tcp(let host, let port, let database, _, _): "\(host):\(port)/\(database)"
+        case .unix(let path, let database, _): "unix:\(path)?db=\(database)"
+        }
+    }
 
     /// Parses `memory://`, `redis://[[user]:password@]host[:port][/db]` or `unix:///path.sock[?db=N&password=P]`.
     public static func parse(_ url: String) -> RedisEndpoint? {

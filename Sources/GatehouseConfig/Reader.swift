@@ -1,3 +1,4 @@
+import Foundation
 import Yams
 
 /// One problem found in a config file, located by line and key path.

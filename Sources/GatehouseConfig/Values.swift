@@ -1,3 +1,5 @@
+import Foundation
+
 /// A span of time read from the config (`250ms`, `10s`, `5m`, `1h`), kept with its text.
 public struct ConfigDuration: Sendable, Hashable, Encodable, CustomStringConvertible {
     /// The span in nanoseconds.

@@ -1,8 +1,8 @@
-import CoreMetrics
+public import CoreMetrics
 import Crypto
-import Logging
-import NIOCore
-import NIOPosix
+public import Logging
+public import NIOCore
+public import NIOPosix
 import Synchronization
 
 /// An async Redis client: a pool of connections owned by SwiftNIO event loops, with hiredis encoding commands

@@ -1,5 +1,5 @@
 import CCurl
-import NIOCore
+public import NIOCore
 import Synchronization
 
 /// One request/response exchange with an upstream, driven by an ``UpstreamWorker``.

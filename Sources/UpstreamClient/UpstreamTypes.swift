@@ -1,4 +1,4 @@
-import NIOCore
+public import NIOCore
 
 /// What the gateway asks an upstream: an absolute URL built from a configured target, never from the client.
 public struct UpstreamRequest: Sendable {

@@ -322,7 +322,7 @@ final class UpstreamWorker: @unchecked Sendable {
         var list: UnsafeMutablePointer<curl_slist>?
         var sawAccept = false
         for (name, value) in request.headers {
-            if name.caseInsensitiveEquals("accept") { sawAccept = true }
+            if name.utf8.count == 6, name.lowercased() == "accept" { sawAccept = true }
             list = curl_slist_append(list, value.isEmpty ? "\(name);" : "\(name): \(value)")
         }
         // Stop curl from adding headers the client did not send.
@@ -408,18 +408,5 @@ final class UpstreamWorker: @unchecked Sendable {
                 UpstreamCompletion(
                     error: UpstreamError(kind: .cancelled, detail: "shutting down"), totalMicroseconds: 0))
         }
-    }
-}
-
-extension String {
-    /// ASCII case-insensitive equality, without allocating.
-    public func caseInsensitiveEquals(_ other: String) -> Bool {
-        guard utf8.count == other.utf8.count else { return false }
-        for (a, b) in zip(utf8, other.utf8) where a != b {
-            let lowerA = (a >= 65 && a <= 90) ? a + 32 : a
-            let lowerB = (b >= 65 && b <= 90) ? b + 32 : b
-            if lowerA != lowerB { return false }
-        }
-        return true
     }
 }

@@ -1,5 +1,6 @@
 import DemoUpstream
 import Foundation
+import NIOCore
 
 /// Runs the demo upstream on the port given as the first argument (default 9001) until killed.
 let port = CommandLine.arguments.dropFirst().first.flatMap(Int.init) ?? 9001

@@ -2,6 +2,7 @@ import DemoUpstream
 import Foundation
 import GatehouseConfig
 import Logging
+import NIOCore
 import Testing
 
 @testable import Gatehouse
@@ -93,7 +94,8 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: path) }
         var logger = Logger(label: "test")
         logger.logLevel = .critical
-        let gateway = Gateway(config: try ConfigLoader.load(path: path), configPath: path, logger: logger)
+        let gateway = Gateway(
+            config: try ConfigLoader.load(path: path), reload: { try ConfigLoader.load(path: path) }, logger: logger)
         try await gateway.start()
         let port = gateway.localAddress?.port ?? 0
         async let slow = request(port: port, "/delay/500")

@@ -34,7 +34,7 @@ struct Harness {
             let config = try ConfigLoader.load(path: path, environment: environment)
             var logger = Logger(label: "test")
             logger.logLevel = .critical
-            let gateway = Gateway(config: config, configPath: path, logger: logger)
+            let gateway = Gateway(config: config, reload: { try ConfigLoader.load(path: path) }, logger: logger)
             try await gateway.start()
             let harness = Harness(gateway: gateway, upstream: upstream, configPath: path)
             do {

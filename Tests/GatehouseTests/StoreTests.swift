@@ -1,6 +1,8 @@
+import DemoUpstream
 import Foundation
 import GatehouseConfig
 import Logging
+import NIOCore
 import NIOPosix
 import Testing
 

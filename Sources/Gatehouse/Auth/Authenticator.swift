@@ -1,4 +1,5 @@
 import CoreMetrics
+import Foundation
 import GatehouseConfig
 import Logging
 import NIOCore

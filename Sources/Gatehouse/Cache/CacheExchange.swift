@@ -1,3 +1,4 @@
+import CoreMetrics
 import GatehouseConfig
 import NIOCore
 import NIOHTTP1

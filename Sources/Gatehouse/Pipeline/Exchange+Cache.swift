@@ -1,3 +1,5 @@
+import CoreMetrics
+import GatehouseConfig
 import NIOCore
 import NIOHTTP1
 import UpstreamClient

@@ -1,4 +1,5 @@
 import GatehouseConfig
+import Logging
 import NIOCore
 import NIOHTTP1
 import UpstreamClient

@@ -1,3 +1,5 @@
+import CoreMetrics
+import Foundation
 import GatehouseConfig
 import NIOCore
 import NIOHTTP1

@@ -119,3 +119,16 @@ extension Substring {
         return s
     }
 }
+
+extension String {
+    /// ASCII case-insensitive equality, without allocating.
+    func caseInsensitiveEquals(_ other: String) -> Bool {
+        guard utf8.count == other.utf8.count else { return false }
+        for (a, b) in zip(utf8, other.utf8) where a != b {
+            let lowerA = (a >= 65 && a <= 90) ? a + 32 : a
+            let lowerB = (b >= 65 && b <= 90) ? b + 32 : b
+            if lowerA != lowerB { return false }
+        }
+        return true
+    }
+}

@@ -42,20 +42,6 @@ final class Runtime: Sendable {
             config.consumers.compactMap { consumer in consumer.rateLimit.map { (consumer.id, $0) } },
             uniquingKeysWith: { first, _ in first })
     }
-
-    /// What in a valid config may not mean what its author thinks, one line each (logged at start, shown by `check`).
-    var warnings: [String] { Self.warnings(of: config) }
-
-    static func warnings(of c: GatehouseConfiguration) -> [String] {
-        var out: [String] = []
-        for route in c.routes {
-            guard let cache = route.cache, cache.ttl.milliseconds > cache.maxTTL.milliseconds else { continue }
-            out.append(
-                "routes[\(route.id)].cache: ttl \(cache.ttl) is larger than max_ttl \(cache.maxTTL); ttl applies to "
-                    + "answers without freshness, max_ttl caps only the freshness an origin gives")
-        }
-        return out
-    }
 }
 
 /// One route with what it needs at request time resolved ahead.

@@ -1,3 +1,4 @@
+import Foundation
 import GatehouseConfig
 import NIOCore
 import NIOHTTP1

@@ -3,6 +3,7 @@ import Crypto
 import GatehouseConfig
 import Logging
 import NIOCore
+import RawStructuredFieldValues
 import Synchronization
 
 /// A policy as the request path uses it, made once per config load: its script arguments, its member of
@@ -13,8 +14,10 @@ final class RateLimitRule: Sendable {
     /// The store's arguments for the policy: algorithm (1 GCRA, 2 sliding window, 3 fixed window), requests,
     /// period in ms, burst.
     let scriptArguments: [String]
-    /// `"name";q=<requests>;w=<seconds>`.
+    /// Its member of `RateLimit-Policy`: `"name";q=<requests>;w=<seconds>`.
     let policyHeader: String
+    /// Its name as a structured-field string, which each `RateLimit` member starts with.
+    let quotedName: String
     let allowedCounter: CoreMetrics.Counter
     let limitedCounter: CoreMetrics.Counter
     let fallbackCounter: CoreMetrics.Counter
@@ -31,14 +34,26 @@ final class RateLimitRule: Sendable {
             algorithm, String(max(1, policy.requests)), String(max(1, policy.per.milliseconds)),
             String(max(1, policy.burst)),
         ]
-        policyHeader =
-            "\"\(policy.name)\";q=\(policy.requests);w=\(RateLimitOutcome.seconds(policy.per.milliseconds))"
+        let seconds = RateLimitOutcome.seconds(policy.per.milliseconds)
+        policyHeader = Self.member(policy.name, [("q", Int64(policy.requests)), ("w", seconds)])
+        quotedName = Self.member(policy.name, [])
         func counter(_ label: String, _ dimension: (String, String)) -> CoreMetrics.Counter {
             CoreMetrics.Counter(label: label, dimensions: [("policy", policy.name), dimension], factory: factory)
         }
         allowedCounter = counter("gatehouse_rate_limit_total", ("result", "allowed"))
         limitedCounter = counter("gatehouse_rate_limit_total", ("result", "limited"))
         fallbackCounter = counter("gatehouse_rate_limit_fallback_total", ("mode", policy.onRedisError.rawValue))
+    }
+}
+
+extension RateLimitRule {
+    /// One list member of a structured field (RFC 8941): the string `name` with integer parameters.
+    static func member(_ name: String, _ parameters: [(String, Int64)]) -> String {
+        var map = OrderedMap<String, RFC9651BareItem>()
+        for (key, value) in parameters { map[key] = .integer(value) }
+        var serializer = StructuredFieldValueSerializer()
+        let bytes = try? serializer.writeListFieldValue([.item(Item(bareItem: .string(name), parameters: map))])
+        return String(decoding: bytes ?? [], as: UTF8.self)
     }
 }
 
@@ -74,7 +89,9 @@ struct RateLimitOutcome: Sendable {
     /// `RateLimit-Policy` and `RateLimit` (IETF httpapi-ratelimit-headers), one member per policy.
     var headers: [(String, String)] {
         let policies = members.map(\.rule.policyHeader)
-        let states = members.map { "\"\($0.policy.name)\";r=\($0.remaining);t=\(Self.seconds($0.resetMilliseconds))" }
+        // A member is the policy's name and two sf-integers (plain digits), so only the name needs the serializer,
+        // once per config load.
+        let states = members.map { "\($0.rule.quotedName);r=\($0.remaining);t=\(Self.seconds($0.resetMilliseconds))" }
         return [("RateLimit-Policy", policies.joined(separator: ", ")), ("RateLimit", states.joined(separator: ", "))]
     }
 

@@ -1,3 +1,4 @@
+import GatehouseConfig
 import Logging
 import NIOCore
 import Synchronization

@@ -122,7 +122,7 @@ enum SharedStores {
         configuration.commandTimeout = .nanoseconds(config.commandTimeout.nanoseconds)
         return RedisStore(
             client: RedisClient(configuration: configuration, group: group, logger: logger, metrics: metrics.factory),
-            prefix: config.keyPrefix, display: display(endpoint), group: group, logger: logger)
+            prefix: config.keyPrefix, display: endpoint.display, group: group, logger: logger)
     }
 
     /// The client configuration for a Redis endpoint; nil for `memory://`.
@@ -141,15 +141,6 @@ enum SharedStores {
             configuration.database = database
             configuration.password = password
             return configuration
-        }
-    }
-
-    /// The endpoint without credentials, for `/readyz`.
-    static func display(_ endpoint: RedisEndpoint) -> String {
-        switch endpoint {
-        case .memory: return "memory://"
-        case .tcp(let host, let port, let database, _, _): return "\(host):\(port)/\(database)"
-        case .unix(let path, let database, _): return "unix:\(path)?db=\(database)"
         }
     }
 }

@@ -1,8 +1,10 @@
+import CoreMetrics
 import Crypto
 import Foundation
 import GatehouseConfig
 import Logging
 import NIOCore
+import NIOHTTP1
 import Synchronization
 import UpstreamClient
 

@@ -1,17 +1,17 @@
 import GatehouseConfig
 
 /// The version printed by `gatehouse --version`.
-public enum GatehouseVersion {
-    public static let current = "0.1.0"
+enum GatehouseVersion {
+    static let current = "0.1.0"
 }
 
 /// The one-screen summary `gatehouse check` prints for a valid config.
-public enum ConfigSummary {
-    public static func text(_ config: GatehouseConfiguration, path: String) -> String {
+enum ConfigSummary {
+    static func text(_ config: GatehouseConfiguration, path: String) -> String {
         var lines = ["\(path): OK"]
         lines.append("  listen      \(config.server.listen)\(config.server.tls != nil ? " (TLS)" : "")")
         lines.append("  admin       \(config.admin.listen)\(config.admin.token != nil ? " (token)" : "")")
-        let redis = config.redis.endpoint.map(SharedStores.display) ?? "invalid"
+        let redis = config.redis.endpoint.map(\.display) ?? "invalid"
         lines.append("  redis       \(redis) (pool \(config.redis.poolSize))")
         lines.append(
             "  upstreams   \(config.upstreams.count): "
@@ -28,7 +28,7 @@ public enum ConfigSummary {
         lines.append(
             "  consumers   \(config.consumers.count), rate limit policies \(config.rateLimits.count), jwt issuers \(config.auth.jwt.count)"
         )
-        let warnings = Runtime.warnings(of: config)
+        let warnings = config.warnings
         if !warnings.isEmpty {
             lines.append("  warnings (logged at start too):")
             for warning in warnings { lines.append("    - \(warning)") }

@@ -1,10 +1,11 @@
 import ArgumentParser
 import Crypto
-import Dispatch
 import Foundation
 import Gatehouse
 import GatehouseConfig
 import Logging
+import ServiceLifecycle
+import UnixSignals
 
 /// The `gatehouse` command line (SPEC §1).
 @main
@@ -44,42 +45,30 @@ struct Serve: AsyncParsableCommand {
             FileHandle.standardError.write(Data("\(error)\n".utf8))
             throw ExitCode(1)
         }
-        let gateway = Gateway(config: loaded, configPath: config, logger: logger)
-        try await gateway.start()
-
-        let signals = SignalWatcher()
-        for await signal in signals.stream {
-            switch signal {
-            case SIGHUP:
-                do {
-                    try gateway.reload()
-                } catch {
-                    logger.error("reload rejected; the old config stays", metadata: ["errors": "\(error)"])
-                }
-            default:
-                logger.info("draining", metadata: ["signal": "\(signal)"])
-                await gateway.shutdown()
-                logger.info("stopped")
-                return
-            }
-        }
+        let path = config
+        let gateway = Gateway(config: loaded, reload: { try ConfigLoader.load(path: path) }, logger: logger)
+        // SIGTERM and SIGINT shut the group down gracefully: the reloader stops, then the gateway drains.
+        let services = ServiceGroup(
+            configuration: ServiceGroupConfiguration(
+                services: [gateway, ReloadOnHangup(gateway: gateway, logger: logger)],
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await services.run()
+        logger.info("stopped")
     }
 }
 
-/// Turns SIGHUP, SIGTERM and SIGINT into an async stream.
-final class SignalWatcher {
-    let stream: AsyncStream<Int32>
-    private let sources: [any DispatchSourceSignal]
+/// Reloads the config on SIGHUP, until the gateway shuts down.
+struct ReloadOnHangup: Service {
+    let gateway: Gateway
+    let logger: Logger
 
-    init() {
-        let (stream, continuation) = AsyncStream<Int32>.makeStream()
-        self.stream = stream
-        sources = [SIGHUP, SIGTERM, SIGINT].map { number in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { continuation.yield(number) }
-            source.resume()
-            return source
+    func run() async throws {
+        for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
+            do {
+                try gateway.reload()
+            } catch {
+                logger.error("reload rejected; the old config stays", metadata: ["errors": "\(error)"])
+            }
         }
     }
 }

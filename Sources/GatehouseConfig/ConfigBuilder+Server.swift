@@ -1,0 +1,123 @@
+import Foundation
+import Yams
+
+/// `server`, `admin` and `redis`.
+extension ConfigBuilder {
+    func server(_ node: Node) -> ServerConfig {
+        var server = ServerConfig()
+        guard
+            let f = reader.fields(
+                node, "server",
+                allowed: [
+                    "listen", "threads", "tls", "limits", "trusted_proxies", "drain_timeout", "access_log",
+                    "headers_with_underscores",
+                ])
+        else { return server }
+        if let value = listen(f, "listen") { server.listen = value }
+        if let text = f.string("threads"), text != "auto" {
+            if let count = Int(text), (1...256).contains(count) {
+                server.threads = count
+            } else {
+                f.fail("threads", "expected auto or a number from 1 to 256, found \"\(text)\"")
+            }
+        }
+        if let node = f["tls"], let t = reader.fields(node, f.path("tls"), allowed: ["cert", "key"]) {
+            if let cert = t.require("cert").flatMap({ reader.string($0, t.path("cert")) }),
+                let key = t.require("key").flatMap({ reader.string($0, t.path("key")) })
+            {
+                for (name, file) in [("cert", cert), ("key", key)] where !FileManager.default.fileExists(atPath: file) {
+                    t.fail(name, "file \"\(file)\" does not exist")
+                }
+                server.tls = TLSFiles(cert: cert, key: key)
+            }
+        }
+        if let node = f["limits"],
+            let l = reader.fields(
+                node, "server.limits",
+                allowed: ["max_header_bytes", "max_body_bytes", "header_timeout", "idle_timeout"])
+        {
+            if let v = l.size("max_header_bytes") {
+                if v < 1024 || v > 1 << 20 {
+                    l.fail("max_header_bytes", "must be from 1KiB to 1MiB")
+                } else {
+                    server.limits.maxHeaderBytes = v
+                }
+            }
+            if let v = l.size("max_body_bytes") { server.limits.maxBodyBytes = v }
+            if let v = l.duration("header_timeout") { server.limits.headerTimeout = v }
+            if let v = l.duration("idle_timeout") { server.limits.idleTimeout = v }
+        }
+        if let items = f.strings("trusted_proxies") {
+            server.trustedProxies = items.enumerated().compactMap { index, text in
+                if let cidr = CIDR.parse(text) { return cidr }
+                reader.fail(
+                    f["trusted_proxies"], "server.trusted_proxies[\(index)]",
+                    "expected an address or CIDR, found \"\(text)\"")
+                return nil
+            }
+        }
+        if let v = f.duration("drain_timeout") { server.drainTimeout = v }
+        if let v = f.string("access_log") { server.accessLog = v }
+        if let v = f.choice("headers_with_underscores", as: UnderscoreHeaders.self) {
+            server.headersWithUnderscores = v
+        }
+        return server
+    }
+
+    func listen(_ f: Fields, _ key: String) -> ListenAddress? {
+        guard let text = f.string(key) else { return nil }
+        guard let address = ListenAddress.parse(text) else {
+            f.fail(key, "expected host:port, found \"\(text)\"")
+            return nil
+        }
+        return address
+    }
+
+    func admin(_ node: Node) -> AdminConfig {
+        var admin = AdminConfig()
+        guard let f = reader.fields(node, "admin", allowed: ["listen", "token", "hosts", "allowed_origins"]) else {
+            return admin
+        }
+        if let value = listen(f, "listen") { admin.listen = value }
+        if let token = f.string("token") {
+            if token.isEmpty { f.fail("token", "must not be empty") } else { admin.token = Secret(token) }
+        }
+        if let hosts = f.strings("hosts") { admin.hosts = hosts.map { $0.lowercased() } }
+        if let origins = f.strings("allowed_origins") {
+            for origin in origins where origin.contains("*") || !origin.contains("://") {
+                f.fail("allowed_origins", "expected scheme://host[:port] (no wildcards), found \"\(origin)\"")
+            }
+            admin.allowedOrigins = origins.map { $0.lowercased() }
+        }
+        if admin.token == nil, !admin.listen.isLoopback {
+            reader.fail(node, "admin.token", "required when admin.listen (\(admin.listen)) is not a loopback address")
+        }
+        return admin
+    }
+
+    func redis(_ node: Node) -> RedisConfig {
+        var redis = RedisConfig()
+        guard
+            let f = reader.fields(
+                node, "redis",
+                allowed: [
+                    "url", "pool_size", "connect_timeout", "command_timeout", "key_prefix", "local_cache_bytes",
+                    "memory_cache_bytes",
+                ])
+        else { return redis }
+        if let url = f.string("url") {
+            if RedisEndpoint.parse(url) != nil {
+                redis.url = Secret(url)
+            } else {
+                f.fail("url", "expected redis://[:password@]host:port/db, unix:///path.sock or memory://")
+            }
+        }
+        if let v = f.int("pool_size", min: 1, max: 64) { redis.poolSize = v }
+        if let v = f.duration("connect_timeout") { redis.connectTimeout = v }
+        if let v = f.duration("command_timeout") { redis.commandTimeout = v }
+        if let v = f.string("key_prefix") { redis.keyPrefix = v }
+        if let v = f.size("local_cache_bytes") { redis.localCacheBytes = v }
+        if let v = f.size("memory_cache_bytes") { redis.memoryCacheBytes = v }
+        return redis
+    }
+}
