@@ -65,8 +65,9 @@ public final class Gateway: Sendable {
         let sslContext = try config.server.tls.map { files -> NIOSSLContext in
             let chain = try NIOSSLCertificate.fromPEMFile(files.cert).map { NIOSSLCertificateSource.certificate($0) }
             let key = try NIOSSLPrivateKey(file: files.key, format: .pem)
-            return try NIOSSLContext(
-                configuration: .makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key)))
+            var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+            if config.server.http2 { tls.applicationProtocols = ClientPipelines.alpnProtocols }
+            return try NIOSSLContext(configuration: tls)
         }
         let admin = try await AdminServer.bind(gateway: self, group: group, address: config.admin.listen)
         for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
@@ -101,35 +102,7 @@ public final class Gateway: Sendable {
             .childChannelInitializer { [weak self] channel in
                 self?.track(channel)
                 return channel.eventLoop.makeCompletedFuture {
-                    // Limits come from the config of the moment, so a reload applies to new connections.
-                    let limits = core.runtime.config.server.limits
-                    let activity = ConnectionActivity(limits: limits)
-                    if let sslContext {
-                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: sslContext))
-                    }
-                    try channel.pipeline.syncOperations.addHandler(activity)
-                    // GatewayHandler orders pipelined requests itself (see its queue). Response headers are
-                    // checked where they are made (upstream header lines are validated as they are parsed, the
-                    // gateway's own come from the checked config), so NIO's per-response validator is left out.
-                    // The decoder forwards what it holds when removed: after an upgrade request (which stops it)
-                    // GatewayHandler puts a fresh one behind it, and the connection goes on. The encoder frames
-                    // nothing itself (RespondPhase does), so it needs no pairing with the decoder of the moment.
-                    var decoderLimits = NIOHTTPDecoderLimitConfiguration()
-                    decoderLimits.maxHeaderListSize = limits.maxHeaderBytes
-                    let makeDecoder = {
-                        ByteToMessageHandler(
-                            HTTPRequestDecoder(
-                                leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .drop,
-                                limitConfiguration: decoderLimits))
-                    }
-                    var encoder = HTTPResponseEncoder.Configuration()
-                    encoder.automaticallySetFramingHeaders = false
-                    try channel.pipeline.syncOperations.addHandler(HTTPResponseEncoder(configuration: encoder))
-                    try channel.pipeline.syncOperations.addHandler(makeDecoder())
-                    try channel.pipeline.syncOperations.addHandler(
-                        GatewayHandler(
-                            core: core, activity: activity, tls: sslContext != nil, eventLoop: channel.eventLoop,
-                            makeDecoder: makeDecoder))
+                    try ClientPipelines.configure(channel, core: core, tls: sslContext)
                 }
             }
         return try await bootstrap.bind(host: config.server.listen.host, port: config.server.listen.port).get()
@@ -225,7 +198,10 @@ public final class Gateway: Sendable {
     /// what is left.
     private func drainConnections() async {
         for channel in connections.withLock({ Array($0.values) }) {
+            // HTTP/1.1 connections close after their current request; HTTP/2 ones send GOAWAY and close when
+            // their streams are done.
             channel.pipeline.fireUserInboundEventTriggered(DrainEvent())
+            channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent())
         }
         let deadline = ContinuousClock.now + .nanoseconds(core.runtime.config.server.drainTimeout.nanoseconds)
         while ContinuousClock.now < deadline, !connections.withLock({ $0.isEmpty }) {

@@ -10,7 +10,7 @@ extension ConfigBuilder {
                 node, "server",
                 allowed: [
                     "listen", "threads", "tls", "limits", "trusted_proxies", "drain_timeout", "access_log",
-                    "headers_with_underscores",
+                    "headers_with_underscores", "http2",
                 ])
         else { return server }
         if let value = listen(f, "listen") { server.listen = value }
@@ -34,7 +34,9 @@ extension ConfigBuilder {
         if let node = f["limits"],
             let l = reader.fields(
                 node, "server.limits",
-                allowed: ["max_header_bytes", "max_body_bytes", "header_timeout", "idle_timeout"])
+                allowed: [
+                    "max_header_bytes", "max_body_bytes", "header_timeout", "idle_timeout", "max_concurrent_streams",
+                ])
         {
             if let v = l.size("max_header_bytes") {
                 if v < 1024 || v > 1 << 20 {
@@ -46,6 +48,7 @@ extension ConfigBuilder {
             if let v = l.size("max_body_bytes") { server.limits.maxBodyBytes = v }
             if let v = l.duration("header_timeout") { server.limits.headerTimeout = v }
             if let v = l.duration("idle_timeout") { server.limits.idleTimeout = v }
+            if let v = l.int("max_concurrent_streams", min: 1, max: 10_000) { server.limits.maxConcurrentStreams = v }
         }
         if let items = f.strings("trusted_proxies") {
             server.trustedProxies = items.enumerated().compactMap { index, text in
@@ -58,6 +61,7 @@ extension ConfigBuilder {
         }
         if let v = f.duration("drain_timeout") { server.drainTimeout = v }
         if let v = f.string("access_log") { server.accessLog = v }
+        if let v = f.bool("http2") { server.http2 = v }
         if let v = f.choice("headers_with_underscores", as: UnderscoreHeaders.self) {
             server.headersWithUnderscores = v
         }

@@ -47,9 +47,11 @@ public struct ServerConfig: Sendable, Encodable {
     public var accessLog: String = "stdout"
     /// What happens to request headers whose name has an underscore (`X_Consumer_ID`).
     public var headersWithUnderscores: UnderscoreHeaders = .drop
+    /// HTTP/2 to clients: h2 by ALPN on a TLS listener, h2c with prior knowledge on a plain one.
+    public var http2 = true
 
     enum CodingKeys: String, CodingKey {
-        case listen, threads, tls, limits
+        case listen, threads, tls, limits, http2
         case trustedProxies = "trusted_proxies"
         case drainTimeout = "drain_timeout"
         case accessLog = "access_log"
@@ -75,8 +77,11 @@ public struct ServerLimits: Sendable, Encodable {
     public var maxBodyBytes: Int = 10 * 1024 * 1024
     public var headerTimeout: ConfigDuration = .seconds(10)
     public var idleTimeout: ConfigDuration = .seconds(60)
+    /// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    public var maxConcurrentStreams = 100
 
     enum CodingKeys: String, CodingKey {
+        case maxConcurrentStreams = "max_concurrent_streams"
         case maxHeaderBytes = "max_header_bytes"
         case maxBodyBytes = "max_body_bytes"
         case headerTimeout = "header_timeout"

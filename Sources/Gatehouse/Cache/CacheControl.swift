@@ -1,3 +1,4 @@
+import CoreFoundation
 import Foundation
 
 /// The `Cache-Control` directives the cache acts on (RFC 9111 §5.2), from every value of the header.

@@ -1,3 +1,4 @@
+import CoreFoundation
 import Foundation
 
 /// UTC timestamps for the access log, `2026-11-29T03:46:08.123Z`.

@@ -596,7 +596,8 @@ enum RespondPhase {
             headers.add(name: "Cache-Status", value: "gatehouse; fwd=bypass")
         }
         for (name, value) in context.rateLimitHeaders { headers.add(name: name, value: value) }
-        if !context.keepAlive { headers.add(name: "Connection", value: "close") }
+        // HTTP/2 has no Connection header: a stream ends with its answer.
+        if !context.keepAlive, context.head.version.major == 1 { headers.add(name: "Connection", value: "close") }
         return HTTPResponseHead(version: context.head.version, status: status, headers: headers)
     }
 }

@@ -16,7 +16,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
     typealias OutboundOut = HTTPServerResponsePart
 
     private let core: GatewayCore
-    private let activity: ConnectionActivity
+    /// The connection's header and idle clocks (HTTP/1.1; an HTTP/2 stream has none of its own).
+    private let activity: ConnectionActivity?
     private var connection: ConnectionInfo?
     let eventLoop: EventLoop
     /// The upstream worker paired with this connection's event loop.
@@ -38,14 +39,14 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
     /// Queued pipelined bytes past which the client is not read until the queue drains.
     private static let queueLimit = 64 * 1024
 
-    /// Makes the request decoder this connection restarts after an upgrade request.
-    private let makeDecoder: () -> ByteToMessageHandler<HTTPRequestDecoder>
+    /// Makes the request decoder this connection restarts after an upgrade request (HTTP/1.1 only).
+    private let makeDecoder: (() -> ByteToMessageHandler<HTTPRequestDecoder>)?
     /// The last request head received was an upgrade request (see ``isUpgradeRequest(_:)``).
     private var receivedUpgrade = false
 
     init(
-        core: GatewayCore, activity: ConnectionActivity, tls: Bool, eventLoop: EventLoop,
-        makeDecoder: @escaping () -> ByteToMessageHandler<HTTPRequestDecoder>
+        core: GatewayCore, activity: ConnectionActivity?, tls: Bool, eventLoop: EventLoop,
+        makeDecoder: (() -> ByteToMessageHandler<HTTPRequestDecoder>)?
     ) {
         self.core = core
         self.activity = activity
@@ -90,7 +91,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
     private func serve(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         switch part {
         case .head(let head):
-            activity.headComplete()
+            activity?.headComplete()
             requestHead(head, context: context)
         case .body(let buffer):
             exchange?.receivedBody(buffer)
@@ -111,6 +112,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
     /// stopped one holds (it forwards them when removed, after the parts it delivered) and the connection goes on
     /// with HTTP/1.1.
     private func restartDecoder(context: ChannelHandlerContext) {
+        guard let makeDecoder else { return }
         let loopBound = NIOLoopBound((context, makeDecoder), eventLoop: context.eventLoop)
         context.eventLoop.execute {
             let (context, makeDecoder) = loopBound.value
@@ -207,7 +209,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is DrainEvent {
             draining = true
-            if exchange == nil, activity.isIdle { context.close(promise: nil) }
+            if exchange == nil, activity?.isIdle ?? true { context.close(promise: nil) }
             return
         }
         context.fireUserInboundEventTriggered(event)
@@ -278,7 +280,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
         self.exchange = nil
         readBlocked = false
         if keepAlive {
-            activity.awaitingNextRequest()
+            activity?.awaitingNextRequest()
             if !endWritten { context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil) }
             serveQueue(context: context)
             if queuedBytes > Self.queueLimit { readBlocked = true }
