@@ -1,4 +1,8 @@
+import DemoUpstream
 import Foundation
+import GatehouseConfig
+import Logging
+import NIOCore
 import Testing
 
 @testable import Gatehouse
@@ -115,5 +119,53 @@ import Testing
             #expect(out.contains("400 succeeded, 0 failed, 0 errored"), "\(out)")
             #expect(out.contains("status codes: 400 2xx"), "\(out)")
         }
+    }
+
+    /// `Tests/attacks/h2_attacks.py`: raw-frame HTTP/2 attacks (Python, hyperframe and hpack).
+    static let attackScript = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("attacks/h2_attacks.py").path
+
+    @Test func rapidResetAndContinuationFloodsCloseOnlyTheAttackersConnection() async throws {
+        try await Harness.run({ Self.yaml($0) }) { h in
+            for kind in ["rapid-reset", "continuation"] {
+                // A client that keeps a connection of its own open meanwhile.
+                async let bystander = Self.curl(["--http2-prior-knowledge", "http://127.0.0.1:\(h.port)/delay/300"])
+                let (code, out, error) = try await ChildProcess.run(
+                    "/usr/bin/env", ["python3", Self.attackScript, kind, String(h.port)])
+                #expect(code == 0, "\(kind): \(error)")
+                let result = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any]
+                let sent = result?["sent"] as? Int ?? 0
+                let total = result?["of"] as? Int ?? 0
+                print("h2 \(kind): the gateway closed the connection after \(sent) of \(total) frames: \(out)")
+                #expect(result?["closed"] as? Bool == true, "\(kind): \(out)")
+                #expect(sent < total, "\(kind): the whole attack was taken in")
+                #expect(try await bystander.status == 200, "\(kind): another connection was hurt")
+                let after = try await Self.curl(["--http2-prior-knowledge", "http://127.0.0.1:\(h.port)/status"])
+                #expect(after.status == 200, "\(kind): the gateway stopped serving")
+            }
+            // Streams reset at once are not all forwarded: the connection ends long before 20,000 reach the upstream.
+            #expect(h.upstream.requestCount < 2000, "\(h.upstream.requestCount) requests reached the upstream")
+        }
+    }
+
+    @Test func drainLetsStreamsInFlightFinish() async throws {
+        let upstream = try await DemoUpstream.start()
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("h2-drain-\(UUID().uuidString).yaml")
+            .path
+        try Self.yaml(upstream.port).write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        let gateway = Gateway(config: try ConfigLoader.load(path: path), logger: logger)
+        try await gateway.start()
+        let port = gateway.localAddress?.port ?? 0
+        async let slow = Self.curl(["--http2-prior-knowledge", "http://127.0.0.1:\(port)/delay/500"])
+        try await waitUntil { upstream.requestCount == 1 }
+        let started = ContinuousClock.now
+        await gateway.shutdown()
+        let answer = try await slow
+        #expect(answer.version == "2" && answer.status == 200, "the stream in flight finished")
+        #expect(ContinuousClock.now - started < .seconds(5), "a GOAWAY, not the whole drain_timeout")
+        await upstream.stop()
     }
 }

@@ -109,6 +109,18 @@ enum ClientPipelines {
             }
         }
         try channel.pipeline.syncOperations.addHandler(manager)
+        try channel.pipeline.syncOperations.addHandler(CloseOnError())
+    }
+}
+
+/// Closes an HTTP/2 connection whose handler reported a connection error: NIOHTTP2 sends the GOAWAY (a flood of
+/// resets, an endless header block, a protocol error) but leaves closing to the pipeline, and the peer must not
+/// keep the connection.
+final class CloseOnError: ChannelInboundHandler {
+    typealias InboundIn = Any
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
     }
 }
 
