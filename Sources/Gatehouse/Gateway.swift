@@ -53,8 +53,9 @@ public final class Gateway: Sendable {
             loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, logger: logger)
     }
 
-    /// Starts the parts in order: the admin listener, health checks, the client listener (the store and the
-    /// upstream client run from `init`). A part that cannot start (a port in use) throws here.
+    /// Starts the parts in order: health checks, the admin listener, the client listener (the store and the
+    /// upstream client run from `init`). A part that cannot start (a port in use) throws here, and what started
+    /// before it is stopped again.
     public func start() async throws {
         let runtime = core.runtime
         for warning in runtime.config.warnings { logger.warning("config: \(warning)") }
@@ -69,13 +70,19 @@ public final class Gateway: Sendable {
             if config.server.http2 { tls.applicationProtocols = ClientPipelines.alpnProtocols }
             return try NIOSSLContext(configuration: tls)
         }
-        let admin = try await AdminServer.bind(gateway: self, group: group, address: config.admin.listen)
         for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
+        let admin: Channel
         let server: Channel
         do {
-            server = try await bindServer(config: config, sslContext: sslContext)
+            admin = try await AdminServer.bind(gateway: self, group: group, address: config.admin.listen)
+            do {
+                server = try await bindServer(config: config, sslContext: sslContext)
+            } catch {
+                try? await admin.close()
+                throw error
+            }
         } catch {
-            try? await admin.close()
+            for pool in runtime.pools { pool.stopHealthChecks() }
             throw error
         }
         channels.withLock { $0 = (server, admin) }
@@ -166,6 +173,10 @@ public final class Gateway: Sendable {
             await running.group.triggerGracefulShutdown()
             await running.running.value
             parts.withLock { $0 = nil }
+        } else {
+            // Never started (or its start failed): what `init` made still stops.
+            await Self.stopUpstreamClient(core)
+            await Self.stopStore(core)
         }
         try? await group.shutdownGracefully()
     }
@@ -176,22 +187,27 @@ public final class Gateway: Sendable {
     private func stopSteps(server: Channel, admin: Channel) -> [ServiceGroupConfiguration.ServiceConfiguration] {
         let core = self.core
         return [
-            StopStep(name: "store and access log") {
-                await core.store.close()
-                core.accessLog?.close()
-            },
-            StopStep(name: "upstream client") {
-                let acquisitions = core.oauth2.cancelAcquisitions()
-                core.upstream.shutdown()
-                for acquisition in acquisitions { await acquisition.value }
-            },
-            StopStep(name: "admin API") { try? await admin.close() },
+            StopStep(name: "store and access log") { await Self.stopStore(core) },
+            StopStep(name: "upstream client") { await Self.stopUpstreamClient(core) },
             StopStep(name: "health checks") { for pool in core.runtime.pools { pool.stopHealthChecks() } },
+            // Stopped before the health checks, so that no reload through it starts them again.
+            StopStep(name: "admin API") { try? await admin.close() },
             StopStep(name: "client listener") { [self] in
                 try? await server.close()
                 await drainConnections()
             },
         ].map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
+    }
+
+    private static func stopStore(_ core: GatewayCore) async {
+        await core.store.close()
+        core.accessLog?.close()
+    }
+
+    private static func stopUpstreamClient(_ core: GatewayCore) async {
+        let acquisitions = core.oauth2.cancelAcquisitions()
+        core.upstream.shutdown()
+        for acquisition in acquisitions { await acquisition.value }
     }
 
     /// Asks every open connection to close after its current request, waits up to `drain_timeout`, then closes

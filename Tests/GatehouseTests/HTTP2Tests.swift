@@ -168,4 +168,39 @@ import Testing
         #expect(ContinuousClock.now - started < .seconds(5), "a GOAWAY, not the whole drain_timeout")
         await upstream.stop()
     }
+
+    /// Runs a mode of the raw-frame script and returns its JSON summary.
+    static func raw(_ mode: String, port: Int) async throws -> [String: Any] {
+        let (code, out, error) = try await ChildProcess.run(
+            "/usr/bin/env", ["python3", attackScript, mode, String(port)])
+        #expect(code == 0, "\(mode): \(error)")
+        print("h2 \(mode): \(out)")
+        return (try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any]) ?? [:]
+    }
+
+    @Test func aStreamErrorResetsThatStreamOnly() async throws {
+        try await Harness.run({ Self.yaml($0) }) { h in
+            let result = try await Self.raw("stream-error", port: h.port)
+            #expect(result["good"] as? String == "headers", "the other stream was answered")
+            #expect((result["bad"] as? String)?.hasPrefix("reset") == true, "the bad stream was reset")
+            #expect(result["goaway"] is NSNull && result["closed"] as? Bool == false, "the connection lives on")
+        }
+    }
+
+    @Test func anIdleConnectionIsClosedAfterTheIdleTimeout() async throws {
+        try await Harness.run({ Self.yaml($0, server: "  limits: { idle_timeout: 1s }") }) { h in
+            let result = try await Self.raw("idle", port: h.port)
+            #expect(result["closed"] as? Bool == true)
+            #expect((result["seconds"] as? Double ?? 99) < 5)
+        }
+    }
+
+    @Test func splitCookiesReachTheUpstreamAsOneHeader() async throws {
+        try await Harness.run({ Self.yaml($0) }) { h in
+            let answer = try await Self.curl(
+                ["--http2-prior-knowledge", "-H", "Cookie: a=1", "-H", "Cookie: b=2", "http://127.0.0.1:\(h.port)/c"])
+            let echo = try JSONSerialization.jsonObject(with: Data(answer.body.utf8)) as? [String: Any]
+            #expect((echo?["headers"] as? [String: String])?["cookie"] == "a=1; b=2")
+        }
+    }
 }

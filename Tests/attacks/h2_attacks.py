@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """HTTP/2 attacks against a gateway on 127.0.0.1, written with raw frames (hyperframe, hpack).
 
-Usage: h2_attacks.py rapid-reset|continuation PORT
+Usage: h2_attacks.py rapid-reset|continuation|idle|stream-error PORT
 
-Prints one JSON line: how many frames of the attack were sent before the gateway closed the connection, whether a
-GOAWAY came (and its error code), and how long it took. Bounded in frames and seconds; loopback only.
+rapid-reset and continuation print one JSON line: how many frames of the attack were sent before the gateway closed
+the connection, whether a GOAWAY came (and its error code), and how long it took. idle opens a connection, answers
+the gateway's PINGs and SETTINGS, and reports when the gateway closed it. stream-error opens a good stream and a bad
+one (an upper-case header name) and reports what each got. Bounded in frames and seconds; loopback only.
 """
 
 import json
@@ -13,8 +15,8 @@ import sys
 import time
 
 from hpack import Encoder
-from hyperframe.frame import (ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame,
-                              SettingsFrame)
+from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame,
+                              RstStreamFrame, SettingsFrame)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 LIMIT_SECONDS = 10
@@ -102,5 +104,65 @@ def attack(kind, port):
             "seconds": round(time.monotonic() - started, 3)}
 
 
+def idle(port):
+    """A connection that opens no stream: answers PINGs and SETTINGS, and waits to be closed."""
+    sock = connect(port)
+    buffer = b""
+    started = time.monotonic()
+    goaway = None
+    closed = False
+    while not closed and time.monotonic() - started < LIMIT_SECONDS:
+        frames, buffer, closed = read_frames(sock, buffer)
+        for frame in frames:
+            if isinstance(frame, GoAwayFrame):
+                goaway = frame.error_code
+            elif isinstance(frame, PingFrame) and "ACK" not in frame.flags:
+                sock.sendall(PingFrame(0, opaque_data=frame.opaque_data, flags=["ACK"]).serialize())
+            elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
+        time.sleep(0.01)
+    sock.close()
+    return {"kind": "idle", "closed": closed, "goaway": goaway, "seconds": round(time.monotonic() - started, 3)}
+
+
+def stream_error(port):
+    """Stream 1 asks for a slow answer; stream 3 carries an upper-case header name (a stream error)."""
+    sock = connect(port)
+    encoder = Encoder()
+    good = HeadersFrame(1, request_headers(encoder, "/delay/300"), flags=["END_HEADERS", "END_STREAM"])
+    bad_block = encoder.encode([(":method", "GET"), (":scheme", "http"), (":authority", "127.0.0.1"),
+                                (":path", "/users/1"), ("X-Upper", "1")])
+    bad = HeadersFrame(3, bad_block, flags=["END_HEADERS", "END_STREAM"])
+    sock.sendall(good.serialize() + bad.serialize())
+    buffer = b""
+    result = {"kind": "stream-error", "good": None, "bad": None, "closed": False, "goaway": None}
+    started = time.monotonic()
+    while time.monotonic() - started < LIMIT_SECONDS and not result["closed"]:
+        frames, buffer, closed = read_frames(sock, buffer)
+        result["closed"] = closed
+        for frame in frames:
+            if isinstance(frame, GoAwayFrame):
+                result["goaway"] = frame.error_code
+            elif isinstance(frame, RstStreamFrame):
+                result["good" if frame.stream_id == 1 else "bad"] = "reset %d" % frame.error_code
+            elif isinstance(frame, HeadersFrame) and frame.stream_id == 1:
+                result["good"] = "headers"
+            elif isinstance(frame, HeadersFrame) and frame.stream_id == 3:
+                result["bad"] = "headers"
+            elif isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
+        if result["good"] is not None and result["bad"] is not None:
+            break
+        time.sleep(0.01)
+    sock.close()
+    return result
+
+
 if __name__ == "__main__":
-    print(json.dumps(attack(sys.argv[1], int(sys.argv[2]))))
+    kind, port = sys.argv[1], int(sys.argv[2])
+    if kind == "idle":
+        print(json.dumps(idle(port)))
+    elif kind == "stream-error":
+        print(json.dumps(stream_error(port)))
+    else:
+        print(json.dumps(attack(kind, port)))

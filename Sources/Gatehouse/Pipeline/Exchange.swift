@@ -46,7 +46,8 @@ final class Exchange {
     /// Request body that arrived while the corridor waited (a phase, a token).
     private var heldBody = CircularBuffer<ByteBuffer>()
     private var heldBodyBytes = 0
-    /// Timers: the wait for a flight or a remote entry, and the drain of a request body after an early answer.
+    /// Timers: the wait for a flight, a remote entry or a token, and the drain of a request body after an early
+    /// answer.
     var waitTimer: Scheduled<Void>?
     private var drainTimer: Scheduled<Void>?
     /// The next ``DecidingPhase`` to run.
@@ -195,12 +196,13 @@ final class Exchange {
         _ future: EventLoopFuture<Value>, next: @escaping (Exchange, Result<Value, Error>) -> Void
     ) {
         let remaining = Int64(max(attempts.remainingMilliseconds(now: UpstreamPool.now()), 0))
-        let timer = after(.milliseconds(remaining), waitingFor: .attempt) { exchange in
+        // The wait timer: log() cancels it however the exchange ends, so it never holds a gone exchange.
+        waitTimer = after(.milliseconds(remaining), waitingFor: .attempt) { exchange in
             exchange.endAttempt()
             exchange.respondError(.upstreamTimeout)
         }
         whenLive(future, waitingFor: .attempt) { exchange, result in
-            timer.cancel()
+            exchange.waitTimer?.cancel()
             next(exchange, result)
         }
     }

@@ -391,9 +391,14 @@ enum ForwardPhase {
         var forwardedProto: String?
         var forwardedHost: String?
         var forwarded: String?
+        var cookie: String?
         for (name, value) in head.headers {
             let lower = name.lowercased()
             switch lower {
+            case "cookie":
+                // HTTP/2 clients send each cookie as its own field; HTTP/1.1 upstreams read one (RFC 9113 §8.2.3).
+                cookie = cookie.map { $0 + "; " + value } ?? value
+                continue
             case "via": via = via.map { $0 + ", " + value } ?? value
             case "x-forwarded-for": forwardedFor = forwardedFor.map { $0 + ", " + value } ?? value
             case "x-forwarded-proto": forwardedProto = value
@@ -410,6 +415,7 @@ enum ForwardPhase {
             }
             headers.append((name, value))
         }
+        if let cookie, !removed.contains("cookie") { headers.append(("Cookie", cookie)) }
         // From a peer outside trusted_proxies, the identity headers it sent are replaced, not extended.
         let peerTrusted = context.peerTrusted
         let peer = context.peerIP

@@ -109,18 +109,41 @@ enum ClientPipelines {
             }
         }
         try channel.pipeline.syncOperations.addHandler(manager)
-        try channel.pipeline.syncOperations.addHandler(CloseOnError())
+        try channel.pipeline.syncOperations.addHandler(CloseOnConnectionError())
+        // The manager starts its idle clock when the channel becomes active, which happened before HTTP/2 was
+        // chosen: tell it (and only the handlers after it) again.
+        try channel.pipeline.syncOperations.addHandler(ReplayChannelActive(), position: .before(manager))
     }
 }
 
-/// Closes an HTTP/2 connection whose handler reported a connection error: NIOHTTP2 sends the GOAWAY (a flood of
-/// resets, an endless header block, a protocol error) but leaves closing to the pipeline, and the peer must not
-/// keep the connection.
-final class CloseOnError: ChannelInboundHandler {
+/// Tells the handlers after it that the channel is active, once, and steps aside: for handlers added to a
+/// connection that was already active.
+final class ReplayChannelActive: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = Any
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { context.fireChannelActive() }
+        context.pipeline.syncOperations.removeHandler(self, promise: nil)
+    }
+}
+
+/// Closes an HTTP/2 connection that floods or sends what cannot be parsed: NIOHTTP2 answers with a GOAWAY but leaves
+/// closing to the pipeline, and an attacker that ignores the GOAWAY must not keep the connection. Other errors (a
+/// stream's bad header, a length mismatch) reset that stream only; the connection and its other streams go on.
+final class CloseOnConnectionError: ChannelInboundHandler {
     typealias InboundIn = Any
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        context.close(promise: nil)
+        if Self.endsConnection(error) { context.close(promise: nil) }
+    }
+
+    static func endsConnection(_ error: Error) -> Bool {
+        error is NIOHTTP2Errors.ExcessiveRSTFrames || error is NIOHTTP2Errors.ExcessiveContinuationFrames
+            || error is NIOHTTP2Errors.ExcessiveControlFrames || error is NIOHTTP2Errors.ExcessiveStreamErrors
+            || error is NIOHTTP2Errors.ExcessiveNumberOfGlitches || error is NIOHTTP2Errors.ExcessiveEmptyDataFrames
+            || error is NIOHTTP2Errors.ExcessiveOutboundFrameBuffering
+            || error is NIOHTTP2Errors.ExcessivelyLargeHeaderBlock || error is NIOHTTP2Errors.BadClientMagic
+            || error is NIOHTTP2Errors.UnableToParseFrame
     }
 }
 
@@ -161,5 +184,14 @@ final class PrefaceSniffer: ChannelInboundHandler, RemovableChannelHandler {
         context.fireChannelRead(wrapInboundOut(received))
         context.fireChannelReadComplete()
         context.pipeline.syncOperations.removeHandler(self, promise: nil)
+    }
+
+    /// A drain closes a connection that has not said a byte yet; one that has waits for its protocol's handler.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is DrainEvent, received == nil {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }
