@@ -14,6 +14,7 @@ import Synchronization
 /// | `/count` (POST/PUT) | `{"bytes":N}` after reading the whole body as it streams        |
 /// | `/echo-body`        | the request body streamed back, chunked                         |
 /// | `/delay/{ms}`       | an answer after ms milliseconds                                 |
+/// | `/events/{n}`       | n server-sent events, 300 ms apart, then the end (SSE)          |
 /// | `/status/{code}`    | an empty answer with that status                                |
 /// | `/truncate/{n}`     | promises n bytes, sends half, closes                            |
 /// | `/drop`             | closes the connection without answering                         |
@@ -244,6 +245,14 @@ final class DemoHandler: ChannelInboundHandler {
                 let (handler, context) = bound.value
                 handler.send(status: .ok, body: "{\"delayed_ms\":\(milliseconds)}", head: head, context: context)
             }
+        case ("events", 2):
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Type", value: "text/event-stream")
+            headers.add(name: "Cache-Control", value: "no-cache")
+            context.writeAndFlush(
+                wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .ok, headers: headers))),
+                promise: nil)
+            sendEvents(max(0, min(Int(segments[1]) ?? 0, 100)), number: 1, context: context)
         case ("status", 2):
             let code = Int(segments[1]) ?? 500
             send(status: HTTPResponseStatus(statusCode: code), body: "", head: head, context: context)
@@ -418,6 +427,21 @@ final class DemoHandler: ChannelInboundHandler {
                 wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         }
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+
+    /// Writes event `number` of `count` at once, the next 300 ms later, and ends the answer after the last.
+    private func sendEvents(_ count: Int, number: Int, context: ChannelHandlerContext) {
+        guard number <= count else {
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            return
+        }
+        let event = context.channel.allocator.buffer(string: "id: \(number)\ndata: event \(number)\n\n")
+        context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(event))), promise: nil)
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: .milliseconds(300)) {
+            let (handler, context) = bound.value
+            handler.sendEvents(count, number: number + 1, context: context)
+        }
     }
 
     private func echo(_ head: HTTPRequestHead, path: String, query: String?) -> String {

@@ -203,4 +203,37 @@ import Testing
             #expect((echo?["headers"] as? [String: String])?["cookie"] == "a=1; b=2")
         }
     }
+
+    /// Server-sent events pass unbuffered, over HTTP/1.1 and HTTP/2: the first event reaches the client long before
+    /// the upstream ends the stream (4 events, 300 ms apart).
+    @Test func serverSentEventsArriveAsTheyAreSent() async throws {
+        try await Harness.run({ Self.yaml($0) }) { h in
+            for version in ["--http1.1", "--http2-prior-knowledge"] {
+                let file = FileManager.default.temporaryDirectory.appendingPathComponent("sse-\(UUID().uuidString)")
+                    .path
+                defer { try? FileManager.default.removeItem(atPath: file) }
+                let started = ContinuousClock.now
+                async let stream = ChildProcess.run(
+                    "/usr/bin/curl",
+                    ["-sS", "-N", "--max-time", "10", version, "-o", file, "http://127.0.0.1:\(h.port)/events/4"])
+                var firstEvent: Duration?
+                while firstEvent == nil, ContinuousClock.now - started < .seconds(5) {
+                    if (try? String(contentsOfFile: file, encoding: .utf8))?.contains("data: event 1") == true {
+                        firstEvent = ContinuousClock.now - started
+                    }
+                    try await Task.sleep(for: .milliseconds(5))
+                }
+                let (code, _, error) = try await stream
+                let ended = ContinuousClock.now - started
+                #expect(code == 0, "curl: \(error)")
+                let body = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
+                #expect(body.contains("data: event 4"), "\(body)")
+                print(
+                    "SSE \(version): first event after \(firstEvent.map { "\($0)" } ?? "never"), the end after \(ended)"
+                )
+                #expect(ended >= .milliseconds(850), "the upstream spreads 4 events over 900 ms")
+                #expect((firstEvent ?? ended) < ended - .milliseconds(500), "the first event waited for the stream")
+            }
+        }
+    }
 }
