@@ -207,10 +207,12 @@ import Testing
             #expect(conditional.status == 304)
             #expect(conditional.header("ETag") == "\"v1\"")
             #expect(conditional.body.isEmpty)
-            // The entry is fresh for one second again; only a machine too loaded to ask within it sees it stale.
-            if clock.now - refreshedAt < .milliseconds(900) {
-                #expect(refreshed.header("Cache-Status")?.contains("hit") == true, "the 304 made it fresh again")
-                #expect(h.upstream.requestCount == 2)
+            // The entry is fresh for one second again; only a machine too loaded to ask within it sees it stale, or
+            // finds Redis slower than its 100 ms command timeout (the lookup is then bypassed, as it should be).
+            let status = refreshed.header("Cache-Status") ?? ""
+            if clock.now - refreshedAt < .milliseconds(900), !status.contains("redis-unavailable") {
+                #expect(status.contains("hit"), "the 304 made it fresh again: \(status)")
+                #expect(h.upstream.requestCount == 2, "\(status)")
             }
             let other = try await Self.get(h, path, headers: [("If-None-Match", "\"v0\"")])
             #expect(other.status == 200)
