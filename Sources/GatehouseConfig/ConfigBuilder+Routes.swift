@@ -11,7 +11,7 @@ extension ConfigBuilder {
                 node, path,
                 allowed: [
                     "id", "match", "upstream", "rewrite", "auth", "auth_methods", "rate_limit", "cache", "timeout",
-                    "respond", "forward_authorization",
+                    "respond", "forward_authorization", "websocket",
                 ]),
             let id = f.require("id").flatMap({ reader.string($0, f.path("id")) }),
             let matchNode = f.require("match"),
@@ -75,6 +75,7 @@ extension ConfigBuilder {
         if let node = f["cache"] { route.cache = cache(node, f.path("cache")) }
         route.timeout = f.duration("timeout")
         if let v = f.bool("forward_authorization") { route.forwardAuthorization = v }
+        if let v = f.bool("websocket") { route.websocket = v }
         return route
     }
 

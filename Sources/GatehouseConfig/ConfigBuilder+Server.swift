@@ -36,6 +36,7 @@ extension ConfigBuilder {
                 node, "server.limits",
                 allowed: [
                     "max_header_bytes", "max_body_bytes", "header_timeout", "idle_timeout", "max_concurrent_streams",
+                    "websocket_idle_timeout",
                 ])
         {
             if let v = l.size("max_header_bytes") {
@@ -49,6 +50,7 @@ extension ConfigBuilder {
             if let v = l.duration("header_timeout") { server.limits.headerTimeout = v }
             if let v = l.duration("idle_timeout") { server.limits.idleTimeout = v }
             if let v = l.int("max_concurrent_streams", min: 1, max: 10_000) { server.limits.maxConcurrentStreams = v }
+            if let v = l.duration("websocket_idle_timeout") { server.limits.websocketIdleTimeout = v }
         }
         if let items = f.strings("trusted_proxies") {
             server.trustedProxies = items.enumerated().compactMap { index, text in

@@ -11,6 +11,7 @@ extension ConfigBuilder {
                 allowed: [
                     "targets", "balance", "connect_timeout", "timeout", "retries", "health_check", "circuit_breaker",
                     "passive_health", "tls", "request_headers", "oauth2", "pause_on_retry_after",
+                    "protocol",
                 ])
         else { return nil }
         var upstream = UpstreamConfig(name: name)
@@ -95,6 +96,7 @@ extension ConfigBuilder {
         }
         if let node = f["oauth2"] { upstream.oauth2 = oauth2(node, f.path("oauth2")) }
         if let v = f.choice("pause_on_retry_after", as: RetryAfterPause.self) { upstream.pauseOnRetryAfter = v }
+        if let v = f.choice("protocol", as: UpstreamProtocol.self) { upstream.protocol = v }
         if let node = f["tls"], let t = reader.fields(node, f.path("tls"), allowed: ["verify", "ca_file"]) {
             if let v = t.bool("verify") { upstream.tls.verify = v }
             upstream.tls.caFile = t.string("ca_file")

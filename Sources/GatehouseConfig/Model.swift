@@ -79,9 +79,12 @@ public struct ServerLimits: Sendable, Encodable {
     public var idleTimeout: ConfigDuration = .seconds(60)
     /// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
     public var maxConcurrentStreams = 100
+    /// A WebSocket tunnel with no bytes either way for this long is closed.
+    public var websocketIdleTimeout: ConfigDuration = .seconds(300)
 
     enum CodingKeys: String, CodingKey {
         case maxConcurrentStreams = "max_concurrent_streams"
+        case websocketIdleTimeout = "websocket_idle_timeout"
         case maxHeaderBytes = "max_header_bytes"
         case maxBodyBytes = "max_body_bytes"
         case headerTimeout = "header_timeout"
@@ -308,6 +311,8 @@ public struct UpstreamConfig: Sendable, Encodable {
     public var oauth2: OAuth2Config?
     /// Who waits when the upstream answers 429/503 with `Retry-After`.
     public var pauseOnRetryAfter: RetryAfterPause = .off
+    /// The HTTP version spoken to the targets.
+    public var `protocol`: UpstreamProtocol = .auto
 
     enum CodingKeys: String, CodingKey {
         case name, targets, balance
@@ -320,7 +325,14 @@ public struct UpstreamConfig: Sendable, Encodable {
         case requestHeaders = "request_headers"
         case oauth2
         case pauseOnRetryAfter = "pause_on_retry_after"
+        case `protocol`
     }
+}
+
+/// `protocol` of an upstream: `auto` (HTTP/2 when TLS's ALPN offers it, else HTTP/1.1), `http1`, or `http2` (over TLS
+/// by ALPN, on `http://` targets h2c with prior knowledge). gRPC needs HTTP/2.
+public enum UpstreamProtocol: String, Sendable, Encodable, CaseIterable {
+    case auto, http1, http2
 }
 
 /// `pause_on_retry_after`: off (the answer just passes), upstream (every caller waits, on every instance), or
@@ -474,6 +486,8 @@ public struct RouteConfig: Sendable, Encodable {
     public var respond: DirectResponse?
     /// Whether a client `Authorization` the gateway did not verify goes upstream (false: it is removed).
     public var forwardAuthorization: Bool = false
+    /// Whether `Upgrade: websocket` requests are tunnelled to the upstream (else the upgrade is not forwarded).
+    public var websocket: Bool = false
     /// The line of the route in the config file, for messages.
     public var line: Int = 0
 
@@ -483,6 +497,7 @@ public struct RouteConfig: Sendable, Encodable {
         case rateLimit = "rate_limit"
         case cache, timeout, respond
         case forwardAuthorization = "forward_authorization"
+        case websocket
     }
 }
 

@@ -40,6 +40,10 @@ public final class UpstreamTransfer: @unchecked Sendable {
     var queuedForHandOver = false
     /// The final (non-1xx) head was handed over; later header lines are trailers.
     var headDelivered = false
+    /// Trailer fields received after the body.
+    var trailers: [(name: String, value: String)] = []
+    /// Trailer fields kept at most (more are dropped).
+    static let maxTrailers = 64
 
     init(request: UpstreamRequest, delegate: UpstreamTransferDelegate, worker: UpstreamWorker) {
         self.request = request
@@ -149,8 +153,21 @@ public final class UpstreamTransfer: @unchecked Sendable {
         let bytes = UnsafeRawBufferPointer(start: source, count: count)
         var end = count
         while end > 0, bytes[end - 1] == 0x0A || bytes[end - 1] == 0x0D { end -= 1 }
-        // After the final head, header lines are trailers: not forwarded.
-        if headDelivered { return count }
+        // After the final head, header lines are trailers: kept when well-formed, handed over with the completion.
+        if headDelivered {
+            var colon = 0
+            while colon < end, bytes[colon] != UInt8(ascii: ":") { colon += 1 }
+            if colon > 0, colon < end, Self.isToken(bytes, 0, colon), Self.isFieldValue(bytes, colon + 1, end),
+                trailers.count < Self.maxTrailers
+            {
+                trailers.append(
+                    (
+                        String(decoding: bytes[0..<colon], as: UTF8.self),
+                        String(decoding: Self.trimmed(bytes, colon + 1, end), as: UTF8.self)
+                    ))
+            }
+            return count
+        }
         if end == 0 {
             if let head = pendingHead, head.status >= 200 || head.status == 0 {
                 headDelivered = true
@@ -255,6 +272,8 @@ public final class UpstreamTransfer: @unchecked Sendable {
     func complete(_ completion: UpstreamCompletion) {
         guard !finished else { return }
         finished = true
+        events.trailers = trailers
+        trailers = []
         events.completion = completion
         hasEvents = true
         worker.markReady(self)

@@ -12,10 +12,12 @@ public struct UpstreamRequest: Sendable {
     public var timeoutMilliseconds: Int
     public var verifyTLS: Bool
     public var caFile: String?
+    public var httpVersion: UpstreamHTTPVersion
 
     public init(
         url: String, method: String, headers: [(name: String, value: String)], bodyLength: Int64?,
-        connectTimeoutMilliseconds: Int, timeoutMilliseconds: Int, verifyTLS: Bool = true, caFile: String? = nil
+        connectTimeoutMilliseconds: Int, timeoutMilliseconds: Int, verifyTLS: Bool = true, caFile: String? = nil,
+        httpVersion: UpstreamHTTPVersion = .auto
     ) {
         self.url = url
         self.method = method
@@ -25,7 +27,28 @@ public struct UpstreamRequest: Sendable {
         self.timeoutMilliseconds = timeoutMilliseconds
         self.verifyTLS = verifyTLS
         self.caFile = caFile
+        self.httpVersion = httpVersion
     }
+}
+
+extension UpstreamRequest {
+    /// Whether the exchange may run over HTTP/2 (by ALPN over TLS, or h2c when asked for).
+    public var mayUseHTTP2: Bool {
+        switch httpVersion {
+        case .http1: false
+        case .http2: true
+        case .auto: url.hasPrefix("https:")
+        }
+    }
+}
+
+/// The HTTP version spoken to an upstream.
+public enum UpstreamHTTPVersion: Sendable {
+    /// HTTP/2 when TLS's ALPN offers it, else HTTP/1.1; HTTP/1.1 on `http://`.
+    case auto
+    case http1
+    /// HTTP/2 by ALPN over TLS; on `http://`, h2c with prior knowledge.
+    case http2
 }
 
 /// The status line and headers of an upstream's final (non-1xx) answer.
@@ -83,6 +106,8 @@ public struct UpstreamCompletion: Sendable {
 public struct UpstreamEvents: Sendable {
     public var head: UpstreamResponseHead?
     public var body: [ByteBuffer] = []
+    /// The answer's trailer fields (gRPC's `grpc-status`), with its completion.
+    public var trailers: [(name: String, value: String)] = []
     public var completion: UpstreamCompletion?
 }
 

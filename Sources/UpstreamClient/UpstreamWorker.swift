@@ -272,14 +272,25 @@ final class UpstreamWorker: @unchecked Sendable {
         _ = gh_easy_setopt_string(handle, CURLOPT_PROXY, "")
         _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_CONTENT_DECODING, 0)
         _ = gh_easy_setopt_long(handle, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1)
-        if request.url.hasPrefix("https:") {
-            _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
-            _ = gh_easy_setopt_long(handle, CURLOPT_PIPEWAIT, 1)
+        let tls = request.url.hasPrefix("https:")
+        if tls {
             _ = gh_easy_setopt_long(handle, CURLOPT_SSL_VERIFYPEER, request.verifyTLS ? 1 : 0)
             _ = gh_easy_setopt_long(handle, CURLOPT_SSL_VERIFYHOST, request.verifyTLS ? 2 : 0)
             if let caFile = request.caFile { _ = gh_easy_setopt_string(handle, CURLOPT_CAINFO, caFile) }
-        } else {
+        }
+        switch (request.httpVersion, tls) {
+        case (.http1, _), (.auto, false):
             _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_1_1)
+        case (.auto, true), (.http2, true):
+            _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2TLS)
+            _ = gh_easy_setopt_long(handle, CURLOPT_PIPEWAIT, 1)
+        case (.http2, false):
+            // h2c with prior knowledge. Debian's libcurl 7.88.1 fails every stream after the first on such a
+            // connection ("Error in the HTTP2 framing layer", reused or multiplexed alike): each exchange gets a
+            // connection of its own, closed after it.
+            _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE)
+            _ = gh_easy_setopt_long(handle, CURLOPT_FRESH_CONNECT, 1)
+            _ = gh_easy_setopt_long(handle, CURLOPT_FORBID_REUSE, 1)
         }
 
         _ = gh_easy_setopt_pointer(handle, CURLOPT_CLOSESOCKETDATA, Unmanaged.passUnretained(self).toOpaque())

@@ -276,6 +276,8 @@ enum RateLimitPhase {
 enum CacheLookupPhase {
     static func run(_ context: inout RequestContext, runtime: Runtime, cache: ResponseCache) -> CacheExchange? {
         let head = context.head
+        // gRPC is never cached, and a call is not a write that invalidates what is stored.
+        if context.isGRPC { return nil }
         if head.method != .GET, head.method != .HEAD, head.method != .OPTIONS, head.method != .TRACE {
             // An unsafe method invalidates the cached responses of its path (RFC 9111 §4.4) once it succeeds.
             if case .found(let index, _) = runtime.table.match(host: context.host, path: context.path, method: "GET"),
@@ -416,6 +418,8 @@ enum ForwardPhase {
             headers.append((name, value))
         }
         if let cookie, !removed.contains("cookie") { headers.append(("Cookie", cookie)) }
+        // gRPC servers want to know the client takes trailers; TE itself is hop-by-hop, so this hop says it again.
+        if context.isGRPC { headers.append(("TE", "trailers")) }
         // From a peer outside trusted_proxies, the identity headers it sent are replaced, not extended.
         let peerTrusted = context.peerTrusted
         let peer = context.peerIP
@@ -447,8 +451,16 @@ enum ForwardPhase {
         return UpstreamRequest(
             url: url, method: head.method.rawValue, headers: headers, bodyLength: bodyLength,
             connectTimeoutMilliseconds: route?.connectTimeoutMilliseconds ?? 1000,
-            timeoutMilliseconds: route?.timeoutMilliseconds ?? 30_000,
-            verifyTLS: upstream?.tls.verify ?? true, caFile: upstream?.tls.caFile)
+            timeoutMilliseconds: context.timeoutMilliseconds, verifyTLS: upstream?.tls.verify ?? true,
+            caFile: upstream?.tls.caFile, httpVersion: upstream.map { httpVersion($0.protocol) } ?? .auto)
+    }
+
+    static func httpVersion(_ configured: UpstreamProtocol) -> UpstreamHTTPVersion {
+        switch configured {
+        case .auto: .auto
+        case .http1: .http1
+        case .http2: .http2
+        }
     }
 
     /// The X-Forwarded-Proto and X-Forwarded-Host the upstream gets: the client's own values only from a trusted
@@ -588,6 +600,17 @@ enum RespondPhase {
         headers.add(name: "Content-Length", value: String(bodyLength))
         for (name, value) in error.headers { headers.add(name: name, value: value) }
         return finish(&headers, status: error.status, context)
+    }
+
+    /// A gRPC call's error: trailers-only (HTTP 200, `grpc-status`, `grpc-message`, SPEC §7.2), never a body.
+    static func grpcHead(for error: GatewayError, _ context: RequestContext) -> HTTPResponseHead {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(5 + error.headers.count)
+        headers.add(name: "Content-Type", value: "application/grpc")
+        headers.add(name: "grpc-status", value: String(GRPC.status(for: error.status)))
+        headers.add(name: "grpc-message", value: GRPC.encodeMessage(error.detail))
+        for (name, value) in error.headers { headers.add(name: name, value: value) }
+        return finish(&headers, status: .ok, context)
     }
 
     /// What every answer carries: its request id, the `Cache-Status` of a caching route, the rate limits, and

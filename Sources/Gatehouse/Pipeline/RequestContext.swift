@@ -51,6 +51,16 @@ struct RequestContext {
     var error: GatewayError?
     /// Whether the connection may serve another request after this one.
     var keepAlive: Bool
+    /// A gRPC call (``GRPC``): errors are gRPC statuses, nothing is cached.
+    let isGRPC: Bool
+    /// The call's `grpc-timeout`, which wins over a longer route timeout.
+    let grpcTimeoutMilliseconds: Int?
+
+    /// The time the upstream attempts share: the route's, or a gRPC call's shorter deadline.
+    var timeoutMilliseconds: Int {
+        let route = route?.timeoutMilliseconds ?? 30_000
+        return grpcTimeoutMilliseconds.map { min($0, route) } ?? route
+    }
 
     init(requestID: String, head: HTTPRequestHead, connection: ConnectionInfo, trusted: [CIDR]) {
         self.requestID = requestID
@@ -63,7 +73,11 @@ struct RequestContext {
             ? AcceptPhase.clientIP(behindProxy: connection.peerIP, headers: head.headers, trusted: trusted)
             : connection.peerIP
         startNanoseconds = NIODeadline.now().uptimeNanoseconds
-        keepAlive = head.isKeepAlive && head.version == .http1_1
+        // An HTTP/2 stream "keeps alive" in that an answer that ends before the request waits for the request's
+        // end instead of resetting the stream.
+        keepAlive = head.version.major == 2 || (head.isKeepAlive && head.version == .http1_1)
+        isGRPC = head.method == .POST && GRPC.isCall(head.headers)
+        grpcTimeoutMilliseconds = isGRPC ? GRPC.timeoutMilliseconds(head.headers) : nil
     }
 }
 

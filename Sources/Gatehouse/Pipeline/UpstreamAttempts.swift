@@ -57,11 +57,11 @@ struct UpstreamAttempts {
         mayResend = policy.oauth2 || ((policy.retries?.attempts ?? 1) > 1 && policy.idempotent)
     }
 
-    init(route: CompiledRoute?, method: HTTPMethod) {
+    init(route: CompiledRoute?, method: HTTPMethod, timeoutMilliseconds: Int) {
         let pool = route?.pool
         self.init(
             policy: Policy(
-                retries: pool?.config.retries, timeoutMilliseconds: route?.timeoutMilliseconds ?? 30_000,
+                retries: pool?.config.retries, timeoutMilliseconds: timeoutMilliseconds,
                 oauth2: pool?.oauth2 != nil, idempotent: Self.isIdempotent(method)))
     }
 

@@ -103,6 +103,7 @@ enum ClientPipelines {
         ) { stream in
             stream.eventLoop.makeCompletedFuture {
                 let pipeline = stream.pipeline.syncOperations
+                try pipeline.addHandler(EndStreamOnHeaders())
                 try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                 try pipeline.addHandler(
                     GatewayHandler(core: core, activity: nil, tls: tls, eventLoop: stream.eventLoop, makeDecoder: nil))
@@ -113,6 +114,49 @@ enum ClientPipelines {
         // The manager starts its idle clock when the channel becomes active, which happened before HTTP/2 was
         // chosen: tell it (and only the handlers after it) again.
         try channel.pipeline.syncOperations.addHandler(ReplayChannelActive(), position: .before(manager))
+    }
+}
+
+/// Sends an answer without a body as one HEADERS frame that ends the stream, as gRPC's trailers-only answers must
+/// be: the HTTP/1 codec writes a head and then an empty DATA frame with END_STREAM, so a HEADERS frame is held until
+/// the next write or flush, and merged with that empty end when it comes.
+final class EndStreamOnHeaders: ChannelOutboundHandler {
+    typealias OutboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    private var held: (headers: HTTP2Frame.FramePayload.Headers, promise: EventLoopPromise<Void>?)?
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let payload = unwrapOutboundIn(data)
+        if let (headers, heldPromise) = held {
+            held = nil
+            if case .data(let data) = payload, data.endStream, data.data.readableBytes == 0 {
+                var merged = headers
+                merged.endStream = true
+                heldPromise?.futureResult.cascade(to: promise)
+                context.write(wrapOutboundOut(.headers(merged)), promise: heldPromise ?? promise)
+                return
+            }
+            context.write(wrapOutboundOut(.headers(headers)), promise: heldPromise)
+        }
+        if case .headers(let headers) = payload, !headers.endStream {
+            held = (headers, promise)
+            return
+        }
+        context.write(data, promise: promise)
+    }
+
+    func flush(context: ChannelHandlerContext) {
+        if let (headers, promise) = held {
+            held = nil
+            context.write(wrapOutboundOut(.headers(headers)), promise: promise)
+        }
+        context.flush()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        held?.promise?.fail(ChannelError.ioOnClosedChannel)
+        held = nil
     }
 }
 

@@ -281,7 +281,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
         readBlocked = false
         if keepAlive {
             activity?.awaitingNextRequest()
-            if !endWritten { context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil) }
+            if !endWritten { context.writeAndFlush(wrapOutboundOut(.end(exchange.answerTrailers)), promise: nil) }
             serveQueue(context: context)
             if queuedBytes > Self.queueLimit { readBlocked = true }
             if readPending, !readBlocked {
@@ -292,7 +292,9 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
             context.close(promise: nil)
         } else {
             let channel = context.channel
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(.end(exchange.answerTrailers))).whenComplete { _ in
+                channel.close(promise: nil)
+            }
         }
     }
 
