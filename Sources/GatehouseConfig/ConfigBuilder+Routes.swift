@@ -75,7 +75,10 @@ extension ConfigBuilder {
         if let node = f["cache"] { route.cache = cache(node, f.path("cache")) }
         route.timeout = f.duration("timeout")
         if let v = f.bool("forward_authorization") { route.forwardAuthorization = v }
-        if let v = f.bool("websocket") { route.websocket = v }
+        if let v = f.bool("websocket") {
+            route.websocket = v
+            if v, route.upstream == nil { f.fail("websocket", "a WebSocket route needs an upstream to tunnel to") }
+        }
         return route
     }
 

@@ -34,6 +34,17 @@ public final class UpstreamClient: Sendable {
         return transfer
     }
 
+    /// Opens a byte tunnel (see ``UpstreamTunnel``); `worker` as for ``start(_:delegate:worker:)``.
+    public func openTunnel(_ request: TunnelRequest, delegate: UpstreamTunnelDelegate, worker: Int? = nil)
+        -> UpstreamTunnel
+    {
+        let index = worker ?? next.wrappingAdd(1, ordering: .relaxed).oldValue
+        let worker = workers[index % workers.count]
+        let tunnel = UpstreamTunnel(request: request, delegate: delegate, worker: worker)
+        worker.submit(.openTunnel(tunnel))
+        return tunnel
+    }
+
     /// Cancels running exchanges and stops the threads.
     public func shutdown() {
         for worker in workers { worker.shutdown() }

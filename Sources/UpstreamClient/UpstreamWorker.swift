@@ -13,6 +13,9 @@ final class UpstreamWorker: @unchecked Sendable {
         case start(UpstreamTransfer)
         case unpause(UpstreamTransfer)
         case cancel(UpstreamTransfer)
+        case openTunnel(UpstreamTunnel)
+        /// A tunnel has bytes to send, a pause changed, or it should close.
+        case tunnelWake(UpstreamTunnel)
     }
 
     private let multi: UnsafeMutableRawPointer
@@ -37,6 +40,9 @@ final class UpstreamWorker: @unchecked Sendable {
     /// curl's own interest is `interested`. Entries leave when curl closes the socket.
     private var registered: [Int32: UInt32] = [:]
     private var interested: Set<Int32> = []
+    /// Tunnels being connected, by easy handle, and connected ones, by socket (watched here, not by curl).
+    private var connectingTunnels: [UnsafeMutableRawPointer: UpstreamTunnel] = [:]
+    private var tunnels: [Int32: UpstreamTunnel] = [:]
     /// When curl wants `CURL_SOCKET_TIMEOUT` (monotonic nanoseconds); nil when it wants none.
     private var timerDeadline: UInt64?
 
@@ -192,6 +198,10 @@ final class UpstreamWorker: @unchecked Sendable {
                     _ = Glibc.read(wakeFD, &value, 8)
                     continue
                 }
+                if let tunnel = tunnels[fd] {
+                    serviceTunnel(tunnel)
+                    continue
+                }
                 guard interested.contains(fd) else {
                     unwatchIdle(fd)
                     continue
@@ -227,7 +237,138 @@ final class UpstreamWorker: @unchecked Sendable {
             finish(
                 transfer,
                 UpstreamCompletion(error: UpstreamError(kind: .cancelled, detail: "cancelled"), totalMicroseconds: 0))
+        case .openTunnel(let tunnel):
+            openTunnel(tunnel)
+        case .tunnelWake(let tunnel):
+            if tunnel.connected, !tunnel.closed {
+                serviceTunnel(tunnel)
+            } else if !tunnel.closed, tunnel.shared.withLock({ $0.closing }) {
+                closeTunnel(tunnel, error: UpstreamError(kind: .cancelled, detail: "closed before connecting"))
+            }
         }
+    }
+
+    // MARK: tunnels
+
+    /// Starts connecting a tunnel: curl makes the connection (and TLS) and stops there.
+    private func openTunnel(_ tunnel: UpstreamTunnel) {
+        guard let handle = curl_easy_init() else {
+            tunnel.closed = true
+            let delegate = tunnel.delegate
+            delegate.eventLoop.execute {
+                delegate.tunnelClosed(tunnel, error: UpstreamError(kind: .other, detail: "curl_easy_init failed"))
+            }
+            return
+        }
+        let request = tunnel.request
+        tunnel.handle = handle
+        _ = gh_easy_setopt_string(handle, CURLOPT_URL, request.url)
+        _ = gh_easy_setopt_long(handle, CURLOPT_CONNECT_ONLY, 1)
+        _ = gh_easy_setopt_long(handle, CURLOPT_NOSIGNAL, 1)
+        _ = gh_easy_setopt_long(handle, CURLOPT_CONNECTTIMEOUT_MS, request.connectTimeoutMilliseconds)
+        _ = gh_easy_setopt_long(handle, CURLOPT_TCP_NODELAY, 1)
+        _ = gh_easy_setopt_string(handle, CURLOPT_PROTOCOLS_STR, "http,https")
+        _ = gh_easy_setopt_string(handle, CURLOPT_PROXY, "")
+        // ALPN offers HTTP/1.1 only: the handshake that follows is an HTTP/1.1 upgrade.
+        _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_1_1)
+        if request.url.hasPrefix("https:") {
+            _ = gh_easy_setopt_long(handle, CURLOPT_SSL_VERIFYPEER, request.verifyTLS ? 1 : 0)
+            _ = gh_easy_setopt_long(handle, CURLOPT_SSL_VERIFYHOST, request.verifyTLS ? 2 : 0)
+            if let caFile = request.caFile { _ = gh_easy_setopt_string(handle, CURLOPT_CAINFO, caFile) }
+        }
+        _ = gh_easy_setopt_pointer(handle, CURLOPT_CLOSESOCKETDATA, Unmanaged.passUnretained(self).toOpaque())
+        _ = gh_easy_setopt_closesocket_cb(handle) { worker, socket in
+            guard let worker else { return close(socket) }
+            return Unmanaged<UpstreamWorker>.fromOpaque(worker).takeUnretainedValue().closeSocket(socket)
+        }
+        connectingTunnels[handle] = tunnel
+        let code = curl_multi_add_handle(multi, handle)
+        if code != CURLM_OK {
+            connectingTunnels[handle] = nil
+            closeTunnel(
+                tunnel, error: UpstreamError(kind: .other, detail: String(cString: curl_multi_strerror(code))))
+        }
+    }
+
+    /// curl finished connecting a tunnel: from now on this thread watches its socket.
+    private func tunnelConnectDone(_ tunnel: UpstreamTunnel, handle: UnsafeMutableRawPointer, code: CURLcode) {
+        guard code == CURLE_OK else {
+            closeTunnel(tunnel, error: Self.error(for: code, handle: handle))
+            return
+        }
+        var socket: curl_socket_t = -1
+        _ = gh_easy_getinfo_socket(handle, CURLINFO_ACTIVESOCKET, &socket)
+        guard socket >= 0 else {
+            closeTunnel(tunnel, error: UpstreamError(kind: .connect, detail: "no socket after connecting"))
+            return
+        }
+        tunnel.socket = socket
+        tunnel.connected = true
+        tunnels[socket] = tunnel
+        let delegate = tunnel.delegate
+        delegate.eventLoop.execute { delegate.tunnelConnected(tunnel) }
+        serviceTunnel(tunnel)
+    }
+
+    /// Sends what a tunnel has queued, reads what its upstream sent, and watches its socket for what is next.
+    private func serviceTunnel(_ tunnel: UpstreamTunnel) {
+        guard tunnel.connected, !tunnel.closed else { return }
+        let (receivePaused, closing) = tunnel.shared.withLock { ($0.receivePaused, $0.closing) }
+        let drained: Bool
+        switch tunnel.flushOutbound() {
+        case .failure(let error):
+            closeTunnel(tunnel, error: error)
+            return
+        case .success(let all):
+            drained = all
+        }
+        if closing, drained {
+            closeTunnel(tunnel, error: nil)
+            return
+        }
+        if !receivePaused {
+            switch tunnel.receive(limit: 256 * 1024) {
+            case .failure(let error):
+                closeTunnel(tunnel, error: error)
+                return
+            case .success(nil):
+                closeTunnel(tunnel, error: nil)
+                return
+            case .success(let chunks?):
+                if !chunks.isEmpty { tunnel.deliver(chunks) }
+            }
+        }
+        let wanted = (receivePaused ? 0 : EPOLLIN.rawValue) | (drained ? 0 : EPOLLOUT.rawValue)
+        let socket = tunnel.socket
+        if registered[socket] == wanted { return }
+        var event = epoll_event()
+        event.events = wanted
+        event.data.fd = socket
+        let operation = registered[socket] == nil ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
+        if epoll_ctl(epollFD, operation, socket, &event) != 0 {
+            epoll_ctl(epollFD, operation == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, socket, &event)
+        }
+        registered[socket] = wanted
+    }
+
+    /// Ends a tunnel: curl closes its connection; the delegate hears of it once.
+    private func closeTunnel(_ tunnel: UpstreamTunnel, error: UpstreamError?) {
+        guard !tunnel.closed else { return }
+        tunnel.closed = true
+        if tunnel.socket >= 0 {
+            tunnels[tunnel.socket] = nil
+            if registered.removeValue(forKey: tunnel.socket) != nil {
+                epoll_ctl(epollFD, EPOLL_CTL_DEL, tunnel.socket, nil)
+            }
+        }
+        if let handle = tunnel.handle {
+            connectingTunnels[handle] = nil
+            curl_multi_remove_handle(multi, handle)
+            curl_easy_cleanup(handle)
+            tunnel.handle = nil
+        }
+        let delegate = tunnel.delegate
+        delegate.eventLoop.execute { delegate.tunnelClosed(tunnel, error: error) }
     }
 
     private func start(_ transfer: UpstreamTransfer) {
@@ -349,6 +490,10 @@ final class UpstreamWorker: @unchecked Sendable {
         while let message = curl_multi_info_read(multi, &remaining) {
             guard message.pointee.msg == CURLMSG_DONE, let handle = message.pointee.easy_handle else { continue }
             let code = message.pointee.data.result
+            if let tunnel = connectingTunnels.removeValue(forKey: handle) {
+                tunnelConnectDone(tunnel, handle: handle, code: code)
+                continue
+            }
             var contextPointer: UnsafeMutableRawPointer?
             _ = gh_easy_getinfo_pointer(handle, CURLINFO_PRIVATE, &contextPointer)
             guard let contextPointer else { continue }
@@ -413,6 +558,9 @@ final class UpstreamWorker: @unchecked Sendable {
     }
 
     private func cancelAll() {
+        for tunnel in Array(tunnels.values) + Array(connectingTunnels.values) {
+            closeTunnel(tunnel, error: UpstreamError(kind: .cancelled, detail: "shutting down"))
+        }
         for transfer in Array(active.values) {
             finish(
                 transfer,

@@ -8,38 +8,6 @@ import Testing
 /// call kinds over h2c and over TLS with ALPN, trailers relayed, gateway-made errors as gRPC statuses,
 /// `grpc-timeout`, and nothing cached.
 @Suite(.serialized) struct GRPCTests {
-    static let peer = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .appendingPathComponent("peers/grpc_peer.py").path
-
-    /// A grpcio server on a free port, h2c or TLS.
-    final class Server {
-        let process: ChildProcess
-        let port: Int
-
-        init(cert: String? = nil, key: String? = nil) async throws {
-            port = PortHold.anyFreePort()
-            let (read, write) = try ChildProcess.pipe()
-            var arguments = ["python3", GRPCTests.peer, "server", String(port)]
-            if let cert, let key { arguments += [cert, key] }
-            process = try ChildProcess("/usr/bin/env", arguments, output: write)
-            close(write)
-            // "ready" once it listens.
-            let line = try await offThePool { () -> String in
-                var text = ""
-                var byte: UInt8 = 0
-                while Glibc.read(read, &byte, 1) == 1, byte != 10 { text.append(Character(Unicode.Scalar(byte))) }
-                close(read)
-                return text
-            }
-            guard line == "ready" else { throw RawError.closed("grpc server: \(line)") }
-        }
-
-        func stop() async {
-            process.signal(SIGKILL)
-            _ = try? await process.wait()
-        }
-    }
-
     struct Result {
         var code: String
         var details: String
@@ -49,12 +17,9 @@ import Testing
 
     /// One call by the grpcio client through the gateway at `port`.
     static func call(_ port: Int, _ arguments: [String]) async throws -> Result {
-        let (status, out, error) = try await ChildProcess.run(
-            "/usr/bin/env", ["python3", peer, "client", "127.0.0.1:\(port)"] + arguments)
-        #expect(status == 0, "grpc client: \(error)")
-        let object = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any] ?? [:]
+        let object = try await PythonPeer.client("grpc_peer.py", ["127.0.0.1:\(port)"] + arguments)
         return Result(
-            code: object["code"] as? String ?? "(no answer: \(out) \(error))",
+            code: object["code"] as? String ?? "(no answer: \(object))",
             details: object["details"] as? String ?? "",
             messages: object["messages"] as? [Any] ?? [],
             trailers: object["trailers"] as? [String: String] ?? [:])
@@ -112,7 +77,7 @@ import Testing
     }
 
     @Test func theFourCallKindsPassOverH2c() async throws {
-        let server = try await Server()
+        let server = try await PythonPeer("grpc_peer.py")
         do {
             try await Harness.run(Self.yaml("http://127.0.0.1:\(server.port)", protocol: "http2")) { h in
                 try await Self.checkCallKinds(h.port)
@@ -129,7 +94,7 @@ import Testing
 
     @Test func theFourCallKindsPassOverTLSWithALPN() async throws {
         let (cert, key) = try await TLSTests.makeCertificate()
-        let server = try await Server(cert: cert, key: key)
+        let server = try await PythonPeer("grpc_peer.py", extra: [cert, key])
         do {
             try await Harness.run(Self.yaml("https://localhost:\(server.port)", protocol: "auto")) { h in
                 try await Self.checkCallKinds(h.port)
@@ -144,7 +109,7 @@ import Testing
     }
 
     @Test func gatewayErrorsAreGRPCStatuses() async throws {
-        let server = try await Server()
+        let server = try await PythonPeer("grpc_peer.py")
         do {
             try await Harness.run(Self.yaml("http://127.0.0.1:\(server.port)", protocol: "http2")) { h in
                 // 404 -> UNIMPLEMENTED: no route. Trailers-only: HTTP 200, the status in the one header block.
@@ -200,7 +165,7 @@ import Testing
     }
 
     @Test func aShorterGRPCTimeoutWinsAndCallsAreNeverCached() async throws {
-        let server = try await Server()
+        let server = try await PythonPeer("grpc_peer.py")
         do {
             try await Harness.run(Self.yaml("http://127.0.0.1:\(server.port)", protocol: "http2")) { h in
                 // The route allows 10 s; the call's grpc-timeout of 300 ms ends it at the gateway: DEADLINE_EXCEEDED

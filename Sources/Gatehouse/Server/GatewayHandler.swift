@@ -43,6 +43,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
     private let makeDecoder: (() -> ByteToMessageHandler<HTTPRequestDecoder>)?
     /// The last request head received was an upgrade request (see ``isUpgradeRequest(_:)``).
     private var receivedUpgrade = false
+    /// The decoder restarts when the current exchange (a WebSocket upgrade that may not happen) is over.
+    private var restartAfterExchange = false
 
     init(
         core: GatewayCore, activity: ConnectionActivity?, tls: Bool, eventLoop: EventLoop,
@@ -74,7 +76,14 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
         case .end where receivedUpgrade:
             // The decoder stopped at this request's end, whether it is served now or waits in the queue.
             receivedUpgrade = false
-            restartDecoder(context: context)
+            if queued.isEmpty, exchange?.wantsWebSocket == true {
+                // A WebSocket upgrade is being tunnelled: nothing more is read until the upstream answers (101:
+                // the connection becomes a tunnel; else the decoder restarts when the exchange is over).
+                restartAfterExchange = true
+                readBlocked = true
+            } else {
+                restartDecoder(context: context)
+            }
         default: break
         }
         if !queued.isEmpty || exchange?.state.requestEnded == true || (exchange == nil && !context.channel.isWritable) {
@@ -279,6 +288,10 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
         let keepAlive = exchange.context.keepAlive && !draining
         self.exchange = nil
         readBlocked = false
+        if restartAfterExchange {
+            restartAfterExchange = false
+            restartDecoder(context: context)
+        }
         if keepAlive {
             activity?.awaitingNextRequest()
             if !endWritten { context.writeAndFlush(wrapOutboundOut(.end(exchange.answerTrailers)), promise: nil) }
@@ -295,6 +308,26 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
             context.writeAndFlush(wrapOutboundOut(.end(exchange.answerTrailers))).whenComplete { _ in
                 channel.close(promise: nil)
             }
+        }
+    }
+
+    /// Hands the connection to a WebSocket tunnel: the HTTP handlers leave, and the bytes the stopped decoder holds
+    /// go to `handler` as it leaves.
+    func becomeTunnel(_ handler: TunnelHandler) {
+        guard let context = channelContext else { return }
+        exchange = nil
+        restartAfterExchange = false
+        let pipeline = context.pipeline.syncOperations
+        do {
+            try pipeline.addHandler(handler)
+            if let activity { pipeline.removeHandler(activity, promise: nil) }
+            pipeline.removeHandler(try pipeline.handler(type: HTTPResponseEncoder.self), promise: nil)
+            let decoder = try pipeline.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self)
+            pipeline.removeHandler(self, promise: nil)
+            pipeline.removeHandler(decoder, promise: nil)
+            context.channel.read()
+        } catch {
+            context.close(promise: nil)
         }
     }
 

@@ -200,7 +200,8 @@ final class UpstreamPool: Sendable {
                 let request = UpstreamRequest(
                     url: url + check.path, method: "GET", headers: [("User-Agent", "gatehouse-health-check")],
                     bodyLength: nil, connectTimeoutMilliseconds: connectTimeout, timeoutMilliseconds: timeout,
-                    verifyTLS: config.tls.verify, caFile: config.tls.caFile)
+                    verifyTLS: config.tls.verify, caFile: config.tls.caFile,
+                    httpVersion: ForwardPhase.httpVersion(config.protocol))
                 UpstreamFetch.send(request, client: client, on: loop, limit: 64 * 1024).whenComplete { result in
                     checking.value[index] = false
                     switch result {
