@@ -427,11 +427,14 @@ final class UpstreamWorker: @unchecked Sendable {
             _ = gh_easy_setopt_long(handle, CURLOPT_PIPEWAIT, 1)
         case (.http2, false):
             // h2c with prior knowledge. Debian's libcurl 7.88.1 fails every stream after the first on such a
-            // connection ("Error in the HTTP2 framing layer", reused or multiplexed alike): each exchange gets a
-            // connection of its own, closed after it.
+            // connection ("Error in the HTTP2 framing layer", reused or multiplexed alike: http.c switches a
+            // connection without ALPN to HTTP/2 again, and the second connection preface breaks it). So each
+            // exchange gets a connection of its own, closed after it with a reset: a FIN would leave a TIME_WAIT
+            // per call, and a busy target would run the gateway out of ports.
             _ = gh_easy_setopt_long(handle, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE)
             _ = gh_easy_setopt_long(handle, CURLOPT_FRESH_CONNECT, 1)
             _ = gh_easy_setopt_long(handle, CURLOPT_FORBID_REUSE, 1)
+            _ = gh_easy_close_with_reset(handle)
         }
 
         _ = gh_easy_setopt_pointer(handle, CURLOPT_CLOSESOCKETDATA, Unmanaged.passUnretained(self).toOpaque())

@@ -48,6 +48,20 @@ import Testing
             environment: ["PARTNER_CLIENT_SECRET": "s", "MAPS_API_KEY": "k"])
         #expect(thirdParty.upstream(named: "partner")?.oauth2?.clientSecret.value == "s")
         #expect(thirdParty.upstream(named: "orders")?.passiveHealth.failures == 3)
+        let streams = try ConfigLoader.load(
+            path: root.appendingPathComponent("config/examples/grpc-websocket.yaml").path, environment: [:])
+        #expect(streams.upstream(named: "search")?.protocol == .http2)
+        #expect(streams.routes.first { $0.id == "chat" }?.websocket == true)
+        #expect(streams.server.limits.websocketIdleTimeout.milliseconds == 120_000)
+    }
+
+    @Test func streamingKeysAreChecked() {
+        let badProtocol = errors(
+            Self.minimal.replacingOccurrences(of: "    targets:", with: "    protocol: h3\n    targets:"))
+        #expect(badProtocol.contains { $0.contains("protocol") }, "\(badProtocol)")
+        let direct = errors(
+            Self.minimal + "\n  - { id: d, match: { path: /d }, respond: { status: 200 }, websocket: true }")
+        #expect(direct.contains { $0.contains("websocket") }, "\(direct)")
     }
 
     @Test func upstreamResilienceKeysAreChecked() {
