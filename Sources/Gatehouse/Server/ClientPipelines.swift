@@ -103,7 +103,6 @@ enum ClientPipelines {
         ) { stream in
             stream.eventLoop.makeCompletedFuture {
                 let pipeline = stream.pipeline.syncOperations
-                try pipeline.addHandler(EndStreamOnHeaders())
                 try pipeline.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                 try pipeline.addHandler(
                     GatewayHandler(core: core, activity: nil, tls: tls, eventLoop: stream.eventLoop, makeDecoder: nil))
@@ -111,9 +110,38 @@ enum ClientPipelines {
         }
         try channel.pipeline.syncOperations.addHandler(manager)
         try channel.pipeline.syncOperations.addHandler(CloseOnConnectionError())
+        // Streams answered in one event-loop turn leave in one write.
+        let handler = try channel.pipeline.syncOperations.handler(type: NIOHTTP2Handler.self)
+        try channel.pipeline.syncOperations.addHandler(FlushAtEndOfTurn(), position: .before(handler))
         // The manager starts its idle clock when the channel becomes active, which happened before HTTP/2 was
         // chosen: tell it (and only the handlers after it) again.
         try channel.pipeline.syncOperations.addHandler(ReplayChannelActive(), position: .before(manager))
+    }
+}
+
+/// Coalesces an HTTP/2 connection's flushes: every stream that finishes an answer flushes the connection, so the
+/// first flush of an event-loop turn is put off to the end of that turn and the others join it. The answers of
+/// all the streams one turn completes (a worker hands over a whole round at once) go out in one write.
+final class FlushAtEndOfTurn: ChannelOutboundHandler {
+    typealias OutboundIn = Any
+
+    private var scheduled = false
+
+    func flush(context: ChannelHandlerContext) {
+        guard !scheduled else { return }
+        scheduled = true
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        context.eventLoop.execute {
+            let (handler, context) = bound.value
+            handler.scheduled = false
+            context.flush()
+        }
+    }
+
+    /// What waits for the end of the turn goes out before the connection closes.
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        if scheduled { context.flush() }
+        context.close(mode: mode, promise: promise)
     }
 }
 

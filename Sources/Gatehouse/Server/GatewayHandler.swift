@@ -166,6 +166,10 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
         var requestContext = RequestContext(
             requestID: requestID, head: head, connection: connection, trusted: runtime.trustedProxies)
         if draining { requestContext.keepAlive = false }
+        // A gRPC call over HTTP/2 may be answered trailers-only: one HEADERS frame that ends the stream.
+        if requestContext.isGRPC, head.version.major == 2 {
+            try? context.pipeline.syncOperations.addHandler(EndStreamOnHeaders(), position: .first)
+        }
         let exchange = Exchange(context: requestContext, runtime: runtime, core: core, connection: self)
         self.exchange = exchange
         exchange.start()
