@@ -63,6 +63,8 @@ public final class Gateway: Sendable {
         // JWT issuers' keys first, so the first requests do not wait for them (a failure is logged; requests
         // then load them on demand).
         try? await core.authenticator.jwt.preload(config.auth.jwt, on: group.next()).get()
+        // Redis's TLS files were read in `init`; one that cannot be used stops the start here (the store fell back).
+        _ = try SharedStores.redisConfiguration(config.redis)
         let sslContext = try config.server.tls.map { files -> NIOSSLContext in
             let chain = try NIOSSLCertificate.fromPEMFile(files.cert).map { NIOSSLCertificateSource.certificate($0) }
             let key = try NIOSSLPrivateKey(file: files.key, format: .pem)

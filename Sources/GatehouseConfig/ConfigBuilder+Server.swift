@@ -108,15 +108,37 @@ extension ConfigBuilder {
                 node, "redis",
                 allowed: [
                     "url", "pool_size", "connect_timeout", "command_timeout", "key_prefix", "local_cache_bytes",
-                    "memory_cache_bytes",
+                    "memory_cache_bytes", "tls", "sentinel_password",
                 ])
         else { return redis }
         if let url = f.string("url") {
-            if RedisEndpoint.parse(url) != nil {
+            switch RedisEndpoint.parse(url) {
+            case .network(let servers) where servers.topology == .cluster:
+                f.fail("url", "redis-cluster:// is not supported yet; use redis://, rediss:// or redis-sentinel://")
+            case .some:
                 redis.url = Secret(url)
-            } else {
-                f.fail("url", "expected redis://[:password@]host:port/db, unix:///path.sock or memory://")
+            case nil:
+                f.fail(
+                    "url",
+                    "expected redis[s]://[user[:password]@]host:port/db, redis[s]-sentinel://host:port,...[/db]#master, "
+                        + "unix:///path.sock or memory://")
             }
+        }
+        if let v = f.string("sentinel_password") { redis.sentinelPassword = Secret(v) }
+        if let node = f["tls"],
+            let t = reader.fields(node, f.path("tls"), allowed: ["ca_file", "cert", "key", "server_name", "verify"])
+        {
+            redis.tls.caFile = t.string("ca_file")
+            redis.tls.cert = t.string("cert")
+            redis.tls.key = t.string("key")
+            redis.tls.serverName = t.string("server_name")
+            if let v = t.bool("verify") { redis.tls.verify = v }
+            for (name, file) in [("ca_file", redis.tls.caFile), ("cert", redis.tls.cert), ("key", redis.tls.key)] {
+                if let file, !FileManager.default.fileExists(atPath: file) {
+                    t.fail(name, "file \"\(file)\" does not exist")
+                }
+            }
+            if (redis.tls.cert == nil) != (redis.tls.key == nil) { t.fail("cert", "cert and key go together") }
         }
         if let v = f.int("pool_size", min: 1, max: 64) { redis.poolSize = v }
         if let v = f.duration("connect_timeout") { redis.connectTimeout = v }

@@ -119,6 +119,10 @@ public struct RedisConfig: Sendable, Encodable {
     public var localCacheBytes: Int = 64 << 20
     /// With `memory://`: the most bytes of cached responses the process keeps; the oldest go first past it.
     public var memoryCacheBytes: Int = 256 << 20
+    /// TLS for `rediss` URLs.
+    public var tls = RedisTLSConfig()
+    /// The sentinels' own password, when they need one (`redis-sentinel://`).
+    public var sentinelPassword: Secret?
 
     enum CodingKeys: String, CodingKey {
         case url
@@ -128,49 +132,177 @@ public struct RedisConfig: Sendable, Encodable {
         case keyPrefix = "key_prefix"
         case localCacheBytes = "local_cache_bytes"
         case memoryCacheBytes = "memory_cache_bytes"
+        case tls
+        case sentinelPassword = "sentinel_password"
     }
+
+    public init() {}
 
     /// Where `url` points; nil only for a URL the loader would have refused.
     public var endpoint: RedisEndpoint? { RedisEndpoint.parse(url.value) }
 }
 
-/// What a `redis.url` names: in-process memory, a TCP server, or a unix socket.
+/// `redis.tls`: for `rediss://` URLs. Verification is on by default, against the system's CAs or `ca_file`.
+public struct RedisTLSConfig: Sendable, Encodable {
+    public var caFile: String?
+    /// A client certificate and key, for servers that ask for one.
+    public var cert: String?
+    public var key: String?
+    /// The name the server's certificate must carry (and SNI); default: the host connected to.
+    public var serverName: String?
+    public var verify = true
+
+    enum CodingKeys: String, CodingKey {
+        case caFile = "ca_file"
+        case cert, key
+        case serverName = "server_name"
+        case verify
+    }
+}
+
+/// What a `redis.url` names: in-process memory, a unix socket, or Redis over the network (one server, a master
+/// found through sentinels, or a cluster).
 public enum RedisEndpoint: Sendable, Hashable {
     case memory
-    case tcp(host: String, port: Int, database: Int, username: String?, password: String?)
     case unix(path: String, database: Int, password: String?)
+    case network(RedisServers)
 
     /// The endpoint without credentials, for logs, `/readyz` and `gatehouse check`.
     public var display: String {
         switch self {
         case .memory: "memory://"
-        case .tcp(let host, let port, let database, _, _): "\(host):\(port)/\(database)"
         case .unix(let path, let database, _): "unix:\(path)?db=\(database)"
+        case .network(let servers): servers.display
         }
     }
 
-    /// Parses `memory://`, `redis://[[user]:password@]host[:port][/db]` or `unix:///path.sock[?db=N&password=P]`.
+    /// Parses `memory://`, `unix:///path.sock[?db=N&password=P]`, and
+    /// `redis[s]://[user[:password]@]host[:port][/db]`,
+    /// `redis[s]-sentinel://[user[:password]@]host[:port],host[:port]...[/db]#master`,
+    /// `redis[s]-cluster://[user[:password]@]host[:port],host[:port]...` (`rediss` for TLS).
     public static func parse(_ url: String) -> RedisEndpoint? {
         if url == "memory://" { return .memory }
-        guard let components = URLComponents(string: url) else { return nil }
-        switch components.scheme {
-        case "redis":
-            guard let host = components.host, !host.isEmpty else { return nil }
-            let path = components.path.trimmingCharacters(in: CharacterSet(charactersIn: "/"))
-            guard let database = path.isEmpty ? 0 : Int(path), database >= 0 else { return nil }
-            let username = components.user.flatMap { $0.isEmpty ? nil : $0 }
-            return .tcp(
-                host: host, port: components.port ?? 6379, database: database, username: username,
-                password: components.password)
-        case "unix":
-            guard !components.path.isEmpty else { return nil }
+        guard let schemeEnd = url.range(of: "://") else { return nil }
+        let scheme = url[..<schemeEnd.lowerBound]
+        if scheme == "unix" {
+            guard let components = URLComponents(string: url), !components.path.isEmpty else { return nil }
             let query = components.queryItems ?? []
             let db = query.first { $0.name == "db" }?.value
             guard let database = db.map(Int.init) ?? 0, database >= 0 else { return nil }
             return .unix(
                 path: components.path, database: database, password: query.first { $0.name == "password" }?.value)
-        default:
-            return nil
+        }
+        let tls = scheme.hasPrefix("rediss")
+        var rest = Substring(url[schemeEnd.upperBound...])
+        var master: String?
+        if let hash = rest.firstIndex(of: "#") {
+            master = String(rest[rest.index(after: hash)...]).removingPercentEncoding
+            rest = rest[..<hash]
+        }
+        let topology: RedisServers.Topology
+        switch scheme {
+        case "redis", "rediss": topology = .single
+        case "redis-sentinel", "rediss-sentinel":
+            guard let master, !master.isEmpty else { return nil }
+            topology = .sentinel(master: master)
+        case "redis-cluster", "rediss-cluster": topology = .cluster
+        default: return nil
+        }
+        if case .sentinel = topology {} else if master != nil { return nil }
+        var username: String?
+        var password: String?
+        if let at = rest.lastIndex(of: "@") {
+            let userinfo = rest[..<at]
+            rest = rest[rest.index(after: at)...]
+            if let colon = userinfo.firstIndex(of: ":") {
+                username = String(userinfo[..<colon]).removingPercentEncoding
+                password = String(userinfo[userinfo.index(after: colon)...]).removingPercentEncoding
+            } else {
+                username = String(userinfo).removingPercentEncoding
+            }
+            if username?.isEmpty == true { username = nil }
+        }
+        var database = 0
+        if let slash = rest.firstIndex(of: "/") {
+            let path = rest[rest.index(after: slash)...]
+            rest = rest[..<slash]
+            if !path.isEmpty {
+                guard let number = Int(path), number >= 0 else { return nil }
+                database = number
+            }
+        }
+        if case .cluster = topology, database != 0 { return nil }
+        let defaultPort = if case .sentinel = topology { 26379 } else { 6379 }
+        var hosts: [RedisServers.Host] = []
+        for item in rest.split(separator: ",", omittingEmptySubsequences: false) {
+            guard let host = RedisServers.Host.parse(item, defaultPort: defaultPort) else { return nil }
+            hosts.append(host)
+        }
+        guard !hosts.isEmpty else { return nil }
+        if case .single = topology, hosts.count != 1 { return nil }
+        return .network(
+            RedisServers(
+                topology: topology, hosts: hosts, tls: tls, database: database, username: username,
+                password: password))
+    }
+}
+
+/// Redis over the network: one server, the master that sentinels name, or a cluster, and how to log in.
+public struct RedisServers: Sendable, Hashable {
+    public enum Topology: Sendable, Hashable {
+        case single
+        case sentinel(master: String)
+        case cluster
+    }
+
+    /// A host and port.
+    public struct Host: Sendable, Hashable, CustomStringConvertible {
+        public var host: String
+        public var port: Int
+
+        public init(host: String, port: Int) {
+            self.host = host
+            self.port = port
+        }
+
+        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+        /// `host`, `host:port`, `[v6]` or `[v6]:port`.
+        static func parse(_ text: Substring, defaultPort: Int) -> Host? {
+            var host = text
+            var port = defaultPort
+            if host.hasPrefix("[") {
+                guard let close = host.firstIndex(of: "]") else { return nil }
+                let after = host[host.index(after: close)...]
+                host = host[host.index(after: host.startIndex)..<close]
+                if !after.isEmpty {
+                    guard after.hasPrefix(":"), let number = Int(after.dropFirst()) else { return nil }
+                    port = number
+                }
+            } else if let colon = host.lastIndex(of: ":") {
+                guard let number = Int(host[host.index(after: colon)...]) else { return nil }
+                port = number
+                host = host[..<colon]
+            }
+            guard !host.isEmpty, (1...65535).contains(port) else { return nil }
+            return Host(host: String(host), port: port)
+        }
+    }
+
+    public var topology: Topology
+    public var hosts: [Host]
+    public var tls: Bool
+    public var database: Int
+    public var username: String?
+    public var password: String?
+
+    public var display: String {
+        let list = hosts.map(\.description).joined(separator: ",")
+        let scheme = tls ? "rediss" : "redis"
+        switch topology {
+        case .single: return "\(scheme)://\(list)/\(database)"
+        case .sentinel(let master): return "\(scheme)-sentinel://\(list)/\(database)#\(master)"
+        case .cluster: return "\(scheme)-cluster://\(list)"
         }
     }
 }

@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Synchronization
 
 /// Keeps one Redis connection up: opens it, serves until it closes, waits (25 ms doubling to 500 ms, jittered) and
@@ -78,23 +79,63 @@ final class Reconnector: Sendable {
         await task?.value
     }
 
-    /// Connects to the configured address with the handler `makeHandler` builds as the whole pipeline.
+    /// Connects to the configured server (with Sentinel: to the master the sentinels name now), TLS first when
+    /// configured, with the handler `makeHandler` builds as the rest of the pipeline.
     static func connect(
         _ configuration: RedisConfiguration, on eventLoop: EventLoop,
         makeHandler: @escaping @Sendable () throws -> any ChannelHandler
     ) async throws -> Channel {
+        var address = configuration.address
+        if let sentinel = configuration.sentinel {
+            address = try await SentinelLookup.master(sentinel, configuration: configuration, on: eventLoop)
+        }
+        return try await open(address, configuration, on: eventLoop, makeHandler: makeHandler)
+    }
+
+    /// Opens one connection to `address`.
+    static func open(
+        _ address: RedisConfiguration.Address, _ configuration: RedisConfiguration, on eventLoop: EventLoop,
+        makeHandler: @escaping @Sendable () throws -> any ChannelHandler
+    ) async throws -> Channel {
+        let tls = configuration.tls
+        var host: String?
+        if case .tcp(let name, _) = address { host = name }
+        // SNI takes a name only, never an address.
+        let serverName =
+            tls?.serverName ?? host.flatMap { (try? SocketAddress(ipAddress: $0, port: 0)) == nil ? $0 : nil }
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(TimeAmount(configuration.connectTimeout))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(
+                            try NIOSSLClientHandler(context: tls.context, serverHostname: serverName))
+                    }
                     try channel.pipeline.syncOperations.addHandler(try makeHandler())
                 }
             }
-        switch configuration.address {
+        switch address {
         case .tcp(let host, let port): return try await bootstrap.connect(host: host, port: port).get()
         case .unix(let path): return try await bootstrap.connect(unixDomainSocketPath: path).get()
         }
+    }
+
+    /// Sends `commands` on a connection whose pipeline ends in a ``RedisHandler``; returns the replies in order.
+    static func ask(_ channel: Channel, _ commands: [[RedisArgument]]) async throws -> [RedisValue] {
+        let futures = try await channel.eventLoop.submit { () -> [EventLoopFuture<RedisValue>] in
+            let handler = try channel.pipeline.syncOperations.handler(type: RedisHandler.self)
+            return commands.map { command in
+                var buffer = channel.allocator.buffer(capacity: 64)
+                RESPEncoder.encode(command, into: &buffer)
+                let promise = channel.eventLoop.makePromise(of: RedisValue.self)
+                handler.send(buffer, promise: promise)
+                return promise.futureResult
+            }
+        }.get()
+        var replies: [RedisValue] = []
+        for future in futures { replies.append(try await future.get()) }
+        return replies
     }
 
     /// `AUTH` for the configuration, if it has a password.

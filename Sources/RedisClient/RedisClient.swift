@@ -14,6 +14,8 @@ import Synchronization
 public final class RedisClient: Sendable {
     public let configuration: RedisConfiguration
     private let slots: [Slot]
+    /// With Sentinel: follows failovers.
+    private let sentinelWatch: SentinelWatch?
     private let next = Atomic<Int>(0)
     private let logger: Logger
 
@@ -26,13 +28,21 @@ public final class RedisClient: Sendable {
         self.logger = logger
         let recorder = metrics.map(RedisMetrics.init)
         let address: String
-        switch configuration.address {
-        case .tcp(let host, let port): address = "\(host):\(port)"
-        case .unix(let path): address = path
+        switch (configuration.sentinel, configuration.address) {
+        case (let sentinel?, _): address = "the master \"\(sentinel.master)\" of the sentinels"
+        case (nil, .tcp(let host, let port)): address = "\(host):\(port)"
+        case (nil, .unix(let path)): address = path
         }
         let watch = ConnectionWatch(address: address, logger: logger)
-        slots = (0..<max(1, configuration.poolSize)).map { _ in
+        let slots = (0..<max(1, configuration.poolSize)).map { _ in
             Slot(configuration: configuration, eventLoop: group.next(), logger: logger, metrics: recorder, watch: watch)
+        }
+        self.slots = slots
+        sentinelWatch = configuration.sentinel.map { sentinel in
+            SentinelWatch(sentinel, configuration: configuration, eventLoop: group.next(), logger: logger) {
+                // A failover: every connection is made again, to the master the sentinels name now.
+                for slot in slots { slot.dropConnection() }
+            }
         }
         for slot in slots { slot.start() }
     }
@@ -143,6 +153,7 @@ public final class RedisClient: Sendable {
 
     /// Closes every connection and stops reconnecting.
     public func close() async {
+        await sentinelWatch?.close()
         for slot in slots { await slot.close() }
     }
 }
@@ -336,7 +347,11 @@ final class Slot: Sendable {
             case .success(let reply):
                 metrics?.commands.increment()
                 metrics?.latency.recordNanoseconds((NIODeadline.now() - started).nanoseconds)
-                if case .error = reply { metrics?.failed(.server) }
+                if case .error(let message) = reply {
+                    metrics?.failed(.server)
+                    // The server became a replica (a failover): never write there; connect anew to the master.
+                    if message.hasPrefix("READONLY") { self.dropConnection() }
+                }
             case .failure(let error):
                 metrics?.failed((error as? RedisError)?.kind ?? .connectionLost)
             }
@@ -365,14 +380,20 @@ final class Slot: Sendable {
         }.get()
         handler.withLock { $0 = bound }
         do {
-            if let auth = Reconnector.authCommand(configuration),
-                case .error(let message) = try await send(auth)
-            {
+            // One round trip at least before the connection is offered: over TLS, the handshake is done only then.
+            if case .error(let message) = try await send(Reconnector.authCommand(configuration) ?? ["PING"]) {
                 throw RedisError(.server, message)
             }
             if configuration.database != 0 {
                 let select: [RedisArgument] = ["SELECT", .string(String(configuration.database))]
                 if case .error(let message) = try await send(select) { throw RedisError(.server, message) }
+            }
+            if configuration.sentinel != nil {
+                // What the sentinels named may already be a replica again: only a master is used.
+                let role = try await send(["ROLE"])
+                guard case .array(let items?) = role, items.first?.string == "master" else {
+                    throw RedisError(.unavailable, "the server the sentinels named is not a master")
+                }
             }
         } catch {
             handler.withLock { $0 = nil }
@@ -383,6 +404,11 @@ final class Slot: Sendable {
     }
 
     func close() async { await reconnector.close() }
+
+    /// Closes the connection; the reconnector makes it again (resolving the master anew with Sentinel).
+    func dropConnection() {
+        reconnector.channel?.close(promise: nil)
+    }
 }
 
 extension TimeAmount {

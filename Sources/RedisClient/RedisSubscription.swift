@@ -80,7 +80,7 @@ public final class RedisSubscription: Sendable {
 }
 
 /// Decodes everything a subscription connection receives and hands it on.
-private final class PushHandler: ChannelInboundHandler {
+final class PushHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
 
     private let decoder: RESPDecoder

@@ -175,12 +175,28 @@ import Testing
     }
 
     @Test func redisEndpoints() {
+        func network(_ url: String) -> RedisServers? {
+            if case .network(let servers) = RedisEndpoint.parse(url) { return servers }
+            return nil
+        }
+        let single = network("redis://user:pw@10.0.0.1:6380/3")
+        #expect(single?.hosts == [.init(host: "10.0.0.1", port: 6380)] && single?.database == 3)
+        #expect(single?.username == "user" && single?.password == "pw" && single?.tls == false)
+        let secret = network("rediss://:s%40cret@localhost")
+        #expect(secret?.password == "s@cret" && secret?.username == nil && secret?.tls == true)
+        #expect(secret?.hosts == [.init(host: "localhost", port: 6379)])
+        let sentinel = network("redis-sentinel://app:pw@s1:26380,s2,[::1]:26381/2#main")
+        #expect(sentinel?.topology == .sentinel(master: "main"))
         #expect(
-            RedisEndpoint.parse("redis://user:pw@10.0.0.1:6380/3")
-                == .tcp(host: "10.0.0.1", port: 6380, database: 3, username: "user", password: "pw"))
-        #expect(
-            RedisEndpoint.parse("redis://:secret@localhost")
-                == .tcp(host: "localhost", port: 6379, database: 0, username: nil, password: "secret"))
+            sentinel?.hosts == [
+                .init(host: "s1", port: 26380), .init(host: "s2", port: 26379), .init(host: "::1", port: 26381),
+            ])
+        #expect(sentinel?.database == 2 && sentinel?.username == "app")
+        #expect(network("rediss-sentinel://s1#m")?.tls == true)
+        #expect(network("redis-cluster://a:7000,b:7001")?.topology == .cluster)
+        for bad in ["redis-sentinel://s1", "redis://a,b", "redis://h:99999", "redis-cluster://a/1", "redis://h#m"] {
+            #expect(RedisEndpoint.parse(bad) == nil, "\(bad)")
+        }
         #expect(
             RedisEndpoint.parse("unix:///run/redis.sock?db=2")
                 == .unix(path: "/run/redis.sock", database: 2, password: nil))

@@ -54,7 +54,7 @@ struct Harness {
     /// A config with one upstream `demo` and the given routes; extra YAML may override `server` settings.
     static func config(
         upstreamPort: Int, server: String = "", upstream: String = "", redis: String = "memory://",
-        redisKeyPrefix: String = "gatehouse:", routes: String
+        redisKeyPrefix: String = "gatehouse:", redisExtra: String = "", routes: String
     ) -> String {
         """
         server:
@@ -69,6 +69,7 @@ struct Harness {
           url: "\(redis)"
           key_prefix: "\(redisKeyPrefix)"
           command_timeout: 1s  # not the 100 ms default: a loaded test machine would take the Redis-away paths
+        \(redisExtra)
         upstreams:
           demo:
             targets: [{ url: "http://127.0.0.1:\(upstreamPort)" }]

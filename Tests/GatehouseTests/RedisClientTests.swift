@@ -19,6 +19,13 @@ final class RedisServerProcess: @unchecked Sendable {
         try await start()
     }
 
+    /// A server whose arguments depend on its port (a TLS-only server listens with `--port 0 --tls-port PORT`).
+    init(_ arguments: (Int) -> [String]) async throws {
+        port = try restartablePort()
+        self.arguments = arguments(port)
+        try await start()
+    }
+
     /// Starts the server and waits (without blocking a thread of the concurrency pool) until it accepts.
     func start() async throws {
         hold?.release()

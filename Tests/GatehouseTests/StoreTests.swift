@@ -64,8 +64,9 @@ import Testing
 
     @Test func redisStoreUsesTheKeyPrefix() async throws {
         let (url, server) = try await Self.sharedRedisURL()
-        let endpoint = try #require(RedisEndpoint.parse(url))
-        var config = try #require(SharedStores.redisConfiguration(for: endpoint))
+        var redis = RedisConfig()
+        redis.url = Secret(url)
+        var config = try #require(try SharedStores.redisConfiguration(redis))
         config.commandTimeout = .seconds(2)
         let client = RedisClient(configuration: config)
         try await waitUntil { client.isConnected }

@@ -1,6 +1,7 @@
 import GatehouseConfig
 import Logging
 import NIOCore
+import NIOSSL
 import RedisClient
 
 /// Plain values shared by the fleet: runtime API keys, OAuth2 tokens.
@@ -114,7 +115,8 @@ enum SharedStores {
     static func make(_ config: RedisConfig, group: EventLoopGroup, logger: Logger, metrics: GatewayMetrics)
         -> SharedStore
     {
-        guard let endpoint = config.endpoint, var configuration = redisConfiguration(for: endpoint) else {
+        // A TLS file that cannot be used is reported by `Gateway.start`, which then refuses to start.
+        guard let endpoint = config.endpoint, case .some(var configuration) = try? redisConfiguration(config) else {
             return MemoryStore(cacheBytes: config.memoryCacheBytes)
         }
         configuration.poolSize = config.poolSize
@@ -125,22 +127,41 @@ enum SharedStores {
             prefix: config.keyPrefix, display: endpoint.display, group: group, logger: logger)
     }
 
-    /// The client configuration for a Redis endpoint; nil for `memory://`.
-    static func redisConfiguration(for endpoint: RedisEndpoint) -> RedisConfiguration? {
-        switch endpoint {
-        case .memory:
+    /// The client configuration for `redis:`; nil for `memory://`. Throws when the TLS files cannot be used.
+    static func redisConfiguration(_ config: RedisConfig) throws -> RedisConfiguration? {
+        switch config.endpoint {
+        case .memory, nil:
             return nil
-        case .tcp(let host, let port, let database, let username, let password):
-            var configuration = RedisConfiguration(address: .tcp(host: host, port: port))
-            configuration.database = database
-            configuration.username = username
-            configuration.password = password
-            return configuration
         case .unix(let path, let database, let password):
             var configuration = RedisConfiguration(address: .unix(path: path))
             configuration.database = database
             configuration.password = password
             return configuration
+        case .network(let servers):
+            let addresses = servers.hosts.map { RedisConfiguration.Address.tcp(host: $0.host, port: $0.port) }
+            var configuration = RedisConfiguration(address: addresses[0])
+            configuration.database = servers.database
+            configuration.username = servers.username
+            configuration.password = servers.password
+            if servers.tls { configuration.tls = try tls(config.tls) }
+            if case .sentinel(let master) = servers.topology {
+                configuration.sentinel = RedisConfiguration.Sentinel(
+                    sentinels: addresses, master: master, password: config.sentinelPassword?.value)
+            }
+            return configuration
         }
+    }
+
+    /// The TLS context `redis.tls` describes: verification on unless `verify: false`, the system's CAs or `ca_file`,
+    /// and a client certificate when given.
+    static func tls(_ config: RedisTLSConfig) throws -> RedisConfiguration.TLS {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.certificateVerification = config.verify ? .fullVerification : .none
+        if let caFile = config.caFile { tls.trustRoots = .file(caFile) }
+        if let cert = config.cert, let key = config.key {
+            tls.certificateChain = try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) }
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
+        }
+        return RedisConfiguration.TLS(context: try NIOSSLContext(configuration: tls), serverName: config.serverName)
     }
 }
