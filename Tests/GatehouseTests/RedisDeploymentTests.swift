@@ -139,4 +139,107 @@ import Testing
         }
         _ = server
     }
+
+    /// `redis-cli -p port args...`, its output trimmed.
+    static func cli(_ port: Int, _ arguments: [String]) async throws -> String {
+        let (_, out, _) = try await ChildProcess.run("/usr/bin/redis-cli", ["-p", String(port)] + arguments)
+        return out.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// A sentinel on a free port watching the master `main` at `masterPort` (quorum 2, down after 1 s).
+    static func startSentinel(masterPort: Int) throws -> (port: Int, process: ChildProcess) {
+        let port = PortHold.anyFreePort()
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gh-sentinel-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        var config = """
+            port \(port)
+            bind 127.0.0.1
+            dir \(directory)
+            sentinel monitor main 127.0.0.1 \(masterPort) 2
+            sentinel down-after-milliseconds main 1000
+            sentinel failover-timeout main 5000
+
+            """
+        if let tests = ProcessInfo.processInfo.environment["GATEHOUSE_TEST_TMPDIR"] {
+            config += "pidfile \(tests)/test-redis-\(port).pid\n"
+        }
+        let file = directory + "/sentinel.conf"
+        try config.write(toFile: file, atomically: true, encoding: .utf8)
+        return (port, try ChildProcess("/usr/bin/redis-server", [file, "--sentinel"]))
+    }
+
+    @Test func sentinelFailoverUnderLoad() async throws {
+        let master = try await RedisServerProcess()
+        let replica = try await RedisServerProcess(arguments: ["--replicaof", "127.0.0.1", String(master.port)])
+        var sentinels: [(port: Int, process: ChildProcess)] = []
+        defer {
+            for sentinel in sentinels {
+                sentinel.process.signal(SIGKILL)
+                sentinel.process.reapInBackground()
+            }
+        }
+        for _ in 0..<3 { sentinels.append(try Self.startSentinel(masterPort: master.port)) }
+        // The sentinels know the replica and each other before anything fails over.
+        let ready = ContinuousClock.now + .seconds(20)
+        while ContinuousClock.now < ready {
+            let replicas = try await Self.cli(sentinels[0].port, ["SENTINEL", "replicas", "main"])
+            let peers = try await Self.cli(sentinels[0].port, ["SENTINEL", "sentinels", "main"])
+            let link = try await Self.cli(replica.port, ["INFO", "replication"])
+            if replicas.contains(String(replica.port)), peers.components(separatedBy: "runid").count > 2,
+                link.contains("master_link_status:up")
+            {
+                break
+            }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        let url = "redis-sentinel://" + sentinels.map { "127.0.0.1:\($0.port)" }.joined(separator: ",") + "/0#main"
+        let yaml = { (port: Int) in
+            Harness.config(
+                upstreamPort: port, redis: url, redisKeyPrefix: "gh-sentinel:",
+                routes: """
+                      - { id: roomy, match: { path_prefix: "/roomy" }, upstream: demo, rate_limit: [roomy] }
+                      - { id: after, match: { path_prefix: "/after" }, upstream: demo, rate_limit: [after] }
+                    rate_limits:
+                      roomy: { requests: 1000000, per: 1m, by: ip, on_redis_error: allow }
+                      after: { requests: 100, per: 1h, by: ip, on_redis_error: allow }
+                    """)
+        }
+        try await Harness.run(yaml) { h in
+            try await waitUntil(timeout: .seconds(10)) { h.gateway.readinessProblem == nil }
+            #expect(h.gateway.readinessProblem == nil)
+            // Load from four clients while a sentinel fails the master over to the replica.
+            let stop = ContinuousClock.now + .seconds(8)
+            async let load: [Int] = withThrowingTaskGroup(of: [Int].self) { group in
+                for _ in 0..<4 {
+                    group.addTask {
+                        var statuses: [Int] = []
+                        while ContinuousClock.now < stop {
+                            statuses.append(try await request(port: h.port, "/roomy/x").status)
+                        }
+                        return statuses
+                    }
+                }
+                return try await group.reduce(into: []) { $0 += $1 }
+            }
+            try await Task.sleep(for: .seconds(1))
+            #expect(try await Self.cli(sentinels[0].port, ["SENTINEL", "FAILOVER", "main"]) == "OK")
+            let switched = ContinuousClock.now + .seconds(15)
+            while ContinuousClock.now < switched {
+                let address = try await Self.cli(sentinels[1].port, ["SENTINEL", "get-master-addr-by-name", "main"])
+                if address.hasSuffix(String(replica.port)) { break }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            let statuses = try await load
+            #expect(!statuses.isEmpty && statuses.allSatisfy { $0 == 200 }, "\(Set(statuses)) of \(statuses.count)")
+            // The gateway followed: it writes to the new master, and the old one (now a replica) takes no writes.
+            try await waitUntil(timeout: .seconds(10)) { h.gateway.readinessProblem == nil }
+            for _ in 0..<3 { _ = try await request(port: h.port, "/after/x") }
+            // (The old master is still a master until a sentinel next looks at it, up to 10 s: writes must not go
+            // there meanwhile.)
+            let pattern = ["--scan", "--pattern", "gh-sentinel:rl:after:*"]
+            #expect(try await !Self.cli(replica.port, pattern).isEmpty, "no limit key was written on the new master")
+            #expect(try await Self.cli(master.port, pattern).isEmpty, "a limit key was written on the old master")
+        }
+        _ = (master, replica)
+    }
 }
