@@ -12,6 +12,7 @@ final class Reconnector: Sendable {
         var channel: Channel?
         var closed = false
         var task: Task<Void, Never>?
+        var lastFailure: String?
     }
 
     private let state = Mutex(State())
@@ -23,6 +24,9 @@ final class Reconnector: Sendable {
 
     /// The connection while it is up, once `open` has prepared it (AUTH, SELECT, SUBSCRIBE...).
     var channel: Channel? { state.withLock { $0.channel } }
+
+    /// Why the last attempt to connect failed, until one succeeds.
+    var lastFailure: String? { state.withLock { $0.lastFailure } }
 
     /// Closed for good (shutdown): a connection lost now was not lost to an outage.
     var isClosed: Bool { state.withLock { $0.closed } }
@@ -41,6 +45,7 @@ final class Reconnector: Sendable {
                     let channel = try await open()
                     let closed = state.withLock { state in
                         state.channel = channel
+                        state.lastFailure = nil
                         return state.closed
                     }
                     if closed {
@@ -57,6 +62,7 @@ final class Reconnector: Sendable {
                     break
                 } catch {
                     logger.debug("redis connection failed", metadata: ["error": "\(error)"])
+                    state.withLock { $0.lastFailure = "\(error)" }
                 }
                 state.withLock { $0.channel = nil }
                 lost()

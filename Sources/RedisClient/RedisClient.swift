@@ -50,6 +50,15 @@ public final class RedisClient: Sendable {
     /// True while at least one connection is up.
     public var isConnected: Bool { slots.contains { $0.isConnected } }
 
+    /// Nil while connected; else which server the client was last connected to and why it cannot connect now.
+    public var problem: String? {
+        guard !isConnected else { return nil }
+        var text = "not connected"
+        if let node = slots.lazy.compactMap(\.node).first { text += "; last connected to \(node)" }
+        if let failure = slots.lazy.compactMap(\.lastFailure).first { text += "; " + failure }
+        return text
+    }
+
     /// Sends one command given as arguments; returns the reply. An error reply is thrown as `.server`.
     public func send(_ arguments: [RedisArgument]) async throws(RedisError) -> RedisValue {
         let start = next.wrappingAdd(1, ordering: .relaxed).oldValue
@@ -195,6 +204,7 @@ final class RedisMetrics: Sendable {
     private let errors: [RedisError.Kind: CoreMetrics.Counter]
 
     init(_ factory: MetricsFactory) {
+        self.factory = factory
         commands = CoreMetrics.Counter(label: "gatehouse_redis_commands_total", factory: factory)
         reconnects = CoreMetrics.Counter(label: "gatehouse_redis_reconnects_total", factory: factory)
         latency = CoreMetrics.Timer(label: "gatehouse_redis_command_duration_seconds", factory: factory)
@@ -211,6 +221,20 @@ final class RedisMetrics: Sendable {
     }
 
     func failed(_ kind: RedisError.Kind) { errors[kind]?.increment() }
+
+    /// `gatehouse_redis_up{node}`: 1 while a connection to that server is up, 0 once one is lost.
+    func nodeUp(_ node: String, _ up: Bool) {
+        let gauge = nodes.withLock { nodes in
+            if let gauge = nodes[node] { return gauge }
+            let gauge = CoreMetrics.Gauge(label: "gatehouse_redis_up", dimensions: [("node", node)], factory: factory)
+            nodes[node] = gauge
+            return gauge
+        }
+        gauge.record(up ? 1 : 0)
+    }
+
+    private let factory: MetricsFactory
+    private let nodes = Mutex<[String: CoreMetrics.Gauge]>([:])
 }
 
 /// Whether any of a client's connections is up, told once in the log when that changes: a warning when Redis goes
@@ -292,6 +316,10 @@ final class Slot: Sendable {
 
     /// Offered to callers only once AUTH and SELECT have passed.
     var isConnected: Bool { reconnector.channel != nil }
+    /// The server this connection was last made to (with Sentinel, the master of the moment).
+    var node: String? { connectedNode.withLock { $0 } }
+    private let connectedNode = Mutex<String?>(nil)
+    var lastFailure: String? { reconnector.lastFailure }
 
     func start() {
         let metrics = self.metrics
@@ -299,10 +327,12 @@ final class Slot: Sendable {
             open: { try await self.connect() },
             opened: { again in
                 if again { metrics?.reconnects.increment() }
+                if let node = self.node { metrics?.nodeUp(node, true) }
                 if !self.up.exchange(true, ordering: .relaxed) { self.watch.connectionUp() }
             },
             lost: {
                 self.handler.withLock { $0 = nil }
+                if let node = self.node { metrics?.nodeUp(node, false) }
                 if self.reconnector.isClosed {
                     self.up.store(false, ordering: .relaxed)
                 } else if self.up.exchange(false, ordering: .relaxed) {
@@ -379,6 +409,10 @@ final class Slot: Sendable {
                 try channel.pipeline.syncOperations.handler(type: RedisHandler.self), eventLoop: channel.eventLoop)
         }.get()
         handler.withLock { $0 = bound }
+        if let remote = channel.remoteAddress {
+            let node = remote.ipAddress.map { "\($0):\(remote.port ?? 0)" } ?? "\(remote)"
+            connectedNode.withLock { $0 = node }
+        }
         do {
             // One round trip at least before the connection is offered: over TLS, the handshake is done only then.
             if case .error(let message) = try await send(Reconnector.authCommand(configuration) ?? ["PING"]) {

@@ -150,7 +150,7 @@ import Testing
         let lines = found.compactMap { Int($0.split(separator: ":")[1]) }
         #expect(lines == lines.sorted())
         for fragment in [
-            "server.listen: expected host:port", "server.threads: expected auto", "redis.url: expected redis://",
+            "server.listen: expected host:port", "server.threads: expected auto", "redis.url: expected redis[s]://",
             "rate_limits.gold.requests: must be at least 1", "rate_limits.gold.by: expected consumer",
             "consumers[0].api_keys[0]: expected sha256:", "consumers[0].rate_limit: unknown rate limit policy",
             "\"none\" is never accepted", "auth.jwt[0].secret: required for HS algorithms",

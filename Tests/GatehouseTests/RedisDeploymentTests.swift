@@ -130,12 +130,20 @@ import Testing
         let server = try await RedisServerProcess(arguments: [
             "--user", "default", "off", "--user", "gatehouse", "on", ">s3cret", "~*", "&*", "+@all",
         ])
-        try await Harness.run(Self.yaml("redis://gatehouse:s3cret@127.0.0.1:\(server.port)/0")) { h in
-            try await Self.expectCountsInRedis(h)
-        }
         try await Harness.run(Self.yaml("redis://gatehouse:wrong@127.0.0.1:\(server.port)/0")) { h in
             try await Task.sleep(for: .milliseconds(700))
-            #expect(h.gateway.readinessProblem != nil, "a wrong password was accepted")
+            let problem = h.gateway.readinessProblem ?? ""
+            #expect(problem.contains("WRONGPASS"), "a wrong password was accepted, or not said: \(problem)")
+        }
+        try await Harness.run(Self.yaml("redis://gatehouse:s3cret@127.0.0.1:\(server.port)/0")) { h in
+            try await Self.expectCountsInRedis(h)
+            // /readyz names the server that went away.
+            await server.kill()
+            try await waitUntil { h.gateway.readinessProblem != nil }
+            let problem = h.gateway.readinessProblem ?? ""
+            #expect(problem.contains("last connected to 127.0.0.1:\(server.port)"), "\(problem)")
+            let ready = try await request(port: h.adminPort, "/readyz")
+            #expect(ready.status == 503 && ready.text.contains("127.0.0.1:\(server.port)"), "\(ready.text)")
         }
         _ = server
     }

@@ -28,7 +28,7 @@ final class RedisStore: SharedStore {
         self.logger = logger
     }
 
-    var problem: String? { client.isConnected ? nil : "redis: not connected to \(display)" }
+    var problem: String? { client.problem.map { "redis \(display): \($0)" } }
 
     func get(_ key: String) async throws -> [UInt8]? {
         try await client.get(prefix + key)
