@@ -113,15 +113,13 @@ extension ConfigBuilder {
         else { return redis }
         if let url = f.string("url") {
             switch RedisEndpoint.parse(url) {
-            case .network(let servers) where servers.topology == .cluster:
-                f.fail("url", "redis-cluster:// is not supported yet; use redis://, rediss:// or redis-sentinel://")
             case .some:
                 redis.url = Secret(url)
             case nil:
                 f.fail(
                     "url",
                     "expected redis[s]://[user[:password]@]host:port/db, redis[s]-sentinel://host:port,...[/db]#master, "
-                        + "unix:///path.sock or memory://")
+                        + "redis[s]-cluster://host:port,..., unix:///path.sock or memory://")
             }
         }
         if let v = f.string("sentinel_password") { redis.sentinelPassword = Secret(v) }

@@ -95,7 +95,19 @@ final class Reconnector: Sendable {
         if let sentinel = configuration.sentinel {
             address = try await SentinelLookup.master(sentinel, configuration: configuration, on: eventLoop)
         }
-        return try await open(address, configuration, on: eventLoop, makeHandler: makeHandler)
+        guard !configuration.clusterSeeds.isEmpty else {
+            return try await open(address, configuration, on: eventLoop, makeHandler: makeHandler)
+        }
+        // Any node of a cluster will do (pub/sub reaches every node): the seeds in turn.
+        var lastError: Error = RedisError(.unavailable, "no cluster seed")
+        for seed in configuration.clusterSeeds {
+            do {
+                return try await open(seed, configuration, on: eventLoop, makeHandler: makeHandler)
+            } catch {
+                lastError = error
+            }
+        }
+        throw lastError
     }
 
     /// Opens one connection to `address`.

@@ -101,36 +101,8 @@ public final class RedisClient: Sendable {
         }
     }
 
-    /// ``evalsha(_:keys:arguments:)`` delivered on `eventLoop`, as ``send(_:on:)`` does.
-    public func evalsha(_ script: RedisScript, keys: [String], arguments: [RedisArgument], on eventLoop: EventLoop)
-        -> EventLoopFuture<RedisValue>
-    {
-        let tail: [RedisArgument] = [.string(String(keys.count))] + keys.map { .string($0) } + arguments
-        return send(["EVALSHA", .string(script.sha1)] + tail, on: eventLoop).flatMapError { error in
-            guard let error = error as? RedisError, error.kind == .server, error.message.hasPrefix("NOSCRIPT") else {
-                return eventLoop.makeFailedFuture(error)
-            }
-            return self.send(["EVAL", .string(script.source)] + tail, on: eventLoop)
-        }
-    }
-
     public func send(_ arguments: RedisArgument...) async throws(RedisError) -> RedisValue {
         try await send(arguments)
-    }
-
-    public func get(_ key: String) async throws(RedisError) -> [UInt8]? {
-        try await send("GET", .string(key)).bytes
-    }
-
-    /// SET with an optional expiry in milliseconds and `NX`; returns whether the value was set.
-    @discardableResult
-    public func set(_ key: String, _ value: [UInt8], expireMilliseconds: Int? = nil, onlyIfAbsent: Bool = false)
-        async throws(RedisError) -> Bool
-    {
-        var arguments: [RedisArgument] = ["SET", .string(key), .bytes(value)]
-        if let expireMilliseconds { arguments += ["PX", .string(String(expireMilliseconds))] }
-        if onlyIfAbsent { arguments.append("NX") }
-        return try await !send(arguments).isNull
     }
 
     @discardableResult
@@ -147,23 +119,39 @@ public final class RedisClient: Sendable {
         try await send("EXPIRE", .string(key), .string(String(seconds))).integer == 1
     }
 
-    /// Runs a script by its SHA1 and, when Redis does not know it (`NOSCRIPT`, after a restart or
-    /// `SCRIPT FLUSH`), by its source, which loads it again.
-    public func evalsha(_ script: RedisScript, keys: [String], arguments: [RedisArgument]) async throws(RedisError)
-        -> RedisValue
-    {
-        let tail: [RedisArgument] = [.string(String(keys.count))] + keys.map { .string($0) } + arguments
-        do {
-            return try await send(["EVALSHA", .string(script.sha1)] + tail)
-        } catch  where error.kind == .server && error.message.hasPrefix("NOSCRIPT") {
-            return try await send(["EVAL", .string(script.source)] + tail)
-        }
-    }
-
     /// Closes every connection and stops reconnecting.
     public func close() async {
         await sentinelWatch?.close()
         for slot in slots { await slot.close() }
+    }
+
+    /// Sends `arguments` and `ASKING` before them on one connection (a cluster's redirection during a migration).
+    func sendAsking(_ arguments: [RedisArgument], on eventLoop: EventLoop) -> EventLoopFuture<RedisValue> {
+        guard
+            let slot = slots.first(where: { $0.isConnected && $0.eventLoop === eventLoop })
+                ?? slots.first(where: \.isConnected)
+        else {
+            return eventLoop.makeFailedFuture(RedisError(.unavailable, "Redis is not connected"))
+        }
+        let asking = slot.send(["ASKING"])
+        return slot.send(arguments).and(asking).hop(to: eventLoop).flatMapThrowing { reply, _ in
+            if case .error(let message) = reply { throw RedisError(.server, message) }
+            return reply
+        }
+    }
+}
+
+extension RedisClient: RedisCommands {
+    /// One server holds every key.
+    public var crossesSlots: Bool { true }
+
+    public func send(_ arguments: [RedisArgument], key: String?) async throws(RedisError) -> RedisValue {
+        try await send(arguments)
+    }
+
+    public func send(_ arguments: [RedisArgument], key: String?, on eventLoop: EventLoop) -> EventLoopFuture<RedisValue>
+    {
+        send(arguments, on: eventLoop)
     }
 }
 

@@ -21,6 +21,8 @@ public struct RedisConfiguration: Sendable {
     public var tls: TLS?
     /// Find the master through sentinels instead of connecting to ``address``.
     public var sentinel: Sentinel?
+    /// A cluster's seed nodes: a connection that serves no key (a subscription) goes to the first that accepts.
+    public var clusterSeeds: [Address] = []
 
     /// TLS for Redis connections: the client context (CA, client certificate, verification) and the name the server's
     /// certificate must carry (also sent as SNI); nil checks it against the host connected to.

@@ -250,4 +250,165 @@ import Testing
         }
         _ = (master, replica)
     }
+
+    /// Six redis-servers in cluster mode made into three masters with a replica each (`redis-cli --cluster create`).
+    final class Cluster {
+        let servers: [RedisServerProcess]
+        var ports: [Int] { servers.map(\.port) }
+
+        init() async throws {
+            let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gh-cluster-\(UUID())").path
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            var servers: [RedisServerProcess] = []
+            for _ in 0..<6 {
+                servers.append(
+                    try await RedisServerProcess { port in
+                        [
+                            "--cluster-enabled", "yes", "--cluster-config-file", "\(directory)/nodes-\(port).conf",
+                            "--cluster-node-timeout", "2000", "--dir", directory,
+                        ]
+                    })
+            }
+            self.servers = servers
+            let (status, out, error) = try await ChildProcess.run(
+                "/usr/bin/redis-cli",
+                ["--cluster", "create"] + servers.map { "127.0.0.1:\($0.port)" } + [
+                    "--cluster-replicas", "1", "--cluster-yes",
+                ])
+            guard status == 0 else { throw RawError.closed("redis-cli --cluster create: \(out) \(error)") }
+            let deadline = ContinuousClock.now + .seconds(20)
+            while ContinuousClock.now < deadline {
+                var ok = true
+                for server in servers {
+                    let info = try await RedisDeploymentTests.cli(server.port, ["CLUSTER", "INFO"])
+                    if !info.contains("cluster_state:ok") { ok = false }
+                }
+                if ok { return }
+                try await Task.sleep(for: .milliseconds(200))
+            }
+            throw RawError.closed("the cluster did not become ok")
+        }
+
+        var url: String { "redis-cluster://" + ports.prefix(3).map { "127.0.0.1:\($0)" }.joined(separator: ",") }
+
+        /// The node id and port of the master serving `slot`.
+        func master(of slot: Int) async throws -> (id: String, port: Int) {
+            let nodes = try await RedisDeploymentTests.cli(ports[0], ["CLUSTER", "NODES"])
+            for line in nodes.split(separator: "\n") {
+                let fields = line.split(separator: " ")
+                guard fields.count >= 9, fields[2].contains("master") else { continue }
+                let port = Int(fields[1].split(separator: ":")[1].split(separator: "@")[0]) ?? 0
+                for range in fields[8...] {
+                    let bounds = range.split(separator: "-").compactMap { Int($0) }
+                    if bounds.count == 2, (bounds[0]...bounds[1]).contains(slot) { return (String(fields[0]), port) }
+                    if bounds.count == 1, bounds[0] == slot { return (String(fields[0]), port) }
+                }
+            }
+            throw RawError.closed("no master serves slot \(slot)")
+        }
+
+        /// The ids of the masters.
+        func masterIDs() async throws -> [String] {
+            let nodes = try await RedisDeploymentTests.cli(ports[0], ["CLUSTER", "NODES"])
+            return nodes.split(separator: "\n").map { $0.split(separator: " ") }
+                .filter { $0.count >= 3 && $0[2].contains("master") && !$0[2].contains("fail") }.map { String($0[0]) }
+        }
+    }
+
+    static func clusterYAML(_ url: String, prefix: String) -> (Int) -> String {
+        { port in
+            Harness.config(
+                upstreamPort: port, redis: url, redisKeyPrefix: prefix,
+                routes: """
+                      - { id: shared, match: { path_prefix: "/shared" }, upstream: demo, rate_limit: [five] }
+                      - { id: private, match: { path_prefix: "/private" }, upstream: demo, auth: required }
+                      - { id: cached, match: { path_prefix: "/cached" }, upstream: demo, cache: { ttl: 5m } }
+                      - { id: roomy, match: { path_prefix: "/roomy" }, upstream: demo, rate_limit: [roomy] }
+                    consumers:
+                      - { id: partner-7 }
+                    rate_limits:
+                      five: { requests: 5, per: 1h, by: route }
+                      roomy: { requests: 1000000, per: 1m, by: ip, on_redis_error: allow }
+                    """)
+        }
+    }
+
+    @Test func aClusterServesTwoGatewaysThroughAReshardAndAFailover() async throws {
+        let cluster = try await Cluster()
+        let prefix = "gh-cluster-\(UUID().uuidString.prefix(6)):"
+        try await Harness.run(Self.clusterYAML(cluster.url, prefix: prefix)) { a in
+            try await Harness.run(Self.clusterYAML(cluster.url, prefix: prefix)) { b in
+                try await waitUntil(timeout: .seconds(10)) {
+                    a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil
+                }
+                #expect(a.gateway.readinessProblem == nil, "\(a.gateway.readinessProblem ?? "")")
+                // Two gateways on the cluster together allow exactly the policy's quota.
+                var allowed = 0
+                for index in 0..<10 {
+                    let port = index.isMultiple(of: 2) ? a.port : b.port
+                    if try await request(port: port, "/shared/x").status == 200 { allowed += 1 }
+                }
+                #expect(allowed == 5)
+
+                // A cache entry, a runtime API key: stored through a, read through b.
+                #expect(
+                    try await request(port: a.port, "/cached/one").header("Cache-Status")?.contains("stored") == true)
+                let hit = try await request(port: b.port, "/cached/one")
+                #expect(hit.header("Cache-Status")?.contains("hit") == true, "\(hit.header("Cache-Status") ?? "")")
+                let issued = try await request(port: a.adminPort, "/consumers/partner-7/keys", method: "POST", body: "")
+                let key = try #require(issued.json["key"] as? String)
+                #expect(try await request(port: b.port, "/private", headers: [("X-API-Key", key)]).status == 200)
+
+                // A reshard moves every slot of the master that holds the cached route's keys to another master:
+                // the entry and the key are still found (MOVED and ASK are followed).
+                let source = try await cluster.master(of: RedisHashSlot.of("{cached}"))
+                let target = try #require(try await cluster.masterIDs().first { $0 != source.id })
+                let (status, out, error) = try await ChildProcess.run(
+                    "/usr/bin/redis-cli",
+                    [
+                        "--cluster", "reshard", "127.0.0.1:\(source.port)", "--cluster-from", source.id, "--cluster-to",
+                        target, "--cluster-slots", "16384", "--cluster-yes",
+                    ])
+                #expect(status == 0, "reshard: \(out.suffix(300)) \(error)")
+                #expect(try await cluster.master(of: RedisHashSlot.of("{cached}")).id == target)
+                let moved = try await request(port: b.port, "/cached/one")
+                #expect(moved.header("Cache-Status")?.contains("hit") == true, "\(moved.header("Cache-Status") ?? "")")
+                #expect(try await request(port: a.port, "/private", headers: [("X-API-Key", key)]).status == 200)
+                #expect(try await request(port: a.port, "/shared/x").status == 429, "the quota moved with its slot")
+
+                // A replica takes over a master under load: every request is answered.
+                let stop = ContinuousClock.now + .seconds(6)
+                async let load: [Int] = withThrowingTaskGroup(of: [Int].self) { group in
+                    for port in [a.port, b.port, a.port, b.port] {
+                        group.addTask {
+                            var statuses: [Int] = []
+                            while ContinuousClock.now < stop {
+                                statuses.append(try await request(port: port, "/roomy/x").status)
+                            }
+                            return statuses
+                        }
+                    }
+                    return try await group.reduce(into: []) { $0 += $1 }
+                }
+                try await Task.sleep(for: .seconds(1))
+                let nodes = try await Self.cli(cluster.ports[0], ["CLUSTER", "NODES"])
+                let replicaPort = nodes.split(separator: "\n").compactMap { line -> Int? in
+                    let fields = line.split(separator: " ")
+                    guard fields.count >= 4, fields[2].contains("slave"), fields[3] == Substring(target) else {
+                        return nil
+                    }
+                    return Int(fields[1].split(separator: ":")[1].split(separator: "@")[0])
+                }.first
+                let replica = try #require(replicaPort)
+                #expect(try await Self.cli(replica, ["CLUSTER", "FAILOVER"]) == "OK")
+                let statuses = try await load
+                #expect(!statuses.isEmpty && statuses.allSatisfy { $0 == 200 }, "\(Set(statuses)) of \(statuses.count)")
+                #expect(try await cluster.master(of: RedisHashSlot.of("{cached}")).port == replica)
+                try await waitUntil(timeout: .seconds(10)) { a.gateway.readinessProblem == nil }
+                let after = try await request(port: a.port, "/cached/one")
+                #expect(after.header("Cache-Status")?.contains("hit") == true, "\(after.header("Cache-Status") ?? "")")
+            }
+        }
+        _ = cluster
+    }
 }

@@ -156,7 +156,8 @@ final class RateLimiter: Sendable {
         let safe = identity.utf8.count <= 128 && identity.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7F }
         let part =
             safe ? identity : "h:" + SHA256.hash(data: Array(identity.utf8)).map { String($0, radix: 16) }.joined()
-        return "rl:" + policy.name + ":" + part
+        // The identity is the hash tag: in a cluster, the buckets one caller fills share a node and one script.
+        return "rl:" + policy.name + ":{" + part + "}"
     }
 }
 

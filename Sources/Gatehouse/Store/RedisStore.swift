@@ -8,7 +8,9 @@ import Synchronization
 
 /// ``SharedStore`` on Redis, with every key under the configured prefix.
 final class RedisStore: SharedStore {
-    let client: RedisClient
+    /// One server (``RedisClient``) or a cluster (``RedisCluster``): keys that one script touches share a hash tag
+    /// (a route's cache keys `{route}`, a rate-limit identity's buckets `{identity}`).
+    let client: any RedisCommands
     private let prefix: String
     private let display: String
     private let group: EventLoopGroup
@@ -18,7 +20,7 @@ final class RedisStore: SharedStore {
     private let lockOwner = Array(UUID().uuidString.utf8)
 
     init(
-        client: RedisClient, prefix: String, display: String,
+        client: any RedisCommands, prefix: String, display: String,
         group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton, logger: Logger = Logger(label: "gatehouse")
     ) {
         self.client = client
@@ -35,7 +37,7 @@ final class RedisStore: SharedStore {
     }
 
     func get(_ key: String, on eventLoop: EventLoop) -> EventLoopFuture<[UInt8]?> {
-        client.send(["GET", .string(prefix + key)], on: eventLoop).map(\.bytes)
+        client.send(["GET", .string(prefix + key)], key: prefix + key, on: eventLoop).map(\.bytes)
     }
 
     func set(_ key: String, _ value: [UInt8], expireMilliseconds: Int?, onlyIfAbsent: Bool) async throws -> Bool {
@@ -44,7 +46,15 @@ final class RedisStore: SharedStore {
 
     func delete(_ keys: [String]) async throws -> Int {
         guard !keys.isEmpty else { return 0 }
-        return Int(try await client.send(["DEL"] + keys.map { .string(prefix + $0) }).integer ?? 0)
+        guard client.crossesSlots else {
+            // In a cluster the keys may live on different nodes: one DEL each.
+            var count = 0
+            for key in keys {
+                count += Int(try await client.send(["DEL", .string(prefix + key)], key: prefix + key).integer ?? 0)
+            }
+            return count
+        }
+        return Int(try await client.send(["DEL"] + keys.map { .string(prefix + $0) }, key: nil).integer ?? 0)
     }
 
     static let deleteIfEqualScript = RedisScript(
@@ -71,7 +81,7 @@ final class RedisStore: SharedStore {
     /// Keys: `cache:{route}:gen` holds the route's generation; `cache:{route}:pv:{path}` a path's version;
     /// `cache:{route}:{gen}:{path}` is a path's record (a hash); `cache:{route}:{gen}:#` counts the entries written
     /// in that generation, for the purge answer.
-    private func cacheKey(_ route: String, _ rest: String) -> String { prefix + "cache:" + route + ":" + rest }
+    private func cacheKey(_ route: String, _ rest: String) -> String { prefix + "cache:{" + route + "}:" + rest }
 
     static let cacheReadScript = RedisScript(
         """
@@ -180,8 +190,35 @@ final class RedisStore: SharedStore {
 
     private var purgeChannel: String { prefix + "cache:purge" }
 
-    /// The rate-limit script over the request's buckets (see ``rateLimitScript``).
+    /// The rate-limit script over the request's buckets (see ``rateLimitScript``). In a cluster, the buckets of one
+    /// identity share a slot and one script; a request whose policies count different identities runs one script
+    /// per slot, and is refused when any refuses (the others may then have counted it).
     func rateLimit(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
+        guard !client.crossesSlots else { return rateLimitScript(checks, on: eventLoop) }
+        // The checks' positions, grouped by slot, in the order the slots first appear.
+        var groups: [Int: [Int]] = [:]
+        var order: [Int] = []
+        for (index, check) in checks.enumerated() {
+            let slot = RedisHashSlot.of(prefix + check.key)
+            if groups[slot] == nil { order.append(slot) }
+            groups[slot, default: []].append(index)
+        }
+        guard order.count > 1 else { return rateLimitScript(checks, on: eventLoop) }
+        let positions = order.compactMap { groups[$0] }
+        let runs = positions.map { group in rateLimitScript(group.map { checks[$0] }, on: eventLoop) }
+        return EventLoopFuture.whenAllSucceed(runs, on: eventLoop).map { outcomes in
+            // Back in the checks' order.
+            var members = [RateLimitOutcome.Member?](repeating: nil, count: checks.count)
+            for (group, outcome) in zip(positions, outcomes) {
+                for (position, member) in zip(group, outcome.members) { members[position] = member }
+            }
+            return RateLimitOutcome(members: members.compactMap { $0 })
+        }
+    }
+
+    private func rateLimitScript(_ checks: [RateLimitCheck], on eventLoop: EventLoop)
+        -> EventLoopFuture<RateLimitOutcome>
+    {
         client.evalsha(
             Self.rateLimitScript, keys: checks.map { prefix + $0.key },
             arguments: checks.flatMap { $0.rule.scriptArguments.map(RedisArgument.string) }, on: eventLoop
@@ -303,12 +340,12 @@ final class RedisStore: SharedStore {
     func lock(_ name: String, milliseconds: Int64, on eventLoop: EventLoop) -> EventLoopFuture<Bool> {
         client.send(
             ["SET", .string(lockKey(name)), .bytes(lockOwner), "PX", .string(String(milliseconds)), "NX"],
-            on: eventLoop
+            key: lockKey(name), on: eventLoop
         ).map { !$0.isNull }
     }
 
     func isLocked(_ name: String, on eventLoop: EventLoop) -> EventLoopFuture<Bool> {
-        client.send(["EXISTS", .string(lockKey(name))], on: eventLoop).map { $0.integer == 1 }
+        client.send(["EXISTS", .string(lockKey(name))], key: lockKey(name), on: eventLoop).map { $0.integer == 1 }
     }
 
     func unlock(_ name: String, on eventLoop: EventLoop) {
@@ -335,7 +372,7 @@ final class RedisStore: SharedStore {
     private var pauseChannel: String { prefix + "upstream:pause" }
 
     func announcePause(_ pause: TargetPause) {
-        _ = client.send(["PUBLISH", .string(pauseChannel), .string(pause.encoded)], on: group.next())
+        _ = client.send(["PUBLISH", .string(pauseChannel), .string(pause.encoded)], key: nil, on: group.next())
     }
 
     func watchPauses(

@@ -122,9 +122,14 @@ enum SharedStores {
         configuration.poolSize = config.poolSize
         configuration.connectTimeout = .nanoseconds(config.connectTimeout.nanoseconds)
         configuration.commandTimeout = .nanoseconds(config.commandTimeout.nanoseconds)
+        let client: any RedisCommands =
+            configuration.clusterSeeds.isEmpty
+            ? RedisClient(configuration: configuration, group: group, logger: logger, metrics: metrics.factory)
+            : RedisCluster(
+                configuration: configuration, seeds: configuration.clusterSeeds, group: group, logger: logger,
+                metrics: metrics.factory)
         return RedisStore(
-            client: RedisClient(configuration: configuration, group: group, logger: logger, metrics: metrics.factory),
-            prefix: config.keyPrefix, display: endpoint.display, group: group, logger: logger)
+            client: client, prefix: config.keyPrefix, display: endpoint.display, group: group, logger: logger)
     }
 
     /// The client configuration for `redis:`; nil for `memory://`. Throws when the TLS files cannot be used.
@@ -144,9 +149,14 @@ enum SharedStores {
             configuration.username = servers.username
             configuration.password = servers.password
             if servers.tls { configuration.tls = try tls(config.tls) }
-            if case .sentinel(let master) = servers.topology {
+            switch servers.topology {
+            case .single:
+                break
+            case .sentinel(let master):
                 configuration.sentinel = RedisConfiguration.Sentinel(
                     sentinels: addresses, master: master, password: config.sentinelPassword?.value)
+            case .cluster:
+                configuration.clusterSeeds = addresses
             }
             return configuration
         }
