@@ -98,7 +98,11 @@ public final class RedisCluster: RedisCommands {
         _ arguments: [RedisArgument], to node: String, asking: Bool, on eventLoop: EventLoop, redirects: Int
     ) -> EventLoopFuture<RedisValue> {
         let client = self.client(for: node)
-        let sent = asking ? client.sendAsking(arguments, on: eventLoop) : client.send(arguments, on: eventLoop)
+        // A node met for the first time (a new master, a redirection) is given its connect timeout to come up.
+        let ready = Self.connected(client, on: eventLoop, within: TimeAmount(configuration.connectTimeout))
+        let sent = ready.flatMap {
+            asking ? client.sendAsking(arguments, on: eventLoop) : client.send(arguments, on: eventLoop)
+        }
         return sent.flatMapError { error in
             guard let error = error as? RedisError else { return eventLoop.makeFailedFuture(error) }
             if error.kind == .unavailable || error.kind == .connectionLost {
@@ -128,6 +132,20 @@ public final class RedisCluster: RedisCommands {
                 return eventLoop.makeFailedFuture(error)
             }
         }
+    }
+
+    /// Succeeds once `client` has a connection up, or at `within` (the command then fails as unavailable).
+    static func connected(_ client: RedisClient, on eventLoop: EventLoop, within: TimeAmount) -> EventLoopFuture<Void> {
+        if client.isConnected { return eventLoop.makeSucceededVoidFuture() }
+        let promise = eventLoop.makePromise(of: Void.self)
+        let deadline = NIODeadline.now() + within
+        let task = eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(5), delay: .milliseconds(5)) { task in
+            guard client.isConnected || NIODeadline.now() >= deadline else { return }
+            task.cancel()
+            promise.succeed(())
+        }
+        promise.futureResult.whenComplete { _ in task.cancel() }
+        return promise.futureResult
     }
 
     /// The pool for `node`, made on first use.

@@ -272,6 +272,7 @@ enum Mint {
             }
             #expect(h.upstream.documentRequests <= fetched + 2)
         }
+        await upstream.stop()
     }
 
     @Test func keysIssuedAtRuntimeAreSharedAndRevokedEverywhere() async throws {

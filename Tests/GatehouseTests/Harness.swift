@@ -45,10 +45,11 @@ struct Harness {
             }
             await gateway.shutdown()
         } catch {
-            await upstream.stop()
+            if given == nil { await upstream.stop() }
             throw error
         }
-        await upstream.stop()
+        // An upstream the caller gave is the caller's to stop.
+        if given == nil { await upstream.stop() }
     }
 
     /// A config with one upstream `demo` and the given routes; extra YAML may override `server` settings.

@@ -39,16 +39,15 @@ import Testing
             routes:
               - { id: api, match: { path_prefix: "/" }, upstream: pool }
             """
-        let extra = Array(servers.dropFirst())
         do {
             try await Harness.run({ _ in yaml }, environment: environment, upstream: servers[0]) { h in
                 try await body(h, servers)
             }
         } catch {
-            for server in extra { await server.stop() }
+            for server in servers { await server.stop() }
             throw error
         }
-        for server in extra { await server.stop() }
+        for server in servers { await server.stop() }
     }
 
     /// The port of the target that answered.
