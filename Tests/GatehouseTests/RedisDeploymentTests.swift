@@ -477,6 +477,13 @@ import Testing
                 let after = try await request(port: a.port, "/cached/one")
                 // (A graceful failover keeps what the master had; the entry answers again, from Redis or stored anew.)
                 #expect(after.status == 200)
+
+                // A master that dies is named by /readyz until its replica has taken over.
+                let doomed = try await cluster.master(of: RedisHashSlot.of("{cached}")).port
+                await cluster.servers.first { $0.port == doomed }?.kill()
+                try await waitUntil(timeout: .seconds(3)) { a.gateway.readinessProblem != nil }
+                let problem = a.gateway.readinessProblem ?? ""
+                #expect(problem.contains("node 127.0.0.1:\(doomed)"), "\(problem)")
             }
         }
         _ = cluster
