@@ -42,7 +42,7 @@ import Testing
                     consumers:
                       - { id: acme, api_keys: ["sha256:\(KeyDigest(key: "grpc-key").hex)"] }
                     rate_limits:
-                      one: { algorithm: fixed_window, requests: 1, per: 1m, by: consumer }
+                      one: { requests: 1, per: 1h, by: consumer }
                     """)
         }
     }

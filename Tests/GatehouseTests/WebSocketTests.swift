@@ -26,7 +26,7 @@ import Testing
                     consumers:
                       - { id: acme, api_keys: ["sha256:\(KeyDigest(key: "ws-key").hex)"] }
                     rate_limits:
-                      two: { algorithm: fixed_window, requests: 2, per: 1m, by: consumer }
+                      two: { requests: 2, per: 1h, by: consumer }
                     """)
         }
     }
