@@ -3,6 +3,7 @@ import Foundation
 import GatehouseConfig
 import Logging
 import NIOCore
+import NIOPosix
 import Testing
 
 @testable import Gatehouse
@@ -486,6 +487,38 @@ import Testing
                 #expect(problem.contains("node 127.0.0.1:\(doomed)"), "\(problem)")
             }
         }
+        _ = cluster
+    }
+
+    @Test func askAndMovedAreFollowedWhileASlotMigrates() async throws {
+        let cluster = try await Cluster()
+        let seeds = cluster.ports.prefix(3).map { RedisConfiguration.Address.tcp(host: "127.0.0.1", port: $0) }
+        let client = RedisCluster(
+            configuration: RedisConfiguration(address: seeds[0]), seeds: seeds,
+            group: MultiThreadedEventLoopGroup.singleton)
+        try await waitUntil(timeout: .seconds(10)) { client.problem == nil }
+        let key = "probe-{ask}"
+        try await client.set(key, [1, 2, 3])
+        let slot = RedisHashSlot.of(key)
+        let source = try await cluster.master(of: slot)
+        let target = try #require(try await cluster.masterIDs().first { $0 != source.id })
+        let targetPort = try await cluster.portOf(target)
+        // The slot is half moved: its key is on the new owner, which the old one names in an ASK.
+        #expect(try await Self.cli(targetPort, ["CLUSTER", "SETSLOT", String(slot), "IMPORTING", source.id]) == "OK")
+        #expect(try await Self.cli(source.port, ["CLUSTER", "SETSLOT", String(slot), "MIGRATING", target]) == "OK")
+        let moved = try await Self.cli(source.port, ["MIGRATE", "127.0.0.1", String(targetPort), key, "0", "5000"])
+        #expect(moved == "OK")
+        #expect(try await client.get(key) == [1, 2, 3], "read through ASK")
+        // A key new to the slot is written on the new owner, through ASK too.
+        try await client.set("other-{ask}", [4])
+        // The slot is moved: MOVED from now on, and the map learns it.
+        for port in cluster.ports {
+            _ = try await Self.cli(port, ["CLUSTER", "SETSLOT", String(slot), "NODE", target])
+        }
+        #expect(try await client.get(key) == [1, 2, 3], "read through MOVED")
+        #expect(try await client.get("other-{ask}") == [4])
+        #expect(try await Self.cli(targetPort, ["EXISTS", "other-{ask}"]) == "1", "written on the new owner")
+        await client.close()
         _ = cluster
     }
 }
