@@ -27,8 +27,7 @@ public final class UpstreamClient: Sendable {
     public func start(_ request: UpstreamRequest, delegate: UpstreamTransferDelegate, worker: Int? = nil)
         -> UpstreamTransfer
     {
-        let index = worker ?? next.wrappingAdd(1, ordering: .relaxed).oldValue
-        let worker = workers[index % workers.count]
+        let worker = self.worker(worker)
         let transfer = UpstreamTransfer(request: request, delegate: delegate, worker: worker)
         worker.submit(.start(transfer))
         return transfer
@@ -38,11 +37,15 @@ public final class UpstreamClient: Sendable {
     public func openTunnel(_ request: TunnelRequest, delegate: UpstreamTunnelDelegate, worker: Int? = nil)
         -> UpstreamTunnel
     {
-        let index = worker ?? next.wrappingAdd(1, ordering: .relaxed).oldValue
-        let worker = workers[index % workers.count]
+        let worker = self.worker(worker)
         let tunnel = UpstreamTunnel(request: request, delegate: delegate, worker: worker)
         worker.submit(.openTunnel(tunnel))
         return tunnel
+    }
+
+    /// The worker `index` names (modulo their number), or the next in turn.
+    private func worker(_ index: Int?) -> UpstreamWorker {
+        workers[(index ?? next.wrappingAdd(1, ordering: .relaxed).oldValue) % workers.count]
     }
 
     /// Cancels running exchanges and stops the threads.

@@ -113,8 +113,13 @@ final class UpstreamWorker: @unchecked Sendable {
             return
         }
         interested.insert(socket)
-        let wanted =
-            (what & CURL_POLL_IN != 0 ? EPOLLIN.rawValue : 0) | (what & CURL_POLL_OUT != 0 ? EPOLLOUT.rawValue : 0)
+        register(
+            socket,
+            (what & CURL_POLL_IN != 0 ? EPOLLIN.rawValue : 0) | (what & CURL_POLL_OUT != 0 ? EPOLLOUT.rawValue : 0))
+    }
+
+    /// Watches `socket` for `wanted` (EPOLLIN, EPOLLOUT), adding it to epoll or changing what it is watched for.
+    private func register(_ socket: Int32, _ wanted: UInt32) {
         if registered[socket] == wanted { return }
         var event = epoll_event()
         event.events = wanted
@@ -338,17 +343,7 @@ final class UpstreamWorker: @unchecked Sendable {
                 if !chunks.isEmpty { tunnel.deliver(chunks) }
             }
         }
-        let wanted = (receivePaused ? 0 : EPOLLIN.rawValue) | (drained ? 0 : EPOLLOUT.rawValue)
-        let socket = tunnel.socket
-        if registered[socket] == wanted { return }
-        var event = epoll_event()
-        event.events = wanted
-        event.data.fd = socket
-        let operation = registered[socket] == nil ? EPOLL_CTL_ADD : EPOLL_CTL_MOD
-        if epoll_ctl(epollFD, operation, socket, &event) != 0 {
-            epoll_ctl(epollFD, operation == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, socket, &event)
-        }
-        registered[socket] = wanted
+        register(tunnel.socket, (receivePaused ? 0 : EPOLLIN.rawValue) | (drained ? 0 : EPOLLOUT.rawValue))
     }
 
     /// Ends a tunnel: curl closes its connection; the delegate hears of it once.

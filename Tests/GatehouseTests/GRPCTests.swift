@@ -77,35 +77,25 @@ import Testing
     }
 
     @Test func theFourCallKindsPassOverH2c() async throws {
-        let server = try await PythonPeer("grpc_peer.py")
-        do {
-            try await Harness.run(Self.yaml("http://127.0.0.1:\(server.port)", protocol: "http2")) { h in
-                try await Self.checkCallKinds(h.port)
-                // Many calls at once: none lost (h2c goes one connection per call, see README).
-                let load = try await Self.call(h.port, ["load", "300"])
-                #expect(load.messages.first as? [String: Int] == ["OK": 300])
-            }
-        } catch {
-            await server.stop()
-            throw error
+        try await PythonPeer.with("grpc_peer.py") { server in
+            try await Self.checkEverything(Self.yaml("http://127.0.0.1:\(server.port)", protocol: "http2"))
         }
-        await server.stop()
     }
 
     @Test func theFourCallKindsPassOverTLSWithALPN() async throws {
         let (cert, key) = try await TLSTests.makeCertificate()
-        let server = try await PythonPeer("grpc_peer.py", extra: [cert, key])
-        do {
-            try await Harness.run(Self.yaml("https://localhost:\(server.port)", protocol: "auto")) { h in
-                try await Self.checkCallKinds(h.port)
-                let load = try await Self.call(h.port, ["load", "300"])
-                #expect(load.messages.first as? [String: Int] == ["OK": 300])
-            }
-        } catch {
-            await server.stop()
-            throw error
+        try await PythonPeer.with("grpc_peer.py", extra: [cert, key]) { server in
+            try await Self.checkEverything(Self.yaml("https://localhost:\(server.port)", protocol: "auto"))
         }
-        await server.stop()
+    }
+
+    /// The call kinds, then 300 calls at once, none lost (over h2c each goes on a connection of its own).
+    static func checkEverything(_ yaml: (Int) -> String) async throws {
+        try await Harness.run(yaml) { h in
+            try await checkCallKinds(h.port)
+            let load = try await call(h.port, ["load", "300"])
+            #expect(load.messages.first as? [String: Int] == ["OK": 300])
+        }
     }
 
     @Test func gatewayErrorsAreGRPCStatuses() async throws {

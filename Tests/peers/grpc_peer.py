@@ -23,6 +23,7 @@ import time
 from concurrent import futures
 
 import grpc
+from peer_common import exit_with_parent
 
 SERVICE = "echo.Echo"
 
@@ -89,18 +90,6 @@ def serve(port, cert=None, key=None):
     print("ready", flush=True)
     exit_with_parent()
     server.wait_for_termination()
-
-
-def exit_with_parent():
-    """Ends this process when the test process that started it is gone (it crashed or was killed)."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def call(target, kind, arg, timeout, metadata, count, size):

@@ -29,6 +29,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from peer_common import exit_with_parent
+
 MAX = 8 << 20
 
 
@@ -56,18 +58,6 @@ def refuse(connection, request):
     if request.path.startswith("/refuse"):
         return connection.respond(HTTPStatus.FORBIDDEN, "refused here\n")
     return None
-
-
-def exit_with_parent():
-    """Ends this process when the test process that started it is gone (it crashed or was killed)."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 async def run_server(port, cert=None, key=None):
