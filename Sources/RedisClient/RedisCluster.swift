@@ -21,6 +21,10 @@ public final class RedisCluster: RedisCommands {
         var owners: [String] = []
         var nodes: [String: RedisClient] = [:]
         var refreshing = false
+        /// The refresh asked for by ``refreshSoon()``, awaited by ``close()``.
+        var pendingRefresh: Task<Void, Never>?
+        /// Pools of nodes that stopped being masters, closed a little later (or by ``close()``).
+        var retiring: [ObjectIdentifier: RedisClient] = [:]
         var closed = false
         var lastRefreshError: String?
     }
@@ -97,7 +101,9 @@ public final class RedisCluster: RedisCommands {
     private func send(
         _ arguments: [RedisArgument], to node: String, asking: Bool, on eventLoop: EventLoop, redirects: Int
     ) -> EventLoopFuture<RedisValue> {
-        let client = self.client(for: node)
+        guard let client = self.client(for: node) else {
+            return eventLoop.makeFailedFuture(RedisError(.unavailable, "the cluster client is closed"))
+        }
         // A node met for the first time (a new master, a redirection) is given its connect timeout to come up.
         let ready = Self.connected(client, on: eventLoop, within: TimeAmount(configuration.connectTimeout))
         let sent = ready.flatMap {
@@ -148,21 +154,23 @@ public final class RedisCluster: RedisCommands {
         return promise.futureResult
     }
 
-    /// The pool for `node`, made on first use.
-    private func client(for node: String) -> RedisClient {
-        if let client = state.withLock({ $0.nodes[node] }) { return client }
+    /// The pool for `node`, made on first use; nil once closed (its event loops may be gone).
+    private func client(for node: String) -> RedisClient? {
+        let (existing, closed) = state.withLock { ($0.nodes[node], $0.closed) }
+        if let existing { return existing }
+        if closed { return nil }
         var configuration = self.configuration
         configuration.address = Self.address(node) ?? configuration.address
         configuration.database = 0
         configuration.clusterSeeds = []
-        let made = RedisClient(configuration: configuration, group: group, logger: logger, metrics: metrics)
-        let (client, extra) = state.withLock { state -> (RedisClient, RedisClient?) in
-            if let existing = state.nodes[node] { return (existing, made) }
+        // Made under the lock, so that none is made after close() (a pool connects as soon as it exists).
+        return state.withLock { state -> RedisClient? in
+            if state.closed { return nil }
+            if let existing = state.nodes[node] { return existing }
+            let made = RedisClient(configuration: configuration, group: group, logger: logger, metrics: metrics)
             state.nodes[node] = made
-            return (made, nil)
+            return made
         }
-        if let extra { Task { await extra.close() } }
-        return client
     }
 
     static func address(_ node: String) -> RedisConfiguration.Address? {
@@ -181,10 +189,11 @@ public final class RedisCluster: RedisCommands {
             return true
         }
         guard start else { return }
-        Task {
+        let task = Task {
             try? await Task.sleep(for: .milliseconds(50))
             await self.refreshNow()
         }
+        state.withLock { $0.pendingRefresh = task }
     }
 
     private func refresh() async {
@@ -203,6 +212,8 @@ public final class RedisCluster: RedisCommands {
         let known = state.withLock { Array($0.nodes.keys) }.compactMap(Self.address)
         var failures: [String] = []
         for address in known + seeds {
+            // Once closed, the event loops may be gone: no more connections.
+            if state.withLock({ $0.closed }) { return }
             do {
                 let map = try await Self.slots(from: address, configuration: configuration, on: group.next())
                 install(map)
@@ -216,21 +227,24 @@ public final class RedisCluster: RedisCommands {
 
     private func install(_ owners: [String]) {
         let gone = state.withLock { state -> [RedisClient] in
+            guard !state.closed else { return [] }
             state.owners = owners
             state.lastRefreshError = nil
             let masters = Set(owners.filter { !$0.isEmpty })
             var gone: [RedisClient] = []
             for (name, client) in state.nodes where !masters.contains(name) {
                 gone.append(client)
+                state.retiring[ObjectIdentifier(client)] = client
                 state.nodes[name] = nil
             }
             return gone
         }
         for node in Set(owners) where !node.isEmpty { _ = client(for: node) }
-        if !gone.isEmpty {
+        for client in gone {
             Task {
                 try? await Task.sleep(for: .seconds(2))
-                for client in gone { await client.close() }
+                let mine = state.withLock { $0.retiring.removeValue(forKey: ObjectIdentifier(client)) != nil }
+                if mine { await client.close() }
             }
         }
     }
@@ -271,11 +285,18 @@ public final class RedisCluster: RedisCommands {
     }
 
     public func close() async {
-        let nodes = state.withLock { state -> [RedisClient] in
+        let pending = state.withLock { state -> Task<Void, Never>? in
             state.closed = true
-            return Array(state.nodes.values)
+            return state.pendingRefresh
         }
-        timer.withLock { $0 }?.cancel()
+        let refresher = timer.withLock { $0 }
+        refresher?.cancel()
+        await refresher?.value
+        await pending?.value
+        let nodes = state.withLock { state -> [RedisClient] in
+            defer { state.retiring = [:] }
+            return Array(state.nodes.values) + Array(state.retiring.values)
+        }
         for node in nodes { await node.close() }
     }
 }

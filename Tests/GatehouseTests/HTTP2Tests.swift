@@ -150,14 +150,7 @@ import Testing
 
     @Test func drainLetsStreamsInFlightFinish() async throws {
         let upstream = try await DemoUpstream.start()
-        let path = FileManager.default.temporaryDirectory.appendingPathComponent("h2-drain-\(UUID().uuidString).yaml")
-            .path
-        try Self.yaml(upstream.port).write(toFile: path, atomically: true, encoding: .utf8)
-        defer { try? FileManager.default.removeItem(atPath: path) }
-        var logger = Logger(label: "test")
-        logger.logLevel = .critical
-        let gateway = Gateway(config: try ConfigLoader.load(path: path), logger: logger)
-        try await gateway.start()
+        let gateway = try await Harness.startGateway(Self.yaml(upstream.port))
         let port = gateway.localAddress?.port ?? 0
         async let slow = Self.curl(["--http2-prior-knowledge", "http://127.0.0.1:\(port)/delay/500"])
         try await waitUntil { upstream.requestCount == 1 }

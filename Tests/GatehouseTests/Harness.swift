@@ -52,6 +52,19 @@ struct Harness {
         if given == nil { await upstream.stop() }
     }
 
+    /// A started gateway on `yaml`, for a test that stops it itself (a drain); quiet logs.
+    static func startGateway(_ yaml: String) async throws -> Gateway {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("gatehouse-\(UUID().uuidString).yaml")
+            .path
+        try yaml.write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        let gateway = Gateway(config: try ConfigLoader.load(path: path), logger: logger)
+        try await gateway.start()
+        return gateway
+    }
+
     /// A config with one upstream `demo` and the given routes; extra YAML may override `server` settings.
     static func config(
         upstreamPort: Int, server: String = "", upstream: String = "", redis: String = "memory://",

@@ -126,15 +126,8 @@ import Testing
 
     @Test func aDrainLetsOpenTunnelsFinish() async throws {
         try await PythonPeer.with("ws_peer.py") { server in
-            let path = FileManager.default.temporaryDirectory.appendingPathComponent("ws-\(UUID().uuidString).yaml")
-                .path
-            try Self.yaml("http://127.0.0.1:\(server.port)", server: "  drain_timeout: 10s")(1)
-                .write(toFile: path, atomically: true, encoding: .utf8)
-            defer { try? FileManager.default.removeItem(atPath: path) }
-            var logger = Logger(label: "test")
-            logger.logLevel = .critical
-            let gateway = Gateway(config: try ConfigLoader.load(path: path), logger: logger)
-            try await gateway.start()
+            let gateway = try await Harness.startGateway(
+                Self.yaml("http://127.0.0.1:\(server.port)", server: "  drain_timeout: 10s")(1))
             let port = gateway.localAddress?.port ?? 0
             async let held = Self.client("ws://127.0.0.1:\(port)/drain", ["hold", "2"])
             try await Task.sleep(for: .milliseconds(700))
