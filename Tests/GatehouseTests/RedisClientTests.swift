@@ -30,8 +30,12 @@ final class RedisServerProcess: @unchecked Sendable {
     func start() async throws {
         hold?.release()
         hold = nil
+        // A directory of its own: a replica writes the RDB it receives there, not in the package.
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gh-redis-\(port)").path
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         var arguments =
-            ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"] + self.arguments
+            ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", directory]
+            + self.arguments
         // Scripts/test kills what these files name if the test process dies first: the server inherits the
         // test process's blocked signals, so only SIGKILL stops it, and nothing else would.
         if let directory = ProcessInfo.processInfo.environment["GATEHOUSE_TEST_TMPDIR"] {
