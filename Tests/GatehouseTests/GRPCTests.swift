@@ -34,6 +34,7 @@ import Testing
                         protocol: \(`protocol`)
                         targets: [{ url: "\(grpcURL)" }]
                         tls: { verify: false }
+                        connect_timeout: 5s  # a TLS handshake on a loaded test machine
                     \(extra)
                     """,
                 routes: """

@@ -420,14 +420,31 @@ import Testing
                     owners[owner.id, default: (owner.port, [])].keys.append(stored)
                 }
                 let source = try #require(owners.max { $0.value.keys.count < $1.value.keys.count })
-                let target = try #require(try await cluster.masterIDs().first { $0 != source.key })
-                let (status, out, error) = try await ChildProcess.run(
-                    "/usr/bin/redis-cli",
-                    [
-                        "--cluster", "reshard", "127.0.0.1:\(source.value.port)", "--cluster-from", source.key,
-                        "--cluster-to", target, "--cluster-slots", "16384", "--cluster-yes",
-                    ])
-                #expect(status == 0, "reshard: \(out.suffix(300)) \(error)")
+                // The masters as the source itself sees them (another node's view may lag), and a retry when
+                // redis-cli finds the nodes still settling.
+                var target = ""
+                var status: Int32 = -1
+                var output = ""
+                for _ in 0..<4 where status != 0 {
+                    try await cluster.settle()
+                    let nodes = try await Self.cli(source.value.port, ["CLUSTER", "NODES"])
+                    target =
+                        nodes.split(separator: "\n").map { $0.split(separator: " ") }
+                        .first {
+                            $0.count >= 3 && $0[2].contains("master") && !$0[2].contains("fail") && $0[0] != source.key
+                        }
+                        .map { String($0[0]) } ?? ""
+                    let (code, out, error) = try await ChildProcess.run(
+                        "/usr/bin/redis-cli",
+                        [
+                            "--cluster", "reshard", "127.0.0.1:\(source.value.port)", "--cluster-from", source.key,
+                            "--cluster-to", target, "--cluster-slots", "16384", "--cluster-yes",
+                        ])
+                    (status, output) = (code, String(out.suffix(300)) + error)
+                    if code != 0 { try await Task.sleep(for: .seconds(1)) }
+                }
+                #expect(status == 0, "reshard: \(output)")
+                try await cluster.settle()
                 print("cluster test: moved the slots of \(source.value.keys)")
                 for stored in source.value.keys {
                     #expect(try await cluster.master(of: RedisHashSlot.of(stored)).id == target, "\(stored)")

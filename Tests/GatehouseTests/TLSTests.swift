@@ -101,7 +101,7 @@ extension TLSTests {
             admin: { listen: "127.0.0.1:0", hosts: [test.local] }
             redis: { url: "memory://" }
             upstreams:
-              h2: { targets: [{ url: "https://localhost:\(port)" }], tls: { ca_file: "\(cert)" } }
+              h2: { targets: [{ url: "https://localhost:\(port)" }], tls: { ca_file: "\(cert)" }, connect_timeout: 5s }
             routes:
               - { id: h2, match: { path_prefix: "/" }, upstream: h2 }
             """

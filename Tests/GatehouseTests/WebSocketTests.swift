@@ -18,6 +18,7 @@ import Testing
                       ws:
                         targets: [{ url: "\(wsURL)" }]
                         tls: { verify: false }
+                        connect_timeout: 5s  # a TLS handshake on a loaded test machine
                     """,
                 routes: """
                       - { id: private, match: { path_prefix: "/private/" }, upstream: ws, websocket: true, auth: required, rate_limit: [two] }
