@@ -195,13 +195,7 @@ import Testing
             #expect(revalidated.body == first.body, "the stored body, not the 304's empty one")
             #expect(h.upstream.requestCount == 2)
             // The refreshed entry is written in the background: wait until Redis has it (the second store).
-            let written = ContinuousClock.now + .seconds(3)
-            while ContinuousClock.now < written,
-                try await !request(port: h.adminPort, "/metrics").text.contains(
-                    "gatehouse_cache_stores_total{route=\"c\"} 2")
-            {
-                try await Task.sleep(for: .milliseconds(10))
-            }
+            try await Self.waitForStores(h, 2)
             let refreshed = try await Self.get(h, path)
             let requestsAfterRefresh = h.upstream.requestCount
             // The client's own conditional request is answered 304 from the cache.
@@ -431,6 +425,18 @@ import Testing
         _ = server
     }
 
+    /// Waits (up to 3 s) until the gateway has written `count` entries of route `c` to the store: the store is
+    /// written after the answer, and a loaded machine may take longer than any fixed sleep.
+    static func waitForStores(_ h: Harness, _ count: Int) async throws {
+        let deadline = ContinuousClock.now + .seconds(3)
+        while ContinuousClock.now < deadline,
+            try await !request(port: h.adminPort, "/metrics").text.contains(
+                "gatehouse_cache_stores_total{route=\"c\"} \(count)")
+        {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
     @Test func instancesShareEntriesAndPurgesReachEveryHotCopyAtOnce() async throws {
         let (url, server) = try await StoreTests.sharedRedisURL()
         let yaml = Self.yaml(
@@ -445,7 +451,7 @@ import Testing
                 try await waitUntil { a.gateway.core.cache.hot?.epoch != nil && b.gateway.core.cache.hot?.epoch != nil }
                 let path = "/cache/shared?cc=max-age%3D60"
                 _ = try await Self.get(a, path)
-                try await Task.sleep(for: .milliseconds(100))
+                try await Self.waitForStores(a, 1)
                 #expect(try await Self.get(b, path).header("Cache-Status")?.contains("hit") == true, "from Redis")
                 let before = try await redisCommands(b)
                 #expect(try await Self.get(b, path).header("Cache-Status")?.contains("hit") == true)
