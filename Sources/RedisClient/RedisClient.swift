@@ -50,11 +50,6 @@ public final class RedisClient: Sendable {
     /// True while at least one connection is up.
     public var isConnected: Bool { slots.contains { $0.isConnected } }
 
-    /// Still making its first connection: never connected, and no attempt has failed yet.
-    public var isConnectingFirstTime: Bool {
-        !isConnected && slots.allSatisfy { $0.node == nil && $0.lastFailure == nil }
-    }
-
     /// Nil while connected; else which server the client was last connected to and why it cannot connect now.
     public var problem: String? {
         guard !isConnected else { return nil }

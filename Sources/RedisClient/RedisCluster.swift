@@ -140,14 +140,13 @@ public final class RedisCluster: RedisCommands {
         }
     }
 
-    /// Succeeds once a pool still making its first connection has one up, or at `within`; at once for any other
-    /// pool (a node that is down fails its commands fast, as one server does).
+    /// Succeeds once `client` has a connection up, or at `within` (the command then fails as unavailable).
     static func connected(_ client: RedisClient, on eventLoop: EventLoop, within: TimeAmount) -> EventLoopFuture<Void> {
-        if !client.isConnectingFirstTime { return eventLoop.makeSucceededVoidFuture() }
+        if client.isConnected { return eventLoop.makeSucceededVoidFuture() }
         let promise = eventLoop.makePromise(of: Void.self)
         let deadline = NIODeadline.now() + within
         let task = eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(5), delay: .milliseconds(5)) { task in
-            guard !client.isConnectingFirstTime || NIODeadline.now() >= deadline else { return }
+            guard client.isConnected || NIODeadline.now() >= deadline else { return }
             task.cancel()
             promise.succeed(())
         }
