@@ -202,6 +202,7 @@ public final class Gateway: Sendable {
     }
 
     private static func stopStore(_ core: GatewayCore) async {
+        await core.rateLimiter.close()
         await core.store.close()
         core.accessLog?.close()
     }

@@ -85,6 +85,108 @@ import Testing
         _ = server
     }
 
+    /// Redis commands a gateway has sent (its `gatehouse_redis_commands_total`).
+    static func redisCommands(_ h: Harness) async throws -> Int {
+        try await request(port: h.adminPort, "/metrics").text.split(separator: "\n")
+            .filter { $0.hasPrefix("gatehouse_redis_commands_total") }
+            .reduce(0) { $0 + Int(Double($1.split(separator: " ").last ?? "") ?? 0) }
+    }
+
+    /// A roomy policy (burst >= 64) is spent from leased slices: two gateways under load from 16 callers admit
+    /// no more than the quota together, most requests need no Redis round trip, and what quiet slices strand is
+    /// bounded (a quarter of the burst).
+    @Test func leasedSlicesNeverLetTwoGatewaysPastTheQuota() async throws {
+        let (url, server) = try await StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: "  leased: { requests: 200, per: 1h, by: route }", route: "leased")
+        try await Harness.run(yaml) { a in
+            try await Harness.run(yaml) { b in
+                try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
+                let before = try await Self.redisCommands(a) + Self.redisCommands(b)
+                let statuses = try await withThrowingTaskGroup(of: [Int].self) { group in
+                    for index in 0..<16 {
+                        group.addTask {
+                            var statuses: [Int] = []
+                            for _ in 0..<40 { statuses.append(try await Self.get(index % 2 == 0 ? a : b).status) }
+                            return statuses
+                        }
+                    }
+                    return try await group.reduce(into: []) { $0 += $1 }
+                }
+                let commands = try await Self.redisCommands(a) + Self.redisCommands(b) - before
+                let allowed = statuses.filter { $0 == 200 }.count
+                #expect(allowed <= 200, "the fleet admitted \(allowed) of a quota of 200")
+                #expect(allowed >= 150, "slices stranded more than a quarter of the burst: \(allowed) admitted")
+                #expect(statuses.filter { $0 == 429 }.count == statuses.count - allowed)
+                #expect(a.upstream.requestCount + b.upstream.requestCount == allowed)
+                #expect(commands < statuses.count / 2, "\(commands) Redis commands for \(statuses.count) requests")
+            }
+        }
+        _ = server
+    }
+
+    /// On a dense timeline (100 per second, a slot every 10 ms) slots lapse when their time passes: under load from
+    /// two gateways, the fleet admits no more than GCRA allows over the run (the burst plus one per interval).
+    @Test func leasedSlotsLapseWhenTheirTimePasses() async throws {
+        let (url, server) = try await StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: "  leased: { requests: 100, per: 1s, by: route }", route: "leased")
+        try await Harness.run(yaml) { a in
+            try await Harness.run(yaml) { b in
+                try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
+                let started = ContinuousClock.now
+                let stop = started + .milliseconds(1500)
+                let statuses = try await withThrowingTaskGroup(of: [Int].self) { group in
+                    for index in 0..<16 {
+                        group.addTask {
+                            var statuses: [Int] = []
+                            while ContinuousClock.now < stop {
+                                statuses.append(try await Self.get(index % 2 == 0 ? a : b).status)
+                            }
+                            return statuses
+                        }
+                    }
+                    return try await group.reduce(into: []) { $0 += $1 }
+                }
+                let elapsed = ContinuousClock.now - started
+                let allowed = statuses.filter { $0 == 200 }.count
+                let bound = 100 + Int(elapsed / .milliseconds(10)) + 1
+                #expect(allowed <= bound, "\(allowed) admitted in \(elapsed), GCRA allows \(bound)")
+                #expect(allowed >= 100, "\(allowed) admitted of at least the burst")
+                #expect(statuses.count > allowed, "the run must go past the quota")
+            }
+        }
+        _ = server
+    }
+
+    /// The slots a slice did not spend go back when it goes quiet: after one gateway's burst of 50, a second
+    /// gateway gets exactly the other 50 of the quota.
+    @Test func aQuietGatewayGivesItsSlotsBack() async throws {
+        let (url, server) = try await StoreTests.sharedRedisURL()
+        let yaml = Self.yaml(
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
+            policies: "  leased: { requests: 100, per: 1h, by: route }", route: "leased")
+        try await Harness.run(yaml) { a in
+            try await waitUntil { a.gateway.readinessProblem == nil }
+            let first = try await withThrowingTaskGroup(of: Int.self) { group in
+                for _ in 0..<50 { group.addTask { try await Self.get(a).status } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(first.allSatisfy { $0 == 200 })
+            try await Harness.run(yaml) { b in
+                try await waitUntil { b.gateway.readinessProblem == nil }
+                // A's slice has been quiet for more than its idle time by now; B takes what is left.
+                try await Task.sleep(for: .milliseconds(400))
+                var allowed = 0
+                while try await Self.get(b).status == 200 { allowed += 1 }
+                #expect(allowed == 50, "the second gateway got \(allowed) of the 50 left")
+            }
+        }
+        _ = server
+    }
+
     @Test func headersAnd429() async throws {
         try await Self.run(
             policies: "  small: { requests: 3, per: 1m, by: ip }", route: "small"

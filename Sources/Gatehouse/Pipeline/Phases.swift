@@ -14,7 +14,7 @@ enum DecidingPhase: Int {
         case .accept: try AcceptPhase.run(&context, environment)
         case .route: try RoutePhase.run(&context, environment)
         case .authenticate: try AuthenticatePhase.run(&context, environment)
-        case .rateLimit: RateLimitPhase.run(&context, environment)
+        case .rateLimit: try RateLimitPhase.run(&context, environment)
         }
     }
 }
@@ -222,7 +222,8 @@ enum AuthenticatePhase {
 
 /// rate limit: every policy that applies (the consumer's own, then the route's), checked together.
 enum RateLimitPhase {
-    static func run(_ context: inout RequestContext, _ environment: PhaseEnvironment) -> PhaseStep {
+    static func run(_ context: inout RequestContext, _ environment: PhaseEnvironment) throws(GatewayError) -> PhaseStep
+    {
         let runtime = environment.runtime
         guard let route = context.route else { return .next }
         var names: [String] = []
@@ -245,11 +246,17 @@ enum RateLimitPhase {
             return RateLimitCheck(rule: rule, key: RateLimiter.key(policy, identity: identity))
         }
         guard !checks.isEmpty else { return .next }
-        // The limiter answers from its local fallback when Redis fails; a failure here lets the request on.
-        return .wait(
-            environment.core.rateLimiter.check(checks, on: environment.eventLoop).map { outcome -> ContextUpdate in
-                { context in try apply(outcome, &context) }
-            }.recover { _ in { _ in } })
+        switch environment.core.rateLimiter.check(checks, on: environment.eventLoop) {
+        case .now(let outcome):
+            try apply(outcome, &context)
+            return .next
+        case .later(let outcome):
+            // The limiter answers from its local fallback when Redis fails; a failure here lets the request on.
+            return .wait(
+                outcome.map { outcome -> ContextUpdate in { context in try apply(outcome, &context) } }.recover { _ in
+                    { _ in }
+                })
+        }
     }
 
     /// Keeps the headers for the answer; refuses with 429 (or 503 when a `deny` policy could not be checked).
@@ -638,39 +645,51 @@ enum LogPhase {
         context.route?.metrics.record(status: context.status, nanoseconds: elapsed)
         if context.route == nil { gateway.unroutedMetrics.record(status: context.status, nanoseconds: elapsed) }
         guard let log = gateway.accessLog else { return }
-        var line = "{\"time\":"
-        JSONText.appendString(AccessTime.now(), to: &line)
-        line += ",\"request_id\":"
-        JSONText.appendString(context.requestID, to: &line)
-        line += ",\"client\":"
-        JSONText.appendString(context.clientIP, to: &line)
-        line += ",\"route\":"
-        if let route = context.route { JSONText.appendString(route.config.id, to: &line) } else { line += "null" }
-        line += ",\"method\":"
-        JSONText.appendString(context.head.method.rawValue, to: &line)
-        line += ",\"path\":"
+        var line = AccessLogLine()
+        line.append("{\"time\":")
+        line.appendTimeNow()
+        line.append(",\"request_id\":")
+        line.appendString(context.requestID)
+        line.append(",\"client\":")
+        line.appendString(context.clientIP)
+        line.append(",\"route\":")
+        line.appendString(orNull: context.route?.config.id)
+        line.append(",\"method\":")
+        line.appendString(context.head.method.rawValue)
+        line.append(",\"path\":")
         // The path only: a query may carry the API key's query parameter, which is never written down.
-        JSONText.appendString(context.path.isEmpty ? String(Self.pathOnly(context.head.uri)) : context.path, to: &line)
-        line += ",\"status\":\(context.status),\"bytes_in\":\(context.bytesIn),\"bytes_out\":\(context.bytesOut)"
-        line += ",\"duration_ms\":\(Double(elapsed / 1000) / 1000)"
-        if let upstream = context.upstreamMicroseconds {
-            line += ",\"upstream_ms\":\(Double(upstream) / 1000)"
+        if context.path.isEmpty {
+            line.appendString(Self.pathOnly(context.head.uri))
         } else {
-            line += ",\"upstream_ms\":null"
+            line.appendString(context.path)
         }
-        line += ",\"consumer\":"
-        if let caller = context.caller { JSONText.appendString(caller.id, to: &line) } else { line += "null" }
+        line.append(",\"status\":")
+        line.appendInteger(context.status)
+        line.append(",\"bytes_in\":")
+        line.appendInteger(context.bytesIn)
+        line.append(",\"bytes_out\":")
+        line.appendInteger(context.bytesOut)
+        line.append(",\"duration_ms\":")
+        line.appendMilliseconds(microseconds: elapsed / 1000)
+        line.append(",\"upstream_ms\":")
+        if let upstream = context.upstreamMicroseconds {
+            line.appendMilliseconds(microseconds: upstream)
+        } else {
+            line.append("null")
+        }
+        line.append(",\"consumer\":")
+        line.appendString(orNull: context.caller?.id)
         if let issuer = context.caller?.issuer {
-            line += ",\"consumer_issuer\":"
-            JSONText.appendString(issuer, to: &line)
+            line.append(",\"consumer_issuer\":")
+            line.appendString(issuer)
         }
-        line += ",\"cache\":"
-        if let cache = context.cacheStatus { JSONText.appendString(cache, to: &line) } else { line += "null" }
+        line.append(",\"cache\":")
+        line.appendString(orNull: context.cacheStatus)
         if let error = context.error {
-            line += ",\"error\":"
-            JSONText.appendString(error.origin.rawValue + ": " + error.detail, to: &line)
+            line.append(",\"error\":")
+            line.appendString(error.origin.rawValue + ": " + error.detail)
         }
-        line += "}"
+        line.append("}")
         log.write(line)
     }
 

@@ -21,9 +21,21 @@ final class RateLimitRule: Sendable {
     let allowedCounter: CoreMetrics.Counter
     let limitedCounter: CoreMetrics.Counter
     let fallbackCounter: CoreMetrics.Counter
+    /// GCRA's emission interval: the period over the requests, in whole microseconds (at least 1).
+    let intervalMicroseconds: Int64
+    /// Whether instances spend slices of this policy's buckets (``RateLimitLeases``): GCRA policies whose burst
+    /// is at least ``leaseMinimumBurst``. Smaller ones, and the window algorithms, are checked in the store for
+    /// every request, exactly.
+    let leased: Bool
+
+    /// The smallest burst whose buckets are leased in slices: a quarter of it is 16 slots.
+    static let leaseMinimumBurst = 64
 
     init(_ policy: RateLimitPolicy, factory: MetricsFactory) {
         self.policy = policy
+        let limit = Int64(max(1, policy.requests))
+        intervalMicroseconds = max(1, (max(1, policy.per.milliseconds) * 1000 + limit / 2) / limit)
+        leased = policy.algorithm == .gcra && policy.burst >= Self.leaseMinimumBurst
         let algorithm =
             switch policy.algorithm {
             case .gcra: "1"
@@ -47,6 +59,10 @@ final class RateLimitRule: Sendable {
 }
 
 extension RateLimitRule {
+    /// The most slots one instance may hold of a bucket that `holders` instances lease: a quarter of the burst,
+    /// shared. What one quiet instance holds is what the others may find missing.
+    func sliceCap(holders: Int) -> Int { max(1, policy.burst / (4 * max(1, holders))) }
+
     /// One list member of a structured field (RFC 8941): the string `name` with integer parameters.
     static func member(_ name: String, _ parameters: [(String, Int64)]) -> String {
         var map = OrderedMap<String, RFC9651BareItem>()
@@ -99,22 +115,106 @@ struct RateLimitOutcome: Sendable {
     static func seconds(_ milliseconds: Int64) -> Int64 { (min(max(0, milliseconds), 1 << 46) + 999) / 1000 }
 }
 
-/// Enforces `rate_limits` across every instance in one Redis round trip per request, with the Redis server's
-/// clock, falling back per policy (`on_redis_error`) while Redis is away.
+/// What the limiter says about a request: at once (from this instance's slices), or after a store round trip.
+enum RateLimitAnswer {
+    case now(RateLimitOutcome)
+    case later(EventLoopFuture<RateLimitOutcome>)
+}
+
+/// Enforces `rate_limits` across every instance with the Redis server's clock, falling back per policy
+/// (`on_redis_error`) while Redis is away.
 ///
-/// All the policies of a request are checked by one Lua script: each is evaluated, and only when all pass are
-/// their buckets updated, so a request one policy refuses consumes nothing from the others.
+/// Policies with a roomy burst are spent from slices this instance leases (``RateLimitLeases``): most requests
+/// need no round trip. The others are checked by one Lua script per request: each is evaluated, and only when
+/// all pass are their buckets updated, so a request one policy refuses consumes nothing from the others. A
+/// request with both kinds is checked by its slices first, then by the script; a refusal puts its slots back.
 final class RateLimiter: Sendable {
     private let store: RateLimitStore
+    private let leases: RateLimitLeases?
     private let local = LocalRateLimiter()
     private let logger: Logger
+    private let eventLoop: EventLoop
+    /// Gives back the slots of slices that went quiet, every ``RateLimitLeases/idleReturn``.
+    private let sweeper: Mutex<RepeatedTask?>
 
-    init(store: RateLimitStore, logger: Logger) {
+    init(store: RateLimitStore, eventLoop: EventLoop, logger: Logger) {
         self.store = store
+        let leases = (store as? RateLimitLeaseStore).map { RateLimitLeases(store: $0, logger: logger) }
+        self.leases = leases
         self.logger = logger
+        self.eventLoop = eventLoop
+        let every = TimeAmount.nanoseconds(RateLimitLeases.idleReturn)
+        sweeper = Mutex(
+            leases.map { leases in
+                eventLoop.scheduleRepeatedAsyncTask(initialDelay: every, delay: every) { _ in
+                    leases.sweep(on: eventLoop)
+                }
+            })
     }
 
-    func check(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
+    /// Stops the sweeps and gives back every slot held (at shutdown).
+    func close() async {
+        sweeper.withLock { $0 }?.cancel()
+        try? await leases?.sweep(all: true, on: eventLoop).get()
+    }
+
+    func check(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> RateLimitAnswer {
+        guard let leases, checks.contains(where: \.rule.leased) else { return .later(exact(checks, on: eventLoop)) }
+        var members = [RateLimitOutcome.Member?](repeating: nil, count: checks.count)
+        var slots: [(RateLimitCheck, Int64)] = []
+        var waiting: [(Int, EventLoopFuture<Void>?)] = []
+        var refused = false
+        for (index, check) in checks.enumerated() where check.rule.leased {
+            switch leases.spend(check) {
+            case .spent(let member, let slot):
+                members[index] = member
+                slots.append((check, slot))
+            case .refused(let member):
+                members[index] = member
+                refused = true
+            case .empty(let pending): waiting.append((index, pending))
+            }
+        }
+        let waits = waiting
+        if refused || (waits.isEmpty && !checks.contains { !$0.rule.leased }) {
+            return .now(record(finish(members, slots: slots)))
+        }
+        let taken = waits.map { index, pending in leases.take(checks[index], pending: pending, on: eventLoop) }
+        let (decided, spent) = (members, slots)
+        let outcome = EventLoopFuture.whenAllSucceed(taken, on: eventLoop).flatMap { answers in
+            var (members, slots) = (decided, spent)
+            for ((index, _), (member, slot)) in zip(waits, answers) {
+                members[index] = member
+                if let slot { slots.append((checks[index], slot)) }
+            }
+            let unleased = checks.indices.filter { !checks[$0].rule.leased }
+            guard members.allSatisfy({ $0?.allowed ?? true }), !unleased.isEmpty else {
+                return eventLoop.makeSucceededFuture(self.finish(members, slots: slots))
+            }
+            let (leased, leasedSlots) = (members, slots)
+            return self.store.rateLimit(unleased.map { checks[$0] }, on: eventLoop).map { outcome in
+                var members = leased
+                for (index, member) in zip(unleased, outcome.members) { members[index] = member }
+                return self.finish(members, slots: leasedSlots)
+            }
+        }
+        return .later(
+            outcome.map { self.record($0) }.recover { error in
+                self.logger.debug("rate limit check failed", metadata: ["error": "\(error)"])
+                return self.record(self.fallback(checks))
+            })
+    }
+
+    /// The outcome of the members decided (in the request's policy order; a policy not reached after a refusal
+    /// has none); when one refused, the slots spent for the request go back.
+    private func finish(_ members: [RateLimitOutcome.Member?], slots: [(RateLimitCheck, Int64)]) -> RateLimitOutcome {
+        let outcome = RateLimitOutcome(members: members.compactMap { $0 })
+        if !outcome.allowed { for (check, slot) in slots { leases?.unspend(check, slot: slot) } }
+        return outcome
+    }
+
+    /// Every policy checked in the store, this request alone.
+    private func exact(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
         store.rateLimit(checks, on: eventLoop).map { self.record($0) }.recover { error in
             self.logger.debug("rate limit check failed", metadata: ["error": "\(error)"])
             return self.record(self.fallback(checks))

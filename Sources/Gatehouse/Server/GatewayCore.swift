@@ -35,7 +35,7 @@ final class GatewayCore: Sendable {
         self.store = store
         cache = ResponseCache(store: store, localBytes: runtime.config.redis.localCacheBytes, logger: logger)
         authenticator = Authenticator(store: store, upstream: upstream, metrics: metrics, logger: logger)
-        rateLimiter = RateLimiter(store: store, logger: logger)
+        rateLimiter = RateLimiter(store: store, eventLoop: loops[0], logger: logger)
         oauth2 = OAuth2Tokens(store: store, client: upstream, metrics: metrics, logger: logger)
         var indices: [ObjectIdentifier: Int] = [:]
         for (index, loop) in loops.enumerated() { indices[ObjectIdentifier(loop)] = index }

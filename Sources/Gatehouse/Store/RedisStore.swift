@@ -7,7 +7,7 @@ import RedisClient
 import Synchronization
 
 /// ``SharedStore`` on Redis, with every key under the configured prefix.
-final class RedisStore: SharedStore {
+final class RedisStore: SharedStore, RateLimitLeaseStore {
     /// One server (``RedisClient``) or a cluster (``RedisCluster``): keys that one script touches share a hash tag
     /// (a route's cache keys `{route}`, a rate-limit identity's buckets `{identity}`).
     let client: any RedisCommands
@@ -333,6 +333,95 @@ final class RedisStore: SharedStore {
                     resetMilliseconds: numbers[index * 4 + 2], retryMilliseconds: numbers[index * 4 + 3])
             })
     }
+
+    func leaseSlots(_ check: RateLimitCheck, slots: Int, on eventLoop: EventLoop) -> EventLoopFuture<RateLimitGrant> {
+        let bucket = prefix + check.key
+        let interval = check.rule.intervalMicroseconds
+        return client.evalsha(
+            Self.leaseScript, keys: [bucket, bucket + ":holders"],
+            arguments: [
+                .string(String(interval)), .string(String(Int64(max(1, check.policy.burst)) * interval)),
+                .string(String(max(1, slots))), .bytes(lockOwner), .string(String(Self.holderWindowMilliseconds)),
+            ], on: eventLoop
+        ).flatMapThrowing { reply in
+            guard case .array(let items?) = reply, items.count == 5 else {
+                throw RedisError(.protocolError, "unexpected reply to the rate limit lease script")
+            }
+            // Bounded, so that no reply can trap the sums or grant more than was asked.
+            let numbers = items.map { min(max($0.integer ?? 0, 0), 1 << 52) }
+            return RateLimitGrant(
+                slots: Int(min(numbers[0], Int64(max(1, slots)))), start: numbers[1], tail: numbers[2],
+                retry: numbers[3], holders: Int(min(numbers[4], 1 << 20)))
+        }
+    }
+
+    func returnSlots(_ check: RateLimitCheck, tail: Int64, slots: Int, on eventLoop: EventLoop)
+        -> EventLoopFuture<Void>
+    {
+        client.evalsha(
+            Self.returnScript, keys: [prefix + check.key],
+            arguments: [
+                .string(String(tail)), .string(String(slots)), .string(String(check.rule.intervalMicroseconds)),
+            ],
+            on: eventLoop
+        ).map { _ in }
+    }
+
+    /// How long an instance counts as a holder of a bucket after its last lease.
+    static let holderWindowMilliseconds = 10_000
+
+    /// A lease: KEYS are the bucket and its holders (instance id -> time of its last lease); ARGV are the interval
+    /// and capacity (burst x interval) in µs, the slots wanted, this instance's id and the holder window in ms.
+    /// Reserves as many slots as the bucket allows, up to the want, by advancing its stored time (GCRA's theoretical
+    /// arrival time) that many intervals. Returns slots, µs from now to the stored time before, the stored time
+    /// after (µs), µs until a request would pass when none was granted, and the number of holders.
+    static let leaseScript = RedisScript(
+        """
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+        local interval = tonumber(ARGV[1])
+        local capacity = tonumber(ARGV[2])
+        local want = tonumber(ARGV[3])
+        local window = tonumber(ARGV[5])
+        redis.call('HSET', KEYS[2], ARGV[4], now)
+        local holders = 0
+        local seen = redis.call('HGETALL', KEYS[2])
+        for i = 1, #seen, 2 do
+          if tonumber(seen[i + 1]) < now - window * 1000 then
+            redis.call('HDEL', KEYS[2], seen[i])
+          else
+            holders = holders + 1
+          end
+        end
+        redis.call('PEXPIRE', KEYS[2], window)
+        local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+        if tat < now then tat = now end
+        local n = math.min(want, math.floor((now + capacity - tat) / interval))
+        if n < 1 then
+          return {0, tat - now, tat, tat + interval - now - capacity, holders}
+        end
+        local tail = tat + n * interval
+        redis.call('SET', KEYS[1], string.format('%d', tail), 'PX', math.max(1, math.ceil((tail - now) / 1000)))
+        return {n, tat - now, tail, 0, holders}
+        """)
+
+    /// A give-back: KEYS[1] is the bucket; ARGV are the stored time a lease left (µs), the slots to give back and
+    /// the interval (µs). Only if the stored time is still that (nothing was reserved since, so those slots are the
+    /// newest) is it moved back by the slots; returns 1 then, else 0.
+    static let returnScript = RedisScript(
+        """
+        local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+        if tat ~= tonumber(ARGV[1]) then return 0 end
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+        local new = tat - tonumber(ARGV[2]) * tonumber(ARGV[3])
+        if new <= now then
+          redis.call('DEL', KEYS[1])
+        else
+          redis.call('SET', KEYS[1], string.format('%d', new), 'PX', math.max(1, math.ceil((new - now) / 1000)))
+        end
+        return 1
+        """)
 
     /// A fleet lock is `lock:<name>`, holding its owner's mark; only the owner removes it.
     private func lockKey(_ name: String) -> String { prefix + "lock:" + name }
