@@ -31,7 +31,7 @@ public final class UpstreamTransfer: @unchecked Sendable {
 
     // Worker-thread state.
     var handle: UnsafeMutableRawPointer?
-    var headerList: UnsafeMutablePointer<curl_slist>?
+    var headerLines: CurlHeaderLines?
     var pendingHead: (status: Int, headers: [(name: String, value: String)])?
     var events = UpstreamEvents()
     var hasEvents = false

@@ -469,17 +469,12 @@ final class UpstreamWorker: @unchecked Sendable {
             }
         }
 
-        var list: UnsafeMutablePointer<curl_slist>?
-        var sawAccept = false
-        for (name, value) in request.headers {
-            if name.utf8.count == 6, name.lowercased() == "accept" { sawAccept = true }
-            list = curl_slist_append(list, value.isEmpty ? "\(name);" : "\(name): \(value)")
-        }
-        // Stop curl from adding headers the client did not send.
-        list = curl_slist_append(list, "Expect:")
-        if !sawAccept { list = curl_slist_append(list, "Accept:") }
-        if request.bodyLength == -1 { list = curl_slist_append(list, "Transfer-Encoding: chunked") }
-        transfer.headerList = list
+        // Stop curl from adding headers the client did not send: an empty "Expect:" and "Accept:" remove them.
+        let sawAccept = request.headers.contains { $0.name.utf8.count == 6 && $0.name.lowercased() == "accept" }
+        let lines = CurlHeaderLines(
+            request.headers, expect: true, accept: !sawAccept, chunked: request.bodyLength == -1)
+        transfer.headerLines = lines
+        let list = lines.list
         _ = gh_easy_setopt_slist(handle, CURLOPT_HTTPHEADER, list)
     }
 
@@ -528,8 +523,8 @@ final class UpstreamWorker: @unchecked Sendable {
     private func finish(_ transfer: UpstreamTransfer, _ completion: UpstreamCompletion) {
         guard let handle = transfer.handle else { return }
         curl_multi_remove_handle(multi, handle)
-        curl_slist_free_all(transfer.headerList)
-        transfer.headerList = nil
+        transfer.headerLines?.free()
+        transfer.headerLines = nil
         transfer.handle = nil
         idleHandles.append(handle)
         active[ObjectIdentifier(transfer)] = nil
@@ -540,15 +535,21 @@ final class UpstreamWorker: @unchecked Sendable {
     /// Hands the events of this round over: one task per event loop, carrying every transfer that loop serves.
     private func flushReady() {
         guard !ready.isEmpty else { return }
-        var batches: [ObjectIdentifier: (EventLoop, [(UpstreamTransfer, UpstreamEvents)])] = [:]
+        // A worker serves one event loop's connections, so there is usually one batch: no dictionary for it.
+        var batches: [(EventLoop, [(UpstreamTransfer, UpstreamEvents)])] = []
         for transfer in ready {
             transfer.queuedForHandOver = false
             guard transfer.hasEvents else { continue }
             let loop = transfer.delegate.eventLoop
-            batches[ObjectIdentifier(loop), default: (loop, [])].1.append((transfer, transfer.takeEvents()))
+            let events = (transfer, transfer.takeEvents())
+            if let index = batches.firstIndex(where: { $0.0 === loop }) {
+                batches[index].1.append(events)
+            } else {
+                batches.append((loop, [events]))
+            }
         }
         ready.removeAll(keepingCapacity: true)
-        for (loop, batch) in batches.values {
+        for (loop, batch) in batches {
             loop.execute {
                 for (transfer, events) in batch { transfer.delegate.upstreamTransfer(transfer, received: events) }
             }

@@ -352,8 +352,10 @@ import Testing
             (h: Harness, servers: [DemoUpstream]) async throws in
             let upstream = servers[0]
             upstream.failure = (429, "3")
-            let first = try await request(port: h.port, "/")
+            // Taken before the first request: the pause starts when its answer arrives, so it lasts at least 3 s
+            // from here, however slow the answer is to reach the test.
             let paused = ContinuousClock.now
+            let first = try await request(port: h.port, "/")
             #expect(first.status == 429)
             #expect(first.header("Content-Type") == "application/json")
             var locals: [RawResponse] = []

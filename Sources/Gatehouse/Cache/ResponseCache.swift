@@ -97,14 +97,20 @@ final class ResponseCache: Sendable {
     /// Looks a request's response up; the answer arrives on `eventLoop`. A fresh entry in the hot layer answers
     /// at once; otherwise one store round trip, two when the resource varies (the marker names the headers
     /// that pick the variant). `localMilliseconds` is how long what Redis returns may stay in the hot layer.
+    /// The entry held in this process's memory (for `local_ttl`), if there is one: no wait.
+    func lookupLocal(_ key: CacheKey, headers: HTTPHeaders, localMilliseconds: Int64) -> Lookup? {
+        guard localMilliseconds > 0, let hot,
+            let (entry, token) = hot.lookup(key, headers: headers, nowMilliseconds: HTTPDate.nowMilliseconds())
+        else { return nil }
+        return .found(entry, token)
+    }
+
     func lookup(
         _ key: CacheKey, headers: HTTPHeaders, localMilliseconds: Int64, mayUseLocal: Bool, on eventLoop: EventLoop
     ) -> EventLoopFuture<Lookup> {
         let hot = localMilliseconds > 0 ? self.hot : nil
-        if mayUseLocal, let hot,
-            let (entry, token) = hot.lookup(key, headers: headers, nowMilliseconds: HTTPDate.nowMilliseconds())
-        {
-            return eventLoop.makeSucceededFuture(.found(entry, token))
+        if mayUseLocal, let found = lookupLocal(key, headers: headers, localMilliseconds: localMilliseconds) {
+            return eventLoop.makeSucceededFuture(found)
         }
         let epoch = self.hot?.epoch
         @Sendable func keep(_ set: [(field: String, value: HotCache.Value)], version: CacheVersion) {

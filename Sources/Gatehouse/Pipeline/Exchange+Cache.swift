@@ -11,6 +11,14 @@ extension Exchange {
     /// Looks the response up; the answer comes back on this event loop.
     func lookUp(_ cache: CacheExchange) {
         cache.lookupStarted = FlightBoard.now()
+        // A hit in this process's memory answers now, without a future.
+        if !cache.requestNoCache,
+            let found = cache.cache.lookupLocal(
+                cache.key, headers: context.head.headers, localMilliseconds: cache.config.localTTL.milliseconds)
+        {
+            lookedUp(found, cache)
+            return
+        }
         let lookup = cache.cache.lookup(
             cache.key, headers: context.head.headers, localMilliseconds: cache.config.localTTL.milliseconds,
             mayUseLocal: !cache.requestNoCache, on: eventLoop)

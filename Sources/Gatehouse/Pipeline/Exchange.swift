@@ -572,6 +572,11 @@ final class Exchange {
             finish()
         case .endAnswerAndDrainRequest:
             connection?.write(.end(answerTrailers), flush: true)
+            // An HTTP/1.1 request that declared no body ends with its head: its end is already on its way.
+            if context.head.version.major == 1, !context.declaresBody {
+                connection?.resumeReading()
+                return
+            }
             let limit = runtime.config.server.limits.headerTimeout.nanoseconds
             let bound = NIOLoopBound(self, eventLoop: eventLoop)
             drainTimer = eventLoop.scheduleTask(in: .nanoseconds(limit)) {
@@ -624,7 +629,7 @@ final class Exchange {
         // Whatever happened, requests waiting for this one's flight must not wait on.
         cache?.land(nil)
         waitTimer?.cancel()
-        LogPhase.run(context, gateway: core)
+        LogPhase.run(&context, gateway: core)
     }
 }
 

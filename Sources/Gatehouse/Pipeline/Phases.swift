@@ -484,15 +484,30 @@ enum ForwardPhase {
     static func forwardedOrigin(_ context: RequestContext) -> (proto: String, host: String?) {
         let headers = context.head.headers
         return forwardedOrigin(
-            context, proto: headers["X-Forwarded-Proto"].last, host: headers["X-Forwarded-Host"].last)
+            context, proto: headers.last(name: "X-Forwarded-Proto"), host: headers.last(name: "X-Forwarded-Host"))
     }
 
     /// This hop's RFC 7239 element: who connected, to which host, over which scheme (values quoted, as an address
     /// or a host with a port needs).
     static func forwardedElement(peer: String, host: String, proto: String) -> String {
-        let node = peer.contains(":") ? "\"[" + peer + "]\"" : peer
-        var element = "for=" + node + ";proto=" + proto
-        if !host.isEmpty { element += ";host=\"" + host + "\"" }
+        var element = ""
+        element.reserveCapacity(peer.utf8.count + host.utf8.count + proto.utf8.count + 24)
+        // (Bytes, not `String.contains(_:)`: with Foundation imported, that is NSString's search.)
+        if peer.utf8.contains(UInt8(ascii: ":")) {
+            element.append("for=\"[")
+            element.append(peer)
+            element.append("]\"")
+        } else {
+            element.append("for=")
+            element.append(peer)
+        }
+        element.append(";proto=")
+        element.append(proto)
+        if !host.isEmpty {
+            element.append(";host=\"")
+            element.append(host)
+            element.append("\"")
+        }
         return element
     }
 
@@ -513,6 +528,15 @@ enum ForwardPhase {
             for token in value.split(separator: ",") { out.insert(token.trimmedSpaces.lowercased()) }
         }
         return out
+    }
+}
+
+extension HTTPHeaders {
+    /// The last value of a field (the one nearest to this hop), without building the list of all of them.
+    func last(name: String) -> String? {
+        var found: String?
+        for (field, value) in self where field.caseInsensitiveEquals(name) { found = value }
+        return found
     }
 }
 
@@ -640,7 +664,7 @@ enum RespondPhase {
 
 /// log: one JSON access-log line and the request metrics; runs for every request, errors included.
 enum LogPhase {
-    static func run(_ context: RequestContext, gateway: GatewayCore) {
+    static func run(_ context: inout RequestContext, gateway: GatewayCore) {
         let elapsed = Int64(NIODeadline.now().uptimeNanoseconds &- context.startNanoseconds)
         context.route?.metrics.record(status: context.status, nanoseconds: elapsed)
         if context.route == nil { gateway.unroutedMetrics.record(status: context.status, nanoseconds: elapsed) }

@@ -56,6 +56,12 @@ struct RequestContext {
     /// The call's `grpc-timeout`, which wins over a longer route timeout.
     let grpcTimeoutMilliseconds: Int?
 
+    /// Whether the request declares a body: a Content-Length other than 0, or Transfer-Encoding.
+    var declaresBody: Bool {
+        if head.headers.contains(name: "Transfer-Encoding") { return true }
+        return head.headers.first(name: "Content-Length").map { $0 != "0" } ?? false
+    }
+
     /// The time the upstream attempts share: the route's, or a gRPC call's shorter deadline.
     var timeoutMilliseconds: Int {
         let route = route?.timeoutMilliseconds ?? 30_000
@@ -83,17 +89,25 @@ struct RequestContext {
 
 /// Request ids: a random per-process prefix and a counter; unique, cheap, and sortable within a process.
 enum RequestID {
-    private static let prefix: String = {
-        let value = UInt32.random(in: 0...UInt32.max)
-        let hex = String(value, radix: 16)
-        return String(repeating: "0", count: 8 - hex.count) + hex
-    }()
+    /// This process's random part: 8 hex digits.
+    private static let prefix = UInt64(UInt32.random(in: 0...UInt32.max))
     private static let counter = Atomic<UInt64>(0)
 
+    /// `pppppppp-cccccccccccc`: the process's part, then a counter (12 hex digits, wrapping), in one allocation.
     static func make() -> String {
         let value = counter.wrappingAdd(1, ordering: .relaxed).newValue
-        let hex = String(value, radix: 16)
-        return prefix + "-" + String(repeating: "0", count: max(0, 12 - hex.count)) + hex
+        return String(unsafeUninitializedCapacity: 21) { bytes in
+            func hex(_ number: UInt64, digits: Int, at start: Int) {
+                for index in 0..<digits {
+                    let nibble = UInt8((number >> UInt64(4 * (digits - 1 - index))) & 0xF)
+                    bytes[start + index] = nibble < 10 ? UInt8(ascii: "0") + nibble : UInt8(ascii: "a") + nibble - 10
+                }
+            }
+            hex(prefix, digits: 8, at: 0)
+            bytes[8] = UInt8(ascii: "-")
+            hex(value, digits: 12, at: 9)
+            return 21
+        }
     }
 
     /// Accepts a client-sent id of 1 to 128 visible, harmless characters.

@@ -45,7 +45,7 @@ final class Runtime: Sendable {
 }
 
 /// One route with what it needs at request time resolved ahead.
-struct CompiledRoute: Sendable {
+final class CompiledRoute: Sendable {
     let config: RouteConfig
     let pool: UpstreamPool?
     let direct: DirectAnswer?

@@ -40,23 +40,22 @@ struct RouteTable: Sendable {
         var sawPath = false
         func attempt(_ index: PathIndex?) -> Match? {
             guard let index else { return nil }
-            for candidate in index.candidates(for: path) {
+            var found: Match?
+            index.forEachCandidate(for: path) { routeIndex, parameters in
                 sawPath = true
-                if let allowed = methods[candidate.routeIndex], !allowed.contains(method) {
+                if let allowed = methods[routeIndex], !allowed.contains(method) {
                     allow.formUnion(allowed)
                     if allowed.contains("GET") { allow.insert("HEAD") }
-                    if method == "HEAD", allowed.contains("GET") {
-                        return .found(routeIndex: candidate.routeIndex, parameters: candidate.parameters)
-                    }
-                    continue
+                    guard method == "HEAD", allowed.contains("GET") else { return true }
                 }
-                return .found(routeIndex: candidate.routeIndex, parameters: candidate.parameters)
+                found = .found(routeIndex: routeIndex, parameters: parameters)
+                return false
             }
-            return nil
+            return found
         }
         if let found = attempt(exactHosts[host]) { return found }
         var suffix = Substring(host)
-        while let dot = suffix.firstIndex(of: ".") {
+        while !wildcardHosts.isEmpty, let dot = suffix.firstIndex(of: ".") {
             suffix = suffix[suffix.index(after: dot)...]
             if let found = attempt(wildcardHosts[String(suffix)]) { return found }
         }
@@ -75,7 +74,7 @@ struct PathIndex: Sendable {
 
     private var exact: [String: [Int]] = [:]
     private var templates = TemplateNode()
-    private var prefixes = PrefixNode()
+    private var prefixes = PrefixTrie()
 
     mutating func insert(_ match: RouteMatch, _ index: Int) {
         if let path = match.path {
@@ -86,30 +85,27 @@ struct PathIndex: Sendable {
                 exact[path, default: []].append(index)
             }
         } else if let prefix = match.pathPrefix {
-            prefixes.insert(Array(prefix.utf8)[...], index)
+            prefixes.insert(prefix.utf8, index)
         }
     }
 
-    /// Every route whose path matches, best first.
-    func candidates(for path: String) -> [Candidate] {
-        var out: [Candidate] = []
-        for index in exact[path] ?? [] { out.append(Candidate(routeIndex: index, parameters: [])) }
+    /// Calls `visit` with every route whose path matches, best first, until it returns false.
+    func forEachCandidate(
+        for path: String, _ visit: (_ routeIndex: Int, _ parameters: [(name: String, value: Substring)]) -> Bool
+    ) {
+        for index in exact[path] ?? [] where !visit(index, []) { return }
         if !templates.isEmpty {
             let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
             var bound: [Substring] = []
             var matches: [Candidate] = []
             templates.collect(segments, &bound, &matches)
             // Among templates, the first in the file wins (SPEC §2), however specific the others are.
-            out += matches.sorted { $0.routeIndex < $1.routeIndex }
-        }
-        if !prefixes.isEmpty {
-            var matches: [[Int]] = []
-            prefixes.collect(path.utf8[...], &matches)
-            for indices in matches.reversed() {
-                for index in indices { out.append(Candidate(routeIndex: index, parameters: [])) }
+            for match in matches.sorted(by: { $0.routeIndex < $1.routeIndex })
+            where !visit(match.routeIndex, match.parameters) {
+                return
             }
         }
-        return out
+        prefixes.forEachMatch(path.utf8) { index in visit(index, []) }
     }
 }
 
@@ -151,29 +147,40 @@ struct TemplateNode: Sendable {
     }
 }
 
-/// A trie over the bytes of path prefixes.
-struct PrefixNode: Sendable {
-    private var children: [UInt8: PrefixNode] = [:]
-    private var routes: [Int] = []
+/// A trie over the bytes of path prefixes, in flat arrays: matching walks node numbers, with no dictionary
+/// hashing or copying of nodes per byte.
+struct PrefixTrie: Sendable {
+    /// Per node: its children by byte, the routes whose prefix ends there, and its parent (-1 for the root).
+    private var children: [[(byte: UInt8, node: Int)]] = [[]]
+    private var routes: [[Int]] = [[]]
+    private var parents: [Int] = [-1]
 
-    var isEmpty: Bool { children.isEmpty && routes.isEmpty }
-
-    mutating func insert(_ bytes: ArraySlice<UInt8>, _ index: Int) {
-        guard let first = bytes.first else {
-            routes.append(index)
-            return
+    mutating func insert(_ bytes: some Sequence<UInt8>, _ index: Int) {
+        var node = 0
+        for byte in bytes {
+            if let next = children[node].first(where: { $0.byte == byte })?.node {
+                node = next
+                continue
+            }
+            children.append([])
+            routes.append([])
+            parents.append(node)
+            children[node].append((byte, children.count - 1))
+            node = children.count - 1
         }
-        children[first, default: PrefixNode()].insert(bytes.dropFirst(), index)
+        routes[node].append(index)
     }
 
-    /// Appends the routes of every prefix of `bytes` that ends at a node, shortest first.
-    func collect(_ bytes: Substring.UTF8View.SubSequence, _ out: inout [[Int]]) {
-        var node = self
-        if !node.routes.isEmpty { out.append(node.routes) }
+    /// Calls `visit` with the routes of every prefix of `bytes`, longest first, until it returns false.
+    func forEachMatch(_ bytes: String.UTF8View, _ visit: (Int) -> Bool) {
+        var node = 0
         for byte in bytes {
-            guard let next = node.children[byte] else { return }
+            guard let next = children[node].first(where: { $0.byte == byte })?.node else { break }
             node = next
-            if !node.routes.isEmpty { out.append(node.routes) }
+        }
+        while node >= 0 {
+            for index in routes[node] where !visit(index) { return }
+            node = parents[node]
         }
     }
 }
