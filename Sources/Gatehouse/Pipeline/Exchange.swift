@@ -38,6 +38,9 @@ final class Exchange {
     /// The upstream attempts: retries, resends with a fresh token, the timeout they share, the kept body.
     private var attempts: UpstreamAttempts
     private var transfer: UpstreamTransfer?
+    /// What the current transfer reports to; it lets go of this exchange once the exchange is logged, so the
+    /// exchange is freed on its event loop, not by the upstream worker thread when the transfer goes.
+    private var bridge: UpstreamBridge?
     /// The OAuth2 token the current attempt carries.
     private var token: String?
     /// The upstream answered 304 to the cache's revalidation: held back, the client gets the stored entry.
@@ -268,7 +271,11 @@ final class Exchange {
             self.token = token
         }
         attempts.sending(request)
-        let transfer = core.upstream.start(request, delegate: UpstreamBridge(self), worker: workerIndex)
+        // Only the current attempt's events count (``upstreamEvents(_:from:)``): an earlier attempt's bridge lets go.
+        bridge?.detach()
+        let bridge = UpstreamBridge(self)
+        self.bridge = bridge
+        let transfer = core.upstream.start(request, delegate: bridge, worker: workerIndex)
         self.transfer = transfer
         var keepReading = true
         if attempts.count > 1 {
@@ -629,6 +636,8 @@ final class Exchange {
         // Whatever happened, requests waiting for this one's flight must not wait on.
         cache?.land(nil)
         waitTimer?.cancel()
+        bridge?.detach()
+        bridge = nil
         LogPhase.run(&context, gateway: core)
     }
 }
@@ -661,19 +670,22 @@ protocol ClientConnection: AnyObject {
 
 /// Receives a transfer's events on the exchange's event loop and passes them on.
 final class UpstreamBridge: UpstreamTransferDelegate {
-    private let exchange: NIOLoopBound<Exchange>
+    /// The exchange, until it is logged (``detach()``); touched on its event loop only.
+    private let exchange: NIOLoopBoundBox<Exchange?>
     let eventLoop: EventLoop
 
     init(_ exchange: Exchange) {
-        self.exchange = NIOLoopBound(exchange, eventLoop: exchange.eventLoop)
+        self.exchange = NIOLoopBoundBox(exchange, eventLoop: exchange.eventLoop)
         eventLoop = exchange.eventLoop
     }
 
+    func detach() { exchange.value = nil }
+
     func upstreamTransfer(_ transfer: UpstreamTransfer, received events: UpstreamEvents) {
-        exchange.value.upstreamEvents(events, from: transfer)
+        exchange.value?.upstreamEvents(events, from: transfer)
     }
 
     func upstreamTransferWantsRequestBody(_ transfer: UpstreamTransfer) {
-        exchange.value.upstreamWantsBody()
+        exchange.value?.upstreamWantsBody()
     }
 }

@@ -6,7 +6,7 @@ import GatehouseConfig
 /// within a host, an exact path wins over a template, and a template over the longest prefix; ties go to the
 /// route that comes first in the file. A route whose methods do not allow the request's is skipped; if only such
 /// routes match, the answer is 405 with their methods.
-struct RouteTable: Sendable {
+final class RouteTable: Sendable {
     /// The outcome of matching one request.
     enum Match {
         case found(routeIndex: Int, parameters: [(name: String, value: Substring)])
@@ -14,12 +14,16 @@ struct RouteTable: Sendable {
         case notFound
     }
 
-    private var exactHosts: [String: PathIndex] = [:]
-    private var wildcardHosts: [String: PathIndex] = [:]
-    private var anyHost = PathIndex()
-    private var methods: [Set<String>?] = []
+    private let exactHosts: [String: PathIndex]
+    private let wildcardHosts: [String: PathIndex]
+    private let anyHost: PathIndex
+    private let methods: [Set<String>?]
 
     init(_ routes: [RouteConfig]) {
+        var exactHosts: [String: PathIndex] = [:]
+        var wildcardHosts: [String: PathIndex] = [:]
+        var anyHost = PathIndex()
+        var methods: [Set<String>?] = []
         for (index, route) in routes.enumerated() {
             methods.append(route.match.methods.map(Set.init))
             if let host = route.match.host {
@@ -32,6 +36,10 @@ struct RouteTable: Sendable {
                 anyHost.insert(route.match, index)
             }
         }
+        self.exactHosts = exactHosts
+        self.wildcardHosts = wildcardHosts
+        self.anyHost = anyHost
+        self.methods = methods
     }
 
     /// Matches a lower-cased host without port, a normalised path and a method.

@@ -372,8 +372,8 @@ final class RedisStore: SharedStore, RateLimitLeaseStore {
 
     /// A lease: KEYS are the bucket and its holders (instance id -> time of its last lease); ARGV are the interval
     /// and capacity (burst x interval) in µs, the slots wanted, this instance's id and the holder window in ms.
-    /// Reserves as many slots as the bucket allows, up to the want, by advancing its stored time (GCRA's theoretical
-    /// arrival time) that many intervals. Returns slots, µs from now to the stored time before, the stored time
+    /// Reserves as many slots as the bucket allows, up to the want and to a quarter of the burst shared by the
+    /// holders, by advancing its stored time (GCRA's theoretical arrival time) that many intervals. Returns slots, µs from now to the stored time before, the stored time
     /// after (µs), µs until a request would pass when none was granted, and the number of holders.
     static let leaseScript = RedisScript(
         """
@@ -396,7 +396,9 @@ final class RedisStore: SharedStore, RateLimitLeaseStore {
         redis.call('PEXPIRE', KEYS[2], window)
         local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
         if tat < now then tat = now end
-        local n = math.min(want, math.floor((now + capacity - tat) / interval))
+        -- At most a quarter of the burst, shared by the holders: what quiet instances hold is bounded.
+        local cap = math.max(1, math.floor(capacity / interval / (4 * holders)))
+        local n = math.min(want, cap, math.floor((now + capacity - tat) / interval))
         if n < 1 then
           return {0, tat - now, tat, tat + interval - now - capacity, holders}
         end
