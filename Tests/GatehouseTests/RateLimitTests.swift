@@ -65,21 +65,37 @@ import Testing
         try await request(port: h.port, path, headers: headers)
     }
 
-    @Test func twoGatewaysTogetherAllowExactlyTheQuota() async throws {
+    /// Two gateways whose `/limited` route carries `policy` (named `shared`), counting in the test Redis under a
+    /// prefix of their own: `callers` callers, alternating between them, each send `requests` requests at once.
+    /// `body` gets the statuses, how long the load took, the Redis commands both sent, and the two gateways.
+    static func loadTwoGateways(
+        policy: String, callers: Int, requests: Int,
+        _ body: ([Int], Duration, _ redisCommands: Int, Harness, Harness) async throws -> Void
+    ) async throws {
         let (url, server) = try await StoreTests.sharedRedisURL()
         let yaml = Self.yaml(
-            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
-            policies: "  shared: { requests: 10, per: 1h, by: route }", route: "shared")
+            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):", policies: "  shared: \(policy)",
+            route: "shared")
         try await Harness.run(yaml) { a in
             try await Harness.run(yaml) { b in
                 try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
-                let statuses = try await withThrowingTaskGroup(of: Int.self) { group in
-                    for index in 0..<30 { group.addTask { try await Self.get(index % 2 == 0 ? a : b).status } }
-                    return try await group.reduce(into: []) { $0.append($1) }
+                let before = try await Self.redisCommands(a) + Self.redisCommands(b)
+                let started = ContinuousClock.now
+                let statuses = try await withThrowingTaskGroup(of: [Int].self) { group in
+                    for index in 0..<callers {
+                        group.addTask {
+                            var statuses: [Int] = []
+                            for _ in 0..<requests {
+                                statuses.append(try await Self.get(index % 2 == 0 ? a : b).status)
+                            }
+                            return statuses
+                        }
+                    }
+                    return try await group.reduce(into: []) { $0 += $1 }
                 }
-                #expect(statuses.filter { $0 == 200 }.count == 10)
-                #expect(statuses.filter { $0 == 429 }.count == 20)
-                #expect(a.upstream.requestCount + b.upstream.requestCount == 10)
+                let elapsed = ContinuousClock.now - started
+                let commands = try await Self.redisCommands(a) + Self.redisCommands(b) - before
+                try await body(statuses, elapsed, commands, a, b)
             }
         }
         _ = server
@@ -92,69 +108,40 @@ import Testing
             .reduce(0) { $0 + Int(Double($1.split(separator: " ").last ?? "") ?? 0) }
     }
 
+    @Test func twoGatewaysTogetherAllowExactlyTheQuota() async throws {
+        try await Self.loadTwoGateways(policy: "{ requests: 10, per: 1h, by: route }", callers: 30, requests: 1) {
+            statuses, _, _, a, b in
+            #expect(statuses.filter { $0 == 200 }.count == 10)
+            #expect(statuses.filter { $0 == 429 }.count == 20)
+            #expect(a.upstream.requestCount + b.upstream.requestCount == 10)
+        }
+    }
+
     /// A roomy policy (burst >= 64) is spent from leased slices: two gateways under load from 16 callers admit
     /// no more than the quota together, most requests need no Redis round trip, and what quiet slices strand is
     /// bounded (a quarter of the burst).
     @Test func leasedSlicesNeverLetTwoGatewaysPastTheQuota() async throws {
-        let (url, server) = try await StoreTests.sharedRedisURL()
-        let yaml = Self.yaml(
-            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
-            policies: "  leased: { requests: 200, per: 1h, by: route }", route: "leased")
-        try await Harness.run(yaml) { a in
-            try await Harness.run(yaml) { b in
-                try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
-                let before = try await Self.redisCommands(a) + Self.redisCommands(b)
-                let statuses = try await withThrowingTaskGroup(of: [Int].self) { group in
-                    for index in 0..<16 {
-                        group.addTask {
-                            var statuses: [Int] = []
-                            for _ in 0..<40 { statuses.append(try await Self.get(index % 2 == 0 ? a : b).status) }
-                            return statuses
-                        }
-                    }
-                    return try await group.reduce(into: []) { $0 += $1 }
-                }
-                let commands = try await Self.redisCommands(a) + Self.redisCommands(b) - before
-                let allowed = statuses.filter { $0 == 200 }.count
-                #expect(allowed <= 200, "the fleet admitted \(allowed) of a quota of 200")
-                #expect(allowed >= 150, "slices stranded more than a quarter of the burst: \(allowed) admitted")
-                #expect(statuses.filter { $0 == 429 }.count == statuses.count - allowed)
-                #expect(a.upstream.requestCount + b.upstream.requestCount == allowed)
-                #expect(commands < statuses.count / 2, "\(commands) Redis commands for \(statuses.count) requests")
-            }
+        try await Self.loadTwoGateways(policy: "{ requests: 200, per: 1h, by: route }", callers: 16, requests: 40) {
+            statuses, _, commands, a, b in
+            let allowed = statuses.filter { $0 == 200 }.count
+            #expect(allowed <= 200, "the fleet admitted \(allowed) of a quota of 200")
+            #expect(allowed >= 150, "slices stranded more than a quarter of the burst: \(allowed) admitted")
+            #expect(statuses.filter { $0 == 429 }.count == statuses.count - allowed)
+            #expect(a.upstream.requestCount + b.upstream.requestCount == allowed)
+            #expect(commands < statuses.count / 2, "\(commands) Redis commands for \(statuses.count) requests")
         }
-        _ = server
     }
 
     /// On a dense timeline (100 per second, a slot every 10 ms) slots lapse when their time passes: under load from
     /// two gateways, the fleet admits no more than GCRA allows over the run (the burst plus one per interval).
     @Test func leasedSlotsLapseWhenTheirTimePasses() async throws {
-        let (url, server) = try await StoreTests.sharedRedisURL()
-        let yaml = Self.yaml(
-            redis: url, prefix: "gh-rl-\(UUID().uuidString.prefix(8)):",
-            policies: "  leased: { requests: 100, per: 1s, by: route }", route: "leased")
-        try await Harness.run(yaml) { a in
-            try await Harness.run(yaml) { b in
-                try await waitUntil { a.gateway.readinessProblem == nil && b.gateway.readinessProblem == nil }
-                let started = ContinuousClock.now
-                let statuses = try await withThrowingTaskGroup(of: [Int].self) { group in
-                    for index in 0..<16 {
-                        group.addTask {
-                            var statuses: [Int] = []
-                            for _ in 0..<25 { statuses.append(try await Self.get(index % 2 == 0 ? a : b).status) }
-                            return statuses
-                        }
-                    }
-                    return try await group.reduce(into: []) { $0 += $1 }
-                }
-                let elapsed = ContinuousClock.now - started
-                let allowed = statuses.filter { $0 == 200 }.count
-                let bound = 100 + Int(elapsed / .milliseconds(10)) + 1
-                #expect(allowed <= bound, "\(allowed) admitted in \(elapsed), GCRA allows \(bound)")
-                #expect(allowed >= 100, "\(allowed) admitted of at least the burst")
-            }
+        try await Self.loadTwoGateways(policy: "{ requests: 100, per: 1s, by: route }", callers: 16, requests: 25) {
+            statuses, elapsed, _, _, _ in
+            let allowed = statuses.filter { $0 == 200 }.count
+            let bound = 100 + Int(elapsed / .milliseconds(10)) + 1
+            #expect(allowed <= bound, "\(allowed) admitted in \(elapsed), GCRA allows \(bound)")
+            #expect(allowed >= 100, "\(allowed) admitted of at least the burst")
         }
-        _ = server
     }
 
     /// The slots a slice did not spend go back when it goes quiet: after one gateway's burst of 50, a second

@@ -525,6 +525,32 @@ import Testing
         }
     }
 
+    /// The access log's line is built as bytes: strings escaped as JSON, numbers and the timestamp digit by digit.
+    @Test func accessLogLinesAreJSON() throws {
+        var line = AccessLogLine()
+        line.append("{\"time\":")
+        line.appendTimeNow()
+        line.append(",\"text\":")
+        line.appendString("a\"b\\c\n\u{1}\té")
+        line.append(",\"none\":")
+        line.appendString(orNull: String?.none)
+        line.append(",\"count\":")
+        line.appendInteger(-42)
+        line.append(",\"ms\":")
+        line.appendMilliseconds(microseconds: 1_234_567)
+        line.append(",\"small\":")
+        line.appendMilliseconds(microseconds: 5)
+        line.append("}")
+        let object = try JSONSerialization.jsonObject(with: Data(line.bytes)) as? [String: Any]
+        #expect(object?["text"] as? String == "a\"b\\c\n\u{1}\té")
+        #expect(object?["none"] is NSNull)
+        #expect(object?["count"] as? Int == -42)
+        #expect(object?["ms"] as? Double == 1234.567)
+        #expect(object?["small"] as? Double == 0.005)
+        let time = object?["time"] as? String ?? ""
+        #expect(time.wholeMatch(of: /\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z/) != nil, "\(time)")
+    }
+
     @Test func hostileNumbersFromRedisDoNotTrap() {
         #expect(RateLimitOutcome.seconds(Int64.max) > 0)
         let rule = RateLimitRule(

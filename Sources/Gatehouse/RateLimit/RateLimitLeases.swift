@@ -270,7 +270,9 @@ final class RateLimitLeases: Sendable {
                 if slice.count > 0, slice.next + Int64(slice.count - 1) * slice.interval == slice.tail {
                     returns.append((slice.check, slice.storeTail, slice.count))
                 }
-                if all || slice.refusedUntil <= now { slices[key] = nil }
+                // Whether given back or not, an idle slice's slots are not spent here any more.
+                slice.count = 0
+                slices[key] = all || slice.refusedUntil <= now ? nil : slice
             }
             return returns
         }
