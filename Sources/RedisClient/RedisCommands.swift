@@ -25,11 +25,10 @@ extension RedisCommands {
     public func evalsha(_ script: RedisScript, keys: [String], arguments: [RedisArgument]) async throws(RedisError)
         -> RedisValue
     {
-        let tail: [RedisArgument] = [.string(String(keys.count))] + keys.map { .string($0) } + arguments
         do {
-            return try await send(["EVALSHA", .string(script.sha1)] + tail, key: keys.first)
+            return try await send(Self.scriptCommand("EVALSHA", script.sha1, keys, arguments), key: keys.first)
         } catch  where error.kind == .server && error.message.hasPrefix("NOSCRIPT") {
-            return try await send(["EVAL", .string(script.source)] + tail, key: keys.first)
+            return try await send(Self.scriptCommand("EVAL", script.source, keys, arguments), key: keys.first)
         }
     }
 
@@ -37,13 +36,29 @@ extension RedisCommands {
     public func evalsha(_ script: RedisScript, keys: [String], arguments: [RedisArgument], on eventLoop: EventLoop)
         -> EventLoopFuture<RedisValue>
     {
-        let tail: [RedisArgument] = [.string(String(keys.count))] + keys.map { .string($0) } + arguments
-        return send(["EVALSHA", .string(script.sha1)] + tail, key: keys.first, on: eventLoop).flatMapError { error in
-            guard let error = error as? RedisError, error.kind == .server, error.message.hasPrefix("NOSCRIPT") else {
-                return eventLoop.makeFailedFuture(error)
+        send(Self.scriptCommand("EVALSHA", script.sha1, keys, arguments), key: keys.first, on: eventLoop)
+            .flatMapError { error in
+                guard let error = error as? RedisError, error.kind == .server, error.message.hasPrefix("NOSCRIPT")
+                else {
+                    return eventLoop.makeFailedFuture(error)
+                }
+                return self.send(
+                    Self.scriptCommand("EVAL", script.source, keys, arguments), key: keys.first, on: eventLoop)
             }
-            return self.send(["EVAL", .string(script.source)] + tail, key: keys.first, on: eventLoop)
-        }
+    }
+
+    /// `EVALSHA sha numkeys key... arg...` (or `EVAL source ...`), built in one array.
+    static func scriptCommand(_ verb: String, _ script: String, _ keys: [String], _ arguments: [RedisArgument])
+        -> [RedisArgument]
+    {
+        var command: [RedisArgument] = []
+        command.reserveCapacity(3 + keys.count + arguments.count)
+        command.append(.string(verb))
+        command.append(.string(script))
+        command.append(.string(String(keys.count)))
+        for key in keys { command.append(.string(key)) }
+        command.append(contentsOf: arguments)
+        return command
     }
 
     public func get(_ key: String) async throws(RedisError) -> [UInt8]? {

@@ -20,7 +20,13 @@ struct CacheKey: Sendable, Hashable {
     ) {
         self.route = route
         self.path = path
-        var base = "GET " + scheme + "://" + host + "?"
+        var base = ""
+        base.reserveCapacity(scheme.utf8.count + host.utf8.count + (query?.utf8.count ?? 0) + 8)
+        base += "GET "
+        base += scheme
+        base += "://"
+        base += host
+        base += "?"
         if let query, !query.isEmpty {
             let pairs = query.split(separator: "&").filter { pair in
                 guard let droppingParameter else { return true }
@@ -46,7 +52,6 @@ struct CacheKey: Sendable, Hashable {
     /// The key concurrent misses coalesce on.
     var flightKey: String { route + "\u{0}" + path + "\u{0}" + base }
 
-    /// The name of the fleet-wide fetch lock (`lock_timeout`).
     /// The fleet lock on fetching this entry when it is missing (`lock_timeout`).
     var fleetLock: String { "cache:" + route + ":" + path + "\u{0}" + base }
 }

@@ -104,11 +104,18 @@ struct RateLimitOutcome: Sendable {
 
     /// `RateLimit-Policy` and `RateLimit` (IETF httpapi-ratelimit-headers), one member per policy.
     var headers: [(String, String)] {
-        let policies = members.map(\.rule.policyHeader)
         // A member is the policy's name and two sf-integers (plain digits), so only the name needs the serializer,
         // once per config load.
-        let states = members.map { "\($0.rule.quotedName);r=\($0.remaining);t=\(Self.seconds($0.resetMilliseconds))" }
-        return [("RateLimit-Policy", policies.joined(separator: ", ")), ("RateLimit", states.joined(separator: ", "))]
+        func state(_ member: Member) -> String {
+            "\(member.rule.quotedName);r=\(member.remaining);t=\(Self.seconds(member.resetMilliseconds))"
+        }
+        if members.count == 1, let member = members.first {
+            return [("RateLimit-Policy", member.rule.policyHeader), ("RateLimit", state(member))]
+        }
+        return [
+            ("RateLimit-Policy", members.map(\.rule.policyHeader).joined(separator: ", ")),
+            ("RateLimit", members.map(state).joined(separator: ", ")),
+        ]
     }
 
     /// Whole seconds, rounded up.

@@ -81,7 +81,17 @@ final class RedisStore: SharedStore, RateLimitLeaseStore {
     /// Keys: `cache:{route}:gen` holds the route's generation; `cache:{route}:pv:{path}` a path's version;
     /// `cache:{route}:{gen}:{path}` is a path's record (a hash); `cache:{route}:{gen}:#` counts the entries written
     /// in that generation, for the purge answer.
-    private func cacheKey(_ route: String, _ rest: String) -> String { prefix + "cache:{" + route + "}:" + rest }
+    /// `<prefix>cache:{<route>}:<rest>`, built in one allocation.
+    private func cacheKey(_ route: String, _ rest: String) -> String {
+        var key = ""
+        key.reserveCapacity(prefix.utf8.count + route.utf8.count + rest.utf8.count + 9)
+        key += prefix
+        key += "cache:{"
+        key += route
+        key += "}:"
+        key += rest
+        return key
+    }
 
     static let cacheReadScript = RedisScript(
         """
@@ -144,9 +154,11 @@ final class RedisStore: SharedStore, RateLimitLeaseStore {
     func cacheRead(route: String, path: String, fields: [String], on eventLoop: EventLoop)
         -> EventLoopFuture<CacheRecord>
     {
-        client.evalsha(
-            Self.cacheReadScript, keys: [cacheKey(route, "gen")],
-            arguments: [.string(cacheKey(route, "")), .string(path)] + fields.map { .string($0) }, on: eventLoop
+        var arguments: [RedisArgument] = [.string(cacheKey(route, "")), .string(path)]
+        arguments.reserveCapacity(2 + fields.count)
+        for field in fields { arguments.append(.string(field)) }
+        return client.evalsha(
+            Self.cacheReadScript, keys: [cacheKey(route, "gen")], arguments: arguments, on: eventLoop
         ).flatMapThrowing { reply in
             guard case .array(let items?) = reply, items.count >= 2,
                 let generation = items[0].string.flatMap({ Int64($0) }),
@@ -194,7 +206,7 @@ final class RedisStore: SharedStore, RateLimitLeaseStore {
     /// identity share a slot and one script; a request whose policies count different identities runs one script
     /// per slot, and is refused when any refuses (the others may then have counted it).
     func rateLimit(_ checks: [RateLimitCheck], on eventLoop: EventLoop) -> EventLoopFuture<RateLimitOutcome> {
-        guard !client.crossesSlots else { return rateLimitScript(checks, on: eventLoop) }
+        guard !client.crossesSlots, checks.count > 1 else { return rateLimitScript(checks, on: eventLoop) }
         // The checks' positions, grouped by slot, in the order the slots first appear.
         var groups: [Int: [Int]] = [:]
         var order: [Int] = []
@@ -219,9 +231,11 @@ final class RedisStore: SharedStore, RateLimitLeaseStore {
     private func rateLimitScript(_ checks: [RateLimitCheck], on eventLoop: EventLoop)
         -> EventLoopFuture<RateLimitOutcome>
     {
-        client.evalsha(
-            Self.rateLimitScript, keys: checks.map { prefix + $0.key },
-            arguments: checks.flatMap { $0.rule.scriptArguments.map(RedisArgument.string) }, on: eventLoop
+        var arguments: [RedisArgument] = []
+        arguments.reserveCapacity(checks.count * 4)
+        for check in checks { for argument in check.rule.scriptArguments { arguments.append(.string(argument)) } }
+        return client.evalsha(
+            Self.rateLimitScript, keys: checks.map { prefix + $0.key }, arguments: arguments, on: eventLoop
         ).flatMapThrowing { try Self.rateLimitOutcome(checks, reply: $0) }
     }
 
