@@ -11,7 +11,7 @@ import UpstreamClient
 /// | accept       | request id, client address, framing and size limits         | 400 413 431           |
 /// | route        | normalise the path, match host/method/path, bind params     | 400 404 405           |
 /// | authenticate | API key or JWT -> caller                                    | 401 403 503           |
-/// | rate limit   | every policy that applies, one Redis round trip             | 429 (503 `deny`)      |
+/// | rate limit   | every policy: leased slices, or one Redis round trip        | 429 (503 `deny`)      |
 /// | direct       | a `respond` route answers here, after auth and limits       | `respond`             |
 /// | cache lookup | key, fresh hit, 304, stale rules, coalescing (`+Cache`)     | cached answer         |
 /// | pick target  | balancer over healthy targets, breakers, Retry-After pauses | 503 (429)             |
