@@ -15,6 +15,7 @@ let package = Package(
         .executable(name: "gatehouse", targets: ["gatehouse"]),
         .executable(name: "gatehouse-demo-upstream", targets: ["gatehouse-demo-upstream"]),
         .executable(name: "gatehouse-redis-bench", targets: ["gatehouse-redis-bench"]),
+        .executable(name: "gatehouse-proxy-floor", targets: ["gatehouse-proxy-floor"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -118,6 +119,15 @@ let package = Package(
         .executableTarget(
             name: "gatehouse-redis-bench",
             dependencies: ["RedisClient", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strictImports
+        ),
+        .executableTarget(
+            name: "gatehouse-proxy-floor",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
             swiftSettings: strictImports
         ),
         .testTarget(

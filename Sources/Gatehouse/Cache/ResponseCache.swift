@@ -99,9 +99,6 @@ final class ResponseCache: Sendable {
         case unavailable
     }
 
-    /// Looks a request's response up; the answer arrives on `eventLoop`. A fresh entry in the hot layer answers
-    /// at once; otherwise one store round trip, two when the resource varies (the marker names the headers
-    /// that pick the variant). `localMilliseconds` is how long what Redis returns may stay in the hot layer.
     /// The entry held in this process's memory (for `local_ttl`), if there is one: no wait.
     func lookupLocal(_ key: CacheKey, headers: HTTPHeaders, localMilliseconds: Int64) -> Lookup? {
         guard localMilliseconds > 0, let hot,
@@ -110,6 +107,9 @@ final class ResponseCache: Sendable {
         return .found(entry, token)
     }
 
+    /// Looks a request's response up; the answer arrives on `eventLoop`. A fresh entry in the hot layer answers
+    /// at once; otherwise one store round trip, two when the resource varies (the marker names the headers
+    /// that pick the variant). `localMilliseconds` is how long what Redis returns may stay in the hot layer.
     func lookup(
         _ key: CacheKey, headers: HTTPHeaders, localMilliseconds: Int64, mayUseLocal: Bool, on eventLoop: EventLoop
     ) -> EventLoopFuture<Lookup> {

@@ -10,12 +10,19 @@ final class AccessLog: Sendable {
     private struct State {
         var pending: [UInt8] = []
         var closed = false
+        var dropped = 0
     }
+
+    /// Lines dropped because the destination took nothing for too long.
+    var dropped: Int { state.withLock { $0.dropped } }
 
     /// How long a line may wait before it is written.
     static let flushInterval = DispatchTimeInterval.milliseconds(100)
     /// How much may wait before the thread is woken to write it.
     static let flushBytes = 64 * 1024
+    /// How much may wait at most: while the file or pipe takes nothing, lines past this are dropped (and counted
+    /// in ``dropped``) rather than held without bound.
+    static let maximumPendingBytes = 16 * 1024 * 1024
 
     private let state = Mutex(State())
     private let signal = DispatchSemaphore(value: 0)
@@ -45,6 +52,10 @@ final class AccessLog: Sendable {
     /// Queues one line; the newline is added here.
     func write(_ line: AccessLogLine) {
         let full = state.withLock { state -> Bool in
+            guard state.pending.count + line.bytes.count < Self.maximumPendingBytes else {
+                state.dropped += 1
+                return false
+            }
             let wasBelow = state.pending.count < Self.flushBytes
             state.pending.append(contentsOf: line.bytes)
             state.pending.append(UInt8(ascii: "\n"))
@@ -71,6 +82,11 @@ final class AccessLog: Sendable {
             var offset = 0
             while offset < bytes.count {
                 let written = bytes[offset...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+                if written < 0, errno == EINTR || errno == EAGAIN {
+                    // Interrupted, or a non-blocking pipe that is full: try again shortly.
+                    if errno == EAGAIN { usleep(1000) }
+                    continue
+                }
                 if written <= 0 { break }
                 offset += written
             }

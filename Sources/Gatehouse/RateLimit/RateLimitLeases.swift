@@ -22,34 +22,36 @@ struct RateLimitGrant: Sendable {
 protocol RateLimitLeaseStore: Sendable {
     /// Reserves up to `slots` slots of the check's bucket in one atomic step.
     func leaseSlots(_ check: RateLimitCheck, slots: Int, on eventLoop: EventLoop) -> EventLoopFuture<RateLimitGrant>
-    /// Gives back the last `slots` slots of a grant whose stored time was `tail`, if nothing was reserved since.
+    /// Gives back the last `slots` slots of a grant whose stored time was `tail`, if nothing was reserved since;
+    /// says whether it did.
     func returnSlots(_ check: RateLimitCheck, tail: Int64, slots: Int, on eventLoop: EventLoop)
-        -> EventLoopFuture<Void>
+        -> EventLoopFuture<Bool>
 }
 
 /// Slices of the fleet's GCRA buckets that this instance spends without a Redis round trip per request.
 ///
 /// A slice is a run of consecutive slots on a bucket's timeline (its theoretical arrival times), reserved by one
-/// script that advances the stored time by k emission intervals at once. A slot is spent from the moment it was
-/// granted until its time has passed, which is when GCRA itself would have admitted a request for it; slots whose
-/// time passed lapse. So every request the fleet admits holds a slot of its own, and the fleet never admits more
+/// script that advances the stored time by k emission intervals at once. A slot is the interval it stands for; it
+/// is spent from the moment it was granted until that interval begins, which is when GCRA itself would have
+/// admitted a request into it; slots whose interval has begun lapse. So every request the fleet admits holds a slot of its own, and the fleet never admits more
 /// than the policy allows. What it costs: slots reserved by a quiet instance are not there for the others until
 /// their time passes or they are given back, so the slice size is bounded by ``RateLimitRule/sliceCap(holders:)``
 /// (a quarter of the burst shared by the instances that lease the bucket) and follows the key's own rate.
 ///
 /// A slice not spent for ``idleReturn`` gives its remaining slots back, when it is still the newest reservation
-/// on the bucket's timeline (a compare-and-set on the stored time); otherwise they lapse.
+/// on the bucket's timeline (a compare-and-set on the stored time); otherwise it keeps them, for this instance's
+/// next requests, until they lapse.
 final class RateLimitLeases: Sendable {
     /// One bucket's slice. Times are this process's uptime in nanoseconds.
     private struct Slice {
         /// The policy and bucket, for the give-back.
         var check: RateLimitCheck
         var interval: Int64
-        /// The time of the next slot to spend.
+        /// The start of the next slot to spend.
         var next: Int64 = 0
         /// Slots left, from `next` on, one interval apart.
         var count = 0
-        /// The time of the last slot granted, and the bucket's stored time then on the store's clock.
+        /// The start of the last slot granted, and the bucket's stored time then on the store's clock.
         var tail: Int64 = 0
         var storeTail: Int64 = 0
         /// Refused by the store: every request is refused until then.
@@ -57,13 +59,17 @@ final class RateLimitLeases: Sendable {
         var refusedReset: Int64 = 0
         /// The lease in flight, which requests finding the slice empty wait for.
         var fetch: EventLoopFuture<Void>?
+        /// Whether the last lease brought slots beyond its own request's: only then do others wait for the next
+        /// one. Otherwise (a tiny cap, a timeline denser than the round trip) each request leases for itself, at
+        /// once, as the exact path would.
+        var waitWorthwhile = true
         /// Slots spent since the last lease was asked for, and when: the key's rate here.
         var spent = 0
         var since: Int64
         var lastUse: Int64 = 0
         var holders = 1
 
-        /// Drops the slots whose time has passed.
+        /// Drops the slots whose interval has begun.
         mutating func lapse(now: Int64) {
             guard count > 0, next < now else { return }
             let passed = Int((now - next + interval - 1) / interval)
@@ -166,7 +172,7 @@ final class RateLimitLeases: Sendable {
         let promise = eventLoop.makePromise(of: Void.self)
         enum Start {
             case lease(slots: Int)
-            /// Too many slices: this request is checked alone, its slot not kept.
+            /// Too many slices, or a lease in flight not worth waiting for: this request leases one slot alone.
             case alone
             case wait(EventLoopFuture<Void>)
         }
@@ -174,7 +180,10 @@ final class RateLimitLeases: Sendable {
             if slices[check.key] == nil, slices.count >= Self.sliceLimit { return .alone }
             var slice =
                 slices[check.key] ?? Slice(check: check, interval: rule.intervalMicroseconds * 1000, since: sent)
-            if let fetch = slice.fetch { return .wait(fetch) }
+            if let fetch = slice.fetch {
+                guard slice.waitWorthwhile else { return .alone }
+                return .wait(fetch)
+            }
             // The key's rate here over the last lease, in requests per lease span.
             let rate = Int64(slice.spent) * Self.leaseSpan / max(sent - slice.since, 1_000_000)
             // Enough slots for that rate, and slots that last a lease span (a dense timeline lapses fast).
@@ -193,7 +202,11 @@ final class RateLimitLeases: Sendable {
             return take(check, pending: fetch, on: eventLoop)
         case .alone:
             promise.succeed()
-            return store.leaseSlots(check, slots: 1, on: eventLoop).map { (Self.member(check, grant: $0), nil) }
+            return store.leaseSlots(check, slots: 1, on: eventLoop).map { grant in
+                // Counted in the key's rate, so that the next lease is sized to it.
+                if grant.slots > 0 { self.slices.withLock { $0[check.key]?.spent += 1 } }
+                return (Self.member(check, grant: grant), nil)
+            }
         case .lease(let slots): want = slots
         }
         return store.leaseSlots(check, slots: want, on: eventLoop).map { grant in
@@ -201,8 +214,11 @@ final class RateLimitLeases: Sendable {
             promise.succeed()
             return answer
         }.flatMapErrorThrowing { error in
-            self.slices.withLock { $0[check.key]?.fetch = nil }
-            promise.succeed()
+            self.slices.withLock { slices in
+                if slices[check.key]?.fetch === promise.futureResult { slices[check.key]?.fetch = nil }
+            }
+            // The requests waiting for this lease fall back as this one does.
+            promise.fail(error)
             throw error
         }
     }
@@ -225,26 +241,31 @@ final class RateLimitLeases: Sendable {
                 slice.refusedReset = sent + grant.start * 1000
                 return (Self.member(check, grant: grant), nil)
             }
-            // Slot times are anchored at the time the lease was sent too, no later than the store's clock reading:
-            // a slot lapses here no later than it does in the store.
-            let first = sent + grant.start * 1000 + slice.interval
+            // Slots are anchored at the time the lease was sent too, no later than the store's clock reading: a slot
+            // lapses here no later than it does in the store. The first slot begins at the stored time before.
+            let first = sent + grant.start * 1000
             slice.lapse(now: now)
-            if slice.count > 0, grant.tail - Int64(grant.slots) * slice.interval / 1000 == slice.storeTail {
+            slice.refusedUntil = 0
+            if slice.count > 0, grant.tail - Int64(grant.slots) * slice.interval / 1000 != slice.storeTail {
+                // Slots left that this grant does not continue (a request put one back, or a lease of one ran
+                // beside the slice's): they stay the run; this request is counted by its own grant's first slot.
+                slice.waitWorthwhile = grant.slots > 1
+                return (Self.member(check, grant: grant), nil)
+            }
+            if slice.count > 0 {
                 // Right after what is left, on the store's timeline: one run.
                 slice.count += grant.slots
             } else {
-                // Anything left (slots a refused request put back) lapses here; the store has it back when its time
-                // passes.
                 slice.next = first
                 slice.count = grant.slots
             }
             slice.tail = slice.next + Int64(slice.count - 1) * slice.interval
             slice.storeTail = grant.tail
-            slice.refusedUntil = 0
             slice.lapse(now: now)
             guard slice.count > 0 else {
-                // Every slot lapsed on the way (a slow round trip on a dense timeline). The store counted one for
-                // this request: it passes.
+                // Every slot lapsed on the way (a timeline denser than the round trip). The store counted one for
+                // this request, as the exact script would have: it passes; the next requests lease for themselves.
+                slice.waitWorthwhile = false
                 return (Self.member(check, grant: grant), nil)
             }
             let slot = slice.next
@@ -252,6 +273,7 @@ final class RateLimitLeases: Sendable {
             slice.next += slice.interval
             slice.spent += 1
             slice.lastUse = now
+            slice.waitWorthwhile = slice.count > 0
             return (Self.member(check, slice, now: now), slot)
         }
     }
@@ -260,24 +282,37 @@ final class RateLimitLeases: Sendable {
     /// `all`, every slice (at shutdown).
     func sweep(all: Bool = false, on eventLoop: EventLoop) -> EventLoopFuture<Void> {
         let now = Self.now()
-        let returns = slices.withLock { slices -> [(RateLimitCheck, tail: Int64, count: Int)] in
-            var returns: [(RateLimitCheck, tail: Int64, count: Int)] = []
+        let returns = slices.withLock { slices -> [(key: String, slice: Slice)] in
+            var returns: [(key: String, slice: Slice)] = []
             for (key, var slice) in slices where slice.fetch == nil {
                 guard all || now - slice.lastUse >= Self.idleReturn else { continue }
                 slice.lapse(now: now)
-                // Only the slots at the end of the bucket's timeline can go back, and only if they are this slice's
-                // last grant, untouched: the store checks that its stored time is still that grant's tail.
+                // Only slots at the end of the bucket's timeline can go back: this slice's last grant, untouched,
+                // if nothing was reserved since (the store compares its stored time with that grant's). They are
+                // not spent here while the store decides.
                 if slice.count > 0, slice.next + Int64(slice.count - 1) * slice.interval == slice.tail {
-                    returns.append((slice.check, slice.storeTail, slice.count))
+                    returns.append((key, slice))
+                    slice.count = 0
                 }
-                // Whether given back or not, an idle slice's slots are not spent here any more.
-                slice.count = 0
-                slices[key] = all || slice.refusedUntil <= now ? nil : slice
+                // A slice keeps slots it could not give back, for this instance's next requests, until they lapse.
+                slices[key] = all || (slice.count == 0 && slice.refusedUntil <= now) ? nil : slice
             }
             return returns
         }
-        let futures = returns.map { check, tail, count in
-            store.returnSlots(check, tail: tail, slots: count, on: eventLoop).recover { error in
+        let futures = returns.map { key, slice in
+            store.returnSlots(slice.check, tail: slice.storeTail, slots: slice.count, on: eventLoop).map { taken in
+                // Not taken (another instance reserved since): they are still this instance's to spend, unless a
+                // newer grant came meanwhile.
+                guard !taken, !all else { return }
+                self.slices.withLock { slices in
+                    guard var current = slices[key], current.count == 0, current.storeTail == slice.storeTail else {
+                        return
+                    }
+                    current.next = slice.next
+                    current.count = slice.count
+                    slices[key] = current
+                }
+            }.recover { error in
                 self.logger.debug("could not give rate-limit slots back", metadata: ["error": "\(error)"])
             }
         }
@@ -289,8 +324,8 @@ final class RateLimitLeases: Sendable {
     private static func member(_ check: RateLimitCheck, _ slice: Slice, now: Int64) -> RateLimitOutcome.Member {
         let interval = slice.interval
         let capacity = Int64(max(1, check.policy.burst)) * interval
-        // The bucket's time if this instance gave back what it holds.
-        let full = max(0, slice.tail - Int64(slice.count) * interval - now)
+        // The bucket's stored time, as this instance knows it, if it gave back what it holds.
+        let full = max(0, slice.tail + interval - Int64(slice.count) * interval - now)
         return .init(
             rule: check.rule, allowed: true, remaining: Int(max(0, (capacity - full) / interval)),
             resetMilliseconds: milliseconds(full), retryMilliseconds: 0)

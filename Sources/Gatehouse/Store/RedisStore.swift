@@ -370,7 +370,7 @@ final class RedisStore: SharedStore, RateLimitLeaseStore {
     }
 
     func returnSlots(_ check: RateLimitCheck, tail: Int64, slots: Int, on eventLoop: EventLoop)
-        -> EventLoopFuture<Void>
+        -> EventLoopFuture<Bool>
     {
         client.evalsha(
             Self.returnScript, keys: [prefix + check.key],
@@ -378,7 +378,7 @@ final class RedisStore: SharedStore, RateLimitLeaseStore {
                 .string(String(tail)), .string(String(slots)), .string(String(check.rule.intervalMicroseconds)),
             ],
             on: eventLoop
-        ).map { _ in }
+        ).map { $0.integer == 1 }
     }
 
     /// How long an instance counts as a holder of a bucket after its last lease.
