@@ -282,37 +282,47 @@ final class RateLimitLeases: Sendable {
     /// `all`, every slice (at shutdown).
     func sweep(all: Bool = false, on eventLoop: EventLoop) -> EventLoopFuture<Void> {
         let now = Self.now()
-        let returns = slices.withLock { slices -> [(key: String, slice: Slice)] in
-            var returns: [(key: String, slice: Slice)] = []
+        let returns = slices.withLock { slices -> [(key: String, slice: Slice, done: EventLoopPromise<Void>)] in
+            var returns: [(key: String, slice: Slice, done: EventLoopPromise<Void>)] = []
             for (key, var slice) in slices where slice.fetch == nil {
                 guard all || now - slice.lastUse >= Self.idleReturn else { continue }
                 slice.lapse(now: now)
                 // Only slots at the end of the bucket's timeline can go back: this slice's last grant, untouched,
-                // if nothing was reserved since (the store compares its stored time with that grant's). They are
-                // not spent here while the store decides.
+                // if nothing was reserved since (the store compares its stored time with that grant's). While the
+                // store decides, they are not spent, and requests wait for its answer as for a lease.
                 if slice.count > 0, slice.next + Int64(slice.count - 1) * slice.interval == slice.tail {
-                    returns.append((key, slice))
+                    let done = eventLoop.makePromise(of: Void.self)
+                    returns.append((key, slice, done))
                     slice.count = 0
+                    slice.fetch = done.futureResult
+                    slice.waitWorthwhile = true
+                    slices[key] = slice
+                    continue
                 }
-                // A slice keeps slots it could not give back, for this instance's next requests, until they lapse.
+                // A slice keeps slots it cannot give back, for this instance's next requests, until they lapse.
                 slices[key] = all || (slice.count == 0 && slice.refusedUntil <= now) ? nil : slice
             }
             return returns
         }
-        let futures = returns.map { key, slice in
+        let futures = returns.map { key, slice, done in
             store.returnSlots(slice.check, tail: slice.storeTail, slots: slice.count, on: eventLoop).map { taken in
-                // Not taken (another instance reserved since): they are still this instance's to spend, unless a
-                // newer grant came meanwhile.
-                guard !taken, !all else { return }
                 self.slices.withLock { slices in
-                    guard var current = slices[key], current.count == 0, current.storeTail == slice.storeTail else {
-                        return
+                    guard var current = slices[key], current.fetch === done.futureResult else { return }
+                    current.fetch = nil
+                    // Not taken (another instance reserved since): still this instance's to spend.
+                    if !taken {
+                        current.next = slice.next
+                        current.count = slice.count
                     }
-                    current.next = slice.next
-                    current.count = slice.count
-                    slices[key] = current
+                    slices[key] = all ? nil : current
                 }
+                done.succeed()
             }.recover { error in
+                // Whether the store took them is unknown: they are not spent here, never twice.
+                self.slices.withLock { slices in
+                    if slices[key]?.fetch === done.futureResult { slices[key]?.fetch = nil }
+                }
+                done.succeed()
                 self.logger.debug("could not give rate-limit slots back", metadata: ["error": "\(error)"])
             }
         }
