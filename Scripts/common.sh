@@ -35,4 +35,4 @@ wait_for_port() {
   done
 }
 
-BASE_PACKAGES=(libhiredis-dev libcurl4-openssl-dev redis-server python3 openssl curl nghttp2-client)
+BASE_PACKAGES=(libhiredis-dev libcurl4-openssl-dev zlib1g-dev libbrotli-dev redis-server python3 openssl curl nghttp2-client)

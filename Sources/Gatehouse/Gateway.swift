@@ -23,6 +23,8 @@ public final class Gateway: Sendable {
     private let channels = Mutex<(server: Channel?, admin: Channel?)>((nil, nil))
     private let connections = Mutex<[ObjectIdentifier: Channel]>([:])
     private let reloadLock = Mutex(())
+    /// The client listener's TLS once started with `server.tls`; reloads read its files again.
+    private let edgeTLS = Mutex<EdgeTLS?>(nil)
     /// The parts' service group while the gateway runs, and the task that runs it.
     private let parts = Mutex<(group: ServiceGroup, running: Task<Void, Never>)?>(nil)
 
@@ -65,20 +67,15 @@ public final class Gateway: Sendable {
         try? await core.authenticator.jwt.preload(config.auth.jwt, on: group.next()).get()
         // Redis's TLS files were read in `init`; one that cannot be used stops the start here (the store fell back).
         _ = try SharedStores.redisConfiguration(config.redis)
-        let sslContext = try config.server.tls.map { files -> NIOSSLContext in
-            let chain = try NIOSSLCertificate.fromPEMFile(files.cert).map { NIOSSLCertificateSource.certificate($0) }
-            let key = try NIOSSLPrivateKey(file: files.key, format: .pem)
-            var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
-            if config.server.http2 { tls.applicationProtocols = ClientPipelines.alpnProtocols }
-            return try NIOSSLContext(configuration: tls)
-        }
+        let tls = try config.server.tls.map { try EdgeTLS($0, http2: config.server.http2) }
+        edgeTLS.withLock { $0 = tls }
         for pool in runtime.pools { pool.startHealthChecks(client: core.upstream, on: group.next()) }
         let admin: Channel
         let server: Channel
         do {
             admin = try await AdminServer.bind(gateway: self, group: group, address: config.admin.listen)
             do {
-                server = try await bindServer(config: config, sslContext: sslContext)
+                server = try await bindServer(config: config, tls: tls)
             } catch {
                 try? await admin.close()
                 throw error
@@ -96,11 +93,11 @@ public final class Gateway: Sendable {
             metadata: [
                 "listen": "\(server.localAddress?.description ?? "?")",
                 "admin": "\(admin.localAddress?.description ?? "?")",
-                "tls": "\(sslContext != nil)",
+                "tls": "\(tls != nil)",
             ])
     }
 
-    private func bindServer(config: GatehouseConfiguration, sslContext: NIOSSLContext?) async throws -> Channel {
+    private func bindServer(config: GatehouseConfiguration, tls: EdgeTLS?) async throws -> Channel {
         let core = self.core
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
@@ -111,7 +108,7 @@ public final class Gateway: Sendable {
             .childChannelInitializer { [weak self] channel in
                 self?.track(channel)
                 return channel.eventLoop.makeCompletedFuture {
-                    try ClientPipelines.configure(channel, core: core, tls: sslContext)
+                    try ClientPipelines.configure(channel, core: core, tls: tls?.context)
                 }
             }
         return try await bootstrap.bind(host: config.server.listen.host, port: config.server.listen.port).get()
@@ -148,10 +145,15 @@ public final class Gateway: Sendable {
         if old.server.listen != config.server.listen || old.admin.listen != config.admin.listen {
             logger.warning("listen addresses change only on restart; the old ones stay bound")
         }
-        if old.server.tls?.cert != config.server.tls?.cert || old.server.tls?.key != config.server.tls?.key
-            || old.server.threads != config.server.threads || old.server.accessLog != config.server.accessLog
+        if (old.server.tls == nil) != (config.server.tls == nil) || old.server.threads != config.server.threads
+            || old.server.accessLog != config.server.accessLog
         {
-            logger.warning("server.tls, server.threads and server.access_log change only on restart")
+            logger.warning("turning server.tls on or off, server.threads and server.access_log change only on restart")
+        }
+        // Certificates are read again on every reload (a renewal keeps its file names); files that cannot be used
+        // fail the reload and the old config stays.
+        if let files = config.server.tls, let tls = edgeTLS.withLock({ $0 }) {
+            try tls.reload(files, http2: config.server.http2)
         }
         if old.redis.url != config.redis.url || old.redis.poolSize != config.redis.poolSize
             || old.redis.keyPrefix != config.redis.keyPrefix

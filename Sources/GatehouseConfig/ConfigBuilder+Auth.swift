@@ -4,7 +4,7 @@ import Yams
 /// `consumers`, `auth` and `rate_limits`.
 extension ConfigBuilder {
     func consumer(_ node: Node, _ path: String, _ policies: Set<String>) -> ConsumerConfig? {
-        guard let f = reader.fields(node, path, allowed: ["id", "api_keys", "rate_limit"]),
+        guard let f = reader.fields(node, path, allowed: ["id", "api_keys", "client_certs", "rate_limit"]),
             let id = f.require("id").flatMap({ reader.string($0, f.path("id")) })
         else { return nil }
         var consumer = ConsumerConfig(id: id)
@@ -15,6 +15,15 @@ extension ConfigBuilder {
                     "expected sha256:<64 hex digits> (see `gatehouse hash-key`); plaintext keys are not accepted")
             }
             consumer.apiKeys = keys.map { $0.lowercased() }
+        }
+        if let certs = f.strings("client_certs") {
+            for (index, cert) in certs.enumerated() where !Self.isKeyHash(cert) {
+                reader.fail(
+                    f["client_certs"], "\(path).client_certs[\(index)]",
+                    "expected sha256:<64 hex digits of the certificate's DER> "
+                        + "(openssl x509 -outform der | sha256sum)")
+            }
+            consumer.clientCerts = certs.map { $0.lowercased() }
         }
         if let policy = f.string("rate_limit") {
             if !policies.contains(policy) { f.fail("rate_limit", "unknown rate limit policy \"\(policy)\"") }

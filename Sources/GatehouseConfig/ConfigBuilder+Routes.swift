@@ -11,7 +11,8 @@ extension ConfigBuilder {
                 node, path,
                 allowed: [
                     "id", "match", "upstream", "rewrite", "auth", "auth_methods", "rate_limit", "cache", "timeout",
-                    "respond", "forward_authorization", "websocket",
+                    "respond", "forward_authorization", "websocket", "allow_ips", "deny_ips", "cors",
+                    "request_headers", "response_headers", "compression",
                 ]),
             let id = f.require("id").flatMap({ reader.string($0, f.path("id")) }),
             let matchNode = f.require("match"),
@@ -54,7 +55,7 @@ extension ConfigBuilder {
         if let methods = f.strings("auth_methods") {
             route.authMethods = methods.compactMap { name in
                 if let method = AuthMethod(rawValue: name) { return method }
-                f.fail("auth_methods", "expected api_key or jwt, found \"\(name)\"")
+                f.fail("auth_methods", "expected api_key, jwt or client_cert, found \"\(name)\"")
                 return nil
             }
         }
@@ -79,7 +80,93 @@ extension ConfigBuilder {
             route.websocket = v
             if v, route.upstream == nil { f.fail("websocket", "a WebSocket route needs an upstream to tunnel to") }
         }
+        route.allowIPs = networks(f, "allow_ips")
+        route.denyIPs = networks(f, "deny_ips")
+        if let node = f["cors"] { route.cors = cors(node, f.path("cors")) }
+        if let node = f["request_headers"] {
+            route.requestHeaders = headerTransform(node, f.path("request_headers"))
+        }
+        if let node = f["response_headers"] {
+            route.responseHeaders = headerTransform(node, f.path("response_headers"))
+        }
+        if let node = f["compression"] { route.compression = compression(node, f.path("compression")) }
         return route
+    }
+
+    /// A list of addresses and CIDR networks.
+    func networks(_ f: Fields, _ key: String) -> [CIDR] {
+        (f.strings(key) ?? []).enumerated().compactMap { index, text in
+            if let cidr = CIDR.parse(text) { return cidr }
+            reader.fail(f[key], "\(f.path(key))[\(index)]", "expected an address or CIDR, found \"\(text)\"")
+            return nil
+        }
+    }
+
+    func cors(_ node: Node, _ path: String) -> CORSConfig? {
+        guard
+            let f = reader.fields(
+                node, path,
+                allowed: [
+                    "allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age",
+                ])
+        else { return nil }
+        var cors = CORSConfig()
+        if let origins = f.strings("allow_origins") {
+            for origin in origins where origin != "*" && (origin.contains("*") || !origin.contains("://")) {
+                f.fail("allow_origins", "expected \"*\" or scheme://host[:port], found \"\(origin)\"")
+            }
+            if origins.contains("*"), origins.count > 1 {
+                f.fail("allow_origins", "\"*\" stands alone: it already allows every origin")
+            }
+            cors.allowOrigins = origins.map { $0.lowercased() }
+        } else {
+            reader.fail(node, f.path("allow_origins"), "required: the origins that may call the route")
+        }
+        if let methods = f.strings("allow_methods") {
+            for method in methods where !Self.isToken(method) {
+                f.fail("allow_methods", "\"\(method)\" is not a method name")
+            }
+            cors.allowMethods = methods.map { $0.uppercased() }
+        }
+        for key in ["allow_headers", "expose_headers"] {
+            for name in f.strings(key) ?? [] where !Self.isToken(name) {
+                f.fail(key, "\"\(name)\" is not a header name")
+            }
+        }
+        cors.allowHeaders = f.strings("allow_headers") ?? []
+        cors.exposeHeaders = f.strings("expose_headers") ?? []
+        if let v = f.bool("allow_credentials") { cors.allowCredentials = v }
+        cors.maxAge = f.duration("max_age")
+        if cors.allowCredentials, cors.allowOrigins == ["*"] {
+            f.fail(
+                "allow_credentials",
+                "allow_origins [\"*\"] with allow_credentials: true is refused by browsers (Fetch standard); "
+                    + "name the origins")
+        }
+        return cors
+    }
+
+    func headerTransform(_ node: Node, _ path: String) -> HeaderTransform {
+        var transform = HeaderTransform()
+        guard let f = reader.fields(node, path, allowed: ["set", "add", "remove"]) else { return transform }
+        if let set = f["set"] { transform.set = headerValues(set, f.path("set")) }
+        if let add = f["add"] { transform.add = headerValues(add, f.path("add")) }
+        transform.remove = (f.strings("remove") ?? []).map { $0.lowercased() }
+        for name in transform.remove where !Self.isToken(name) { f.fail("remove", "\"\(name)\" is not a header name") }
+        return transform
+    }
+
+    func compression(_ node: Node, _ path: String) -> CompressionConfig? {
+        guard let f = reader.fields(node, path, allowed: ["min_bytes", "types"]) else { return nil }
+        var compression = CompressionConfig()
+        if let v = f.size("min_bytes") { compression.minBytes = v }
+        if let types = f.strings("types") {
+            for type in types where type.split(separator: "/").count != 2 || type.hasPrefix("*") {
+                f.fail("types", "expected a media type such as application/json or text/*, found \"\(type)\"")
+            }
+            compression.types = types.map { $0.lowercased() }
+        }
+        return compression
     }
 
     func routeMatch(_ node: Node, _ path: String) -> RouteMatch? {

@@ -21,16 +21,7 @@ extension ConfigBuilder {
                 f.fail("threads", "expected auto or a number from 1 to 256, found \"\(text)\"")
             }
         }
-        if let node = f["tls"], let t = reader.fields(node, f.path("tls"), allowed: ["cert", "key"]) {
-            if let cert = t.require("cert").flatMap({ reader.string($0, t.path("cert")) }),
-                let key = t.require("key").flatMap({ reader.string($0, t.path("key")) })
-            {
-                for (name, file) in [("cert", cert), ("key", key)] where !FileManager.default.fileExists(atPath: file) {
-                    t.fail(name, "file \"\(file)\" does not exist")
-                }
-                server.tls = TLSFiles(cert: cert, key: key)
-            }
-        }
+        if let node = f["tls"] { server.tls = serverTLS(node, f.path("tls")) }
         if let node = f["limits"],
             let l = reader.fields(
                 node, "server.limits",
@@ -68,6 +59,42 @@ extension ConfigBuilder {
             server.headersWithUnderscores = v
         }
         return server
+    }
+
+    /// `server.tls`: `{ cert, key }`, or `certificates:` (chosen by SNI), with `client_ca` and `min_version`.
+    func serverTLS(_ node: Node, _ path: String) -> ServerTLS? {
+        guard
+            let t = reader.fields(node, path, allowed: ["cert", "key", "certificates", "client_ca", "min_version"])
+        else { return nil }
+        var certificates: [TLSFiles] = []
+        if t["cert"] != nil || t["key"] != nil {
+            if t["certificates"] != nil { t.fail("certificates", "give cert and key, or certificates, not both") }
+            if let pair = certificatePair(node, path) { certificates.append(pair) }
+        } else if let listNode = t.require("certificates"), let items = reader.list(listNode, t.path("certificates")) {
+            if items.isEmpty { t.fail("certificates", "needs at least one certificate") }
+            certificates = items.enumerated().compactMap { index, item in
+                certificatePair(item, "\(path).certificates[\(index)]")
+            }
+        }
+        guard !certificates.isEmpty else { return nil }
+        var tls = ServerTLS(certificates: certificates)
+        if let ca = t.string("client_ca") {
+            if !FileManager.default.fileExists(atPath: ca) { t.fail("client_ca", "file \"\(ca)\" does not exist") }
+            tls.clientCA = ca
+        }
+        if let v = t.choice("min_version", as: TLSVersion.self) { tls.minVersion = v }
+        return tls
+    }
+
+    private func certificatePair(_ node: Node, _ path: String) -> TLSFiles? {
+        guard let t = reader.fields(node, path, allowed: ["cert", "key", "certificates", "client_ca", "min_version"]),
+            let cert = t.require("cert").flatMap({ reader.string($0, t.path("cert")) }),
+            let key = t.require("key").flatMap({ reader.string($0, t.path("key")) })
+        else { return nil }
+        for (name, file) in [("cert", cert), ("key", key)] where !FileManager.default.fileExists(atPath: file) {
+            t.fail(name, "file \"\(file)\" does not exist")
+        }
+        return TLSFiles(cert: cert, key: key)
     }
 
     func listen(_ f: Fields, _ key: String) -> ListenAddress? {

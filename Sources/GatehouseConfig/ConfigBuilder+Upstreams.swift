@@ -157,22 +157,25 @@ extension ConfigBuilder {
     func headerRewrite(_ node: Node, _ path: String) -> HeaderRewrite {
         var rewrite = HeaderRewrite()
         guard let f = reader.fields(node, path, allowed: ["set", "remove"]) else { return rewrite }
-        if let set = f["set"] {
-            rewrite.set = reader.pairs(set, f.path("set")).compactMap { pair in
-                guard Self.isToken(pair.key) else {
-                    reader.fail(pair.keyNode, "\(path).set.\(pair.key)", "not a valid header name")
-                    return nil
-                }
-                guard let value = reader.string(pair.value, "\(path).set.\(pair.key)") else { return nil }
-                guard !value.contains(where: { $0 == "\r" || $0 == "\n" || $0 == "\0" }) else {
-                    reader.fail(pair.value, "\(path).set.\(pair.key)", "header values may not contain line breaks")
-                    return nil
-                }
-                return HeaderValue(name: pair.key, value: Secret(value))
-            }
-        }
+        if let set = f["set"] { rewrite.set = headerValues(set, f.path("set")) }
         rewrite.remove = f.strings("remove") ?? []
         return rewrite
+    }
+
+    /// `Name: value` pairs of header edits; values may hold credentials, so they are kept as secrets.
+    func headerValues(_ node: Node, _ path: String) -> [HeaderValue] {
+        reader.pairs(node, path).compactMap { pair in
+            guard Self.isToken(pair.key) else {
+                reader.fail(pair.keyNode, "\(path).\(pair.key)", "not a valid header name")
+                return nil
+            }
+            guard let value = reader.string(pair.value, "\(path).\(pair.key)") else { return nil }
+            guard !value.contains(where: { $0 == "\r" || $0 == "\n" || $0 == "\0" }) else {
+                reader.fail(pair.value, "\(path).\(pair.key)", "header values may not contain line breaks")
+                return nil
+            }
+            return HeaderValue(name: pair.key, value: Secret(value))
+        }
     }
 
     static func isToken(_ text: String) -> Bool {

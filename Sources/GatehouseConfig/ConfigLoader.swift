@@ -58,7 +58,9 @@ struct ConfigBuilder {
     func build(_ root: Node) -> GatehouseConfiguration {
         let top = reader.fields(
             root, "",
-            allowed: ["server", "admin", "redis", "consumers", "auth", "rate_limits", "upstreams", "routes"])
+            allowed: [
+                "server", "admin", "redis", "consumers", "auth", "rate_limits", "upstreams", "routes", "tracing",
+            ])
         var config = GatehouseConfiguration(
             server: ServerConfig(), admin: AdminConfig(), redis: RedisConfig(), consumers: [],
             auth: AuthConfig(), rateLimits: [], upstreams: [], routes: [])
@@ -81,6 +83,7 @@ struct ConfigBuilder {
         if let node = top["upstreams"] {
             config.upstreams = reader.pairs(node, "upstreams").compactMap { upstream($0.key, $0.value) }
         }
+        if let node = top["tracing"] { config.tracing = tracing(node) }
         if let node = top["routes"], let items = reader.list(node, "routes") {
             let upstreamNames = Set(config.upstreams.map(\.name))
             var seen = Set<String>()
@@ -94,6 +97,39 @@ struct ConfigBuilder {
                 config.routes.append(route)
             }
         }
+        checkClientCertificates(config, root)
         return config
+    }
+
+    func tracing(_ node: Node) -> TracingConfig? {
+        guard let f = reader.fields(node, "tracing", allowed: ["otlp_endpoint", "service_name", "sample_ratio"]),
+            let endpoint = f.require("otlp_endpoint").flatMap({ reader.string($0, f.path("otlp_endpoint")) })
+        else { return nil }
+        guard let url = URLComponents(string: endpoint), url.scheme == "http" || url.scheme == "https",
+            url.host?.isEmpty == false
+        else {
+            f.fail("otlp_endpoint", "expected an http:// or https:// base URL, found \"\(endpoint)\"")
+            return nil
+        }
+        var tracing = TracingConfig(otlpEndpoint: endpoint.hasSuffix("/") ? String(endpoint.dropLast()) : endpoint)
+        if let v = f.string("service_name") { tracing.serviceName = v }
+        if let text = f.string("sample_ratio") {
+            if let ratio = Double(text), (0...1).contains(ratio) {
+                tracing.sampleRatio = ratio
+            } else {
+                f.fail("sample_ratio", "expected a number from 0 to 1, found \"\(text)\"")
+            }
+        }
+        return tracing
+    }
+
+    /// Client certificates identify consumers only where the listener asks for them.
+    private func checkClientCertificates(_ config: GatehouseConfiguration, _ root: Node) {
+        guard config.server.tls?.clientCA == nil else { return }
+        for route in config.routes where route.authMethods?.contains(.clientCert) == true {
+            reader.fail(
+                root, "routes[\(route.id)].auth_methods",
+                "client_cert needs server.tls.client_ca (the CA that client certificates are verified against)")
+        }
     }
 }

@@ -12,6 +12,8 @@ public struct GatehouseConfiguration: Sendable, Encodable {
     /// Named upstreams, in file order.
     public var upstreams: [UpstreamConfig]
     public var routes: [RouteConfig]
+    /// OpenTelemetry export; nil exports nothing (a client's `traceparent` is still passed on).
+    public var tracing: TracingConfig?
 
     /// What in a valid config may not mean what its author thinks, one line each (logged at start, shown by
     /// `gatehouse check`).
@@ -26,7 +28,7 @@ public struct GatehouseConfiguration: Sendable, Encodable {
     enum CodingKeys: String, CodingKey {
         case server, admin, redis, consumers, auth
         case rateLimits = "rate_limits"
-        case upstreams, routes
+        case upstreams, routes, tracing
     }
 
     public func upstream(named name: String) -> UpstreamConfig? {
@@ -39,7 +41,7 @@ public struct ServerConfig: Sendable, Encodable {
     public var listen: ListenAddress = ListenAddress(host: "0.0.0.0", port: 8080)
     /// Event-loop threads; nil means one per core.
     public var threads: Int?
-    public var tls: TLSFiles?
+    public var tls: ServerTLS?
     public var limits = ServerLimits()
     public var trustedProxies: [CIDR] = []
     public var drainTimeout: ConfigDuration = .seconds(15)
@@ -66,7 +68,7 @@ public enum UnderscoreHeaders: String, Sendable, Encodable, CaseIterable {
 }
 
 /// A certificate chain and private key in PEM files.
-public struct TLSFiles: Sendable, Encodable {
+public struct TLSFiles: Sendable, Encodable, Equatable {
     public var cert: String
     public var key: String
 }
@@ -307,17 +309,57 @@ public struct RedisServers: Sendable, Hashable {
     }
 }
 
+/// `server.tls`: the client listener's certificates, chosen by SNI, and what it asks of clients.
+public struct ServerTLS: Sendable, Encodable, Equatable {
+    /// Certificate and key files; the first answers clients whose SNI names none of them.
+    public var certificates: [TLSFiles]
+    /// When set, clients are asked for a certificate, verified against this CA (PEM file).
+    public var clientCA: String?
+    /// The lowest TLS version accepted.
+    public var minVersion: TLSVersion = .v1_2
+
+    enum CodingKeys: String, CodingKey {
+        case certificates
+        case clientCA = "client_ca"
+        case minVersion = "min_version"
+    }
+}
+
+/// A TLS protocol version, as `min_version` names it.
+public enum TLSVersion: String, Sendable, Encodable, CaseIterable {
+    case v1_2 = "1.2"
+    case v1_3 = "1.3"
+}
+
 /// One entry of `consumers:` — a known caller.
 public struct ConsumerConfig: Sendable, Encodable {
     public var id: String
     /// `sha256:<hex>` hashes of the consumer's API keys.
     public var apiKeys: [String] = []
+    /// `sha256:<hex>` of the DER of each client certificate that identifies the consumer.
+    public var clientCerts: [String] = []
     public var rateLimit: String?
 
     enum CodingKeys: String, CodingKey {
         case id
         case apiKeys = "api_keys"
+        case clientCerts = "client_certs"
         case rateLimit = "rate_limit"
+    }
+}
+
+/// `tracing:` — OpenTelemetry spans exported over OTLP/HTTP.
+public struct TracingConfig: Sendable, Encodable {
+    /// The collector's base URL; spans go to `<endpoint>/v1/traces`.
+    public var otlpEndpoint: String
+    public var serviceName: String = "gatehouse"
+    /// The share of traces started here that are exported (a client's sampled `traceparent` always is).
+    public var sampleRatio: Double = 1.0
+
+    enum CodingKeys: String, CodingKey {
+        case otlpEndpoint = "otlp_endpoint"
+        case serviceName = "service_name"
+        case sampleRatio = "sample_ratio"
     }
 }
 
@@ -620,6 +662,17 @@ public struct RouteConfig: Sendable, Encodable {
     public var forwardAuthorization: Bool = false
     /// Whether `Upgrade: websocket` requests are tunnelled to the upstream (else the upgrade is not forwarded).
     public var websocket: Bool = false
+    /// Client networks allowed on the route (empty: all); checked after `denyIPs`.
+    public var allowIPs: [CIDR] = []
+    /// Client networks refused on the route.
+    public var denyIPs: [CIDR] = []
+    public var cors: CORSConfig?
+    /// Edits to the request sent upstream, after the upstream's own `request_headers`.
+    public var requestHeaders = HeaderTransform()
+    /// Edits to every answer of the route, errors and cache hits included.
+    public var responseHeaders = HeaderTransform()
+    /// nil: answers are never compressed.
+    public var compression: CompressionConfig?
     /// The line of the route in the config file, for messages.
     public var line: Int = 0
 
@@ -630,6 +683,55 @@ public struct RouteConfig: Sendable, Encodable {
         case cache, timeout, respond
         case forwardAuthorization = "forward_authorization"
         case websocket
+        case allowIPs = "allow_ips"
+        case denyIPs = "deny_ips"
+        case cors
+        case requestHeaders = "request_headers"
+        case responseHeaders = "response_headers"
+        case compression
+    }
+}
+
+/// `cors:` of a route: which browser origins may call it, what they may send, and what they may read.
+public struct CORSConfig: Sendable, Encodable {
+    /// Origins as `scheme://host[:port]`, lower-cased, or `["*"]`.
+    public var allowOrigins: [String] = []
+    public var allowMethods: [String] = ["GET", "HEAD", "POST"]
+    public var allowHeaders: [String] = []
+    public var exposeHeaders: [String] = []
+    public var allowCredentials = false
+    /// How long a browser may keep a preflight's answer.
+    public var maxAge: ConfigDuration?
+
+    enum CodingKeys: String, CodingKey {
+        case allowOrigins = "allow_origins"
+        case allowMethods = "allow_methods"
+        case allowHeaders = "allow_headers"
+        case exposeHeaders = "expose_headers"
+        case allowCredentials = "allow_credentials"
+        case maxAge = "max_age"
+    }
+}
+
+/// Header edits of a route: `set` replaces every value, `add` appends one, `remove` deletes (any case).
+public struct HeaderTransform: Sendable, Encodable {
+    public var set: [HeaderValue] = []
+    public var add: [HeaderValue] = []
+    /// Header names, lower-cased.
+    public var remove: [String] = []
+
+    public var isEmpty: Bool { self.set.isEmpty && add.isEmpty && remove.isEmpty }
+}
+
+/// `compression:` of a route: answers of these types and at least this size are sent gzip- or br-encoded.
+public struct CompressionConfig: Sendable, Encodable {
+    public var minBytes = 1024
+    /// Media types; `text/*` covers a whole top-level type.
+    public var types: [String] = ["application/json", "text/*"]
+
+    enum CodingKeys: String, CodingKey {
+        case minBytes = "min_bytes"
+        case types
     }
 }
 
@@ -642,6 +744,7 @@ public enum AuthRequirement: String, Sendable, Encodable, CaseIterable {
 public enum AuthMethod: String, Sendable, Encodable, CaseIterable {
     case apiKey = "api_key"
     case jwt
+    case clientCert = "client_cert"
 }
 
 /// `match:` of a route.

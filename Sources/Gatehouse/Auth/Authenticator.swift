@@ -8,16 +8,23 @@ import Prometheus
 import UpstreamClient
 
 /// What one loaded config says about authentication, resolved ahead: the config's API-key digests, the consumer
-/// ids, and the JWT issuers by `iss`.
+/// ids, the client certificates' fingerprints, and the JWT issuers by `iss`.
 struct AuthSettings: Sendable {
     let configKeys: ConfigKeyTable
     let consumers: Set<String>
+    /// Consumer ids by the `sha256:<hex>` of their client certificates' DER.
+    let certificateConsumers: [String: String]
     let issuers: [String: JWTVerifier.AcceptedIssuer]
     let apiKey: APIKeyAuthConfig
 
     init(_ config: GatehouseConfiguration) {
         configKeys = ConfigKeyTable(config.consumers)
         consumers = Set(config.consumers.map(\.id))
+        var certificateConsumers: [String: String] = [:]
+        for consumer in config.consumers {
+            for fingerprint in consumer.clientCerts { certificateConsumers[fingerprint] = consumer.id }
+        }
+        self.certificateConsumers = certificateConsumers
         var issuers: [String: JWTVerifier.AcceptedIssuer] = [:]
         for issuer in config.auth.jwt { issuers[issuer.issuer] = JWTVerifier.AcceptedIssuer(issuer) }
         self.issuers = issuers
@@ -26,7 +33,11 @@ struct AuthSettings: Sendable {
 
     /// The methods a route accepts: its `auth_methods`, or every configured one.
     func methods(for route: RouteConfig) -> [AuthMethod] {
-        route.authMethods ?? (issuers.isEmpty ? [.apiKey] : [.apiKey, .jwt])
+        if let methods = route.authMethods { return methods }
+        var methods: [AuthMethod] = [.apiKey]
+        if !issuers.isEmpty { methods.append(.jwt) }
+        if !certificateConsumers.isEmpty { methods.append(.clientCert) }
+        return methods
     }
 }
 
@@ -48,13 +59,25 @@ final class Authenticator: Sendable {
         self.metrics = AuthMetrics(factory: metrics.factory)
     }
 
-    /// Checks the credentials the route accepts: a JWT when it takes JWTs and one came, else an API key when it
-    /// takes keys and one came (on a route that takes no JWTs, a bearer token of three parts is read as a key).
+    /// Checks the credentials the route accepts: a client certificate a consumer names, when the route takes
+    /// them; else a JWT when it takes JWTs and one came; else an API key when it takes keys and one came (on a
+    /// route that takes no JWTs, a bearer token of three parts is read as a key).
     func authenticate(
         _ context: inout RequestContext, route: CompiledRoute, runtime: Runtime, eventLoop: EventLoop
     ) throws(GatewayError) -> EventLoopFuture<Caller?>? {
         let settings = runtime.auth
         let methods = settings.methods(for: route.config)
+        let takesCertificate = methods.contains(.clientCert)
+        // The listener verified the certificate against server.tls.client_ca; a consumer must also name it.
+        if takesCertificate, let fingerprint = context.clientCertificate {
+            guard let consumer = settings.certificateConsumers[fingerprint] else {
+                metrics.record(method: "client_cert", result: "invalid")
+                throw Self.unauthorized("The client certificate names no consumer.", error: "invalid_token")
+            }
+            metrics.record(method: "client_cert", result: "ok")
+            context.caller = .consumer(consumer)
+            return nil
+        }
         let credentials = Credentials(headers: context.head.headers, query: context.query, config: settings.apiKey)
         let takesJWT = methods.contains(.jwt) && !settings.issuers.isEmpty
         let takesKey = methods.contains(.apiKey)
@@ -66,7 +89,10 @@ final class Authenticator: Sendable {
         guard let key else {
             guard route.config.auth == .required else { return nil }
             metrics.record(method: "none", result: credentials.isEmpty ? "missing" : "wrong_method")
-            let takes = [takesKey ? "an API key" : nil, takesJWT ? "a JWT bearer token" : nil].compactMap { $0 }
+            let takes = [
+                takesKey ? "an API key" : nil, takesJWT ? "a JWT bearer token" : nil,
+                takesCertificate ? "a client certificate" : nil,
+            ].compactMap { $0 }
             let detail = "This route requires credentials: \(takes.joined(separator: " or "))."
             throw Self.unauthorized(detail, error: credentials.isEmpty ? nil : "invalid_token")
         }
@@ -153,7 +179,7 @@ final class Authenticator: Sendable {
 /// `gatehouse_auth_total{method,result}`: authentication outcomes, never labelled by key or token. Every counter
 /// is made up front: recording one is a dictionary read, no lock.
 final class AuthMetrics: Sendable {
-    static let methods = ["api_key", "jwt", "none"]
+    static let methods = ["api_key", "jwt", "client_cert", "none"]
     static let results = ["ok", "invalid", "missing", "wrong_method", "unavailable"]
     private let counters: [String: CoreMetrics.Counter]
 

@@ -155,8 +155,14 @@ extension Exchange {
     /// Answers from a stored entry: 304 when the client's own conditional matches it, else the whole response.
     func serveCached(_ entry: CacheEntry, status: String) {
         context.cacheStatus = status
-        let head = RespondPhase.head(for: entry, context)
-        respond(head, body: head.status.code == 304 || head.status.code == 204 ? nil : entry.body)
+        var (headers, status) = RespondPhase.headers(for: entry, context)
+        var body = status == .notModified || status == .noContent ? nil : entry.body
+        if let whole = body, let compression = context.route?.compression,
+            let encoder = compression.begin(&headers, status: Int(status.code), request: context.head)
+        {
+            body = encoder.encodeWhole(whole, allocator: ByteBufferAllocator())
+        }
+        respond(RespondPhase.finish(&headers, status: status, context), body: body)
     }
 
     /// stale-if-error: the upstream failed (it answered `upstreamStatus`, a 5xx, or nothing), and the stored entry

@@ -45,8 +45,12 @@ final class Exchange {
     private var token: String?
     /// The upstream answered 304 to the cache's revalidation: held back, the client gets the stored entry.
     private var notModified: UpstreamResponseHead?
-    /// The Content-Length sent to the client, if any; the body may not exceed it.
+    /// The upstream's Content-Length, if any; its body may not exceed it.
     private var declaredLength: Int?
+    /// The upstream body's bytes so far.
+    private var upstreamBodyBytes = 0
+    /// The answer's gzip or br encoder, when the route compresses it (``CompressionPolicy``).
+    private var encoder: BodyEncoder?
     /// The upstream's answer is a gRPC trailers-only answer: its head is not flushed before its end.
     private var trailersOnly = false
     /// Trailer fields that end the answer (the upstream's, or a gRPC status the gateway adds).
@@ -98,7 +102,13 @@ final class Exchange {
         do throws(GatewayError) {
             while let phase = DecidingPhase(rawValue: nextPhase) {
                 nextPhase += 1
-                if case .wait(let update) = try phase.run(&context, environment) {
+                switch try phase.run(&context, environment) {
+                case .next:
+                    continue
+                case .answer(let direct):
+                    respond(RespondPhase.head(for: direct, context), body: direct.body)
+                    return
+                case .wait(let update):
                     whenLive(update, waitingFor: .phase) { exchange, result in
                         do {
                             try result.get()(&exchange.context)
@@ -378,9 +388,13 @@ final class Exchange {
             if notModified == nil {
                 state.answerBegan()
                 context.status = head.status
-                let responseHead = RespondPhase.head(for: head, context)
-                cache?.recordHeaders(responseHead.headers)
-                declaredLength = responseHead.headers.first(name: "Content-Length").flatMap(Int.init)
+                var headers = RespondPhase.headers(for: head, context)
+                // The cache stores the identity answer; each client's encoding is made on the way out.
+                cache?.recordHeaders(headers)
+                declaredLength = headers.first(name: "Content-Length").flatMap(Int.init)
+                encoder = context.route?.compression?.begin(&headers, status: head.status, request: context.head)
+                let responseHead = RespondPhase.finish(
+                    &headers, status: HTTPResponseStatus(statusCode: head.status), context)
                 connection?.write(.head(responseHead), flush: false)
                 // A gRPC status in the head is a trailers-only answer: the head waits for the end, so that both
                 // leave as one HEADERS frame (``EndStreamOnHeaders``).
@@ -394,8 +408,8 @@ final class Exchange {
                 return
             }
             for chunk in events.body {
-                context.bytesOut += chunk.readableBytes
-                if let declaredLength, context.bytesOut > declaredLength {
+                upstreamBodyBytes += chunk.readableBytes
+                if let declaredLength, upstreamBodyBytes > declaredLength {
                     // More than the upstream announced: never let the excess pass as the next response.
                     abort(
                         GatewayError(
@@ -404,7 +418,9 @@ final class Exchange {
                     return
                 }
                 cache?.record(chunk)
-                connection?.write(.body(.byteBuffer(chunk)), flush: false)
+                let out = encoder.map { $0.encode(chunk, allocator: ByteBufferAllocator()) } ?? chunk
+                context.bytesOut += out.readableBytes
+                if out.readableBytes > 0 { connection?.write(.body(.byteBuffer(out)), flush: false) }
             }
         }
         if !events.trailers.isEmpty, notModified == nil {
@@ -446,6 +462,11 @@ final class Exchange {
                 return
             }
         }
+        if let tail = encoder?.finish(allocator: ByteBufferAllocator()), tail.readableBytes > 0 {
+            context.bytesOut += tail.readableBytes
+            connection?.write(.body(.byteBuffer(tail)), flush: false)
+        }
+        encoder = nil
         cache?.finish(intact: true, on: eventLoop)
         guard let route = context.invalidates, (200..<400).contains(context.status) else {
             completeAnswer()

@@ -7,12 +7,13 @@ import UpstreamClient
 
 /// The phases that decide before anything goes to the cache or upstream, in their order.
 enum DecidingPhase: Int {
-    case accept, route, authenticate, rateLimit
+    case accept, route, admit, authenticate, rateLimit
 
     func run(_ context: inout RequestContext, _ environment: PhaseEnvironment) throws(GatewayError) -> PhaseStep {
         switch self {
         case .accept: try AcceptPhase.run(&context, environment)
         case .route: try RoutePhase.run(&context, environment)
+        case .admit: try AdmitPhase.run(&context)
         case .authenticate: try AuthenticatePhase.run(&context, environment)
         case .rateLimit: try RateLimitPhase.run(&context, environment)
         }
@@ -33,6 +34,8 @@ enum PhaseStep {
     /// The phase waits for an answer from elsewhere (Redis, an issuer's keys). Once it is in, the update records it
     /// in the context, or throws the answer to the client; then the next phase runs.
     case wait(EventLoopFuture<ContextUpdate>)
+    /// The phase answers the request itself, and not with an error (a CORS preflight).
+    case answer(DirectAnswer)
 }
 
 /// How a waiting phase's answer changes the request's context.
@@ -182,7 +185,14 @@ enum RoutePhase {
         if let hash = target.firstIndex(of: "#") { target = target[..<hash] }
         guard let path = PathNormalizer.normalize(target) else { throw .badRequest("The request path is malformed.") }
         context.path = path
-        switch runtime.table.match(host: context.host, path: path, method: context.head.method.rawValue) {
+        // A CORS preflight asks about the method the browser means to send: it finds that method's route.
+        var method = context.head.method.rawValue
+        if CORSPolicy.isPreflight(context.head),
+            let requested = context.head.headers.first(name: "Access-Control-Request-Method")
+        {
+            method = requested
+        }
+        switch runtime.table.match(host: context.host, path: path, method: method) {
         case .notFound:
             throw .notFound()
         case .methodNotAllowed(let allow):
@@ -190,6 +200,22 @@ enum RoutePhase {
         case .found(let index, let parameters):
             context.route = runtime.routes[index]
             context.parameters = parameters
+        }
+        return .next
+    }
+}
+
+/// admit: the route's IP rules (403), then a CORS preflight, which the gateway answers itself (204) before
+/// authentication and without the upstream (SPEC §7.2).
+enum AdmitPhase {
+    static func run(_ context: inout RequestContext) throws(GatewayError) -> PhaseStep {
+        guard let route = context.route else { return .next }
+        if let rules = route.ipRules, !rules.admits(context.clientIP) {
+            throw GatewayError(
+                status: .forbidden, detail: "The client address may not use this route.", origin: .client)
+        }
+        if let cors = route.cors, CORSPolicy.isPreflight(context.head) {
+            return .answer(cors.preflight(context.head.headers))
         }
         return .next
     }
@@ -448,6 +474,7 @@ enum ForwardPhase {
             headers.removeAll { $0.name.lowercased() == header.name.lowercased() }
             headers.append((header.name, header.value.value))
         }
+        route?.requestEdits?.apply(to: &headers)
 
         var bodyLength: Int64?
         if let length = head.headers.first(name: "Content-Length").flatMap(Int64.init) {
@@ -549,6 +576,13 @@ enum RespondPhase {
     ]
 
     static func head(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
+        var headers = headers(for: upstream, context)
+        return finish(&headers, status: HTTPResponseStatus(statusCode: upstream.status), context)
+    }
+
+    /// An upstream answer's own headers as the client gets them, before ``finish(_:status:_:)``: what a cache entry
+    /// stores.
+    static func headers(for upstream: UpstreamResponseHead, _ context: RequestContext) -> HTTPHeaders {
         var connectionNamed: Set<String> = []
         for (name, value) in upstream.headers where name.caseInsensitiveEquals("Connection") {
             for token in value.split(separator: ",") { connectionNamed.insert(token.trimmedSpaces.lowercased()) }
@@ -590,12 +624,13 @@ enum RespondPhase {
             headers.add(name: "Transfer-Encoding", value: "chunked")
         }
         headers.add(name: "Via", value: via.map { $0 + ", 1.1 gatehouse" } ?? "1.1 gatehouse")
-        return finish(&headers, status: HTTPResponseStatus(statusCode: upstream.status), context)
+        return headers
     }
 
     /// A stored entry's answer: 304 when the client's own conditional matches it, else the whole response (the
-    /// caller sends the body unless the status is 204 or 304). `context.cacheStatus` says how it was found.
-    static func head(for entry: CacheEntry, _ context: RequestContext) -> HTTPResponseHead {
+    /// caller sends the body unless the status is 204 or 304), before ``finish(_:status:_:)``.
+    /// `context.cacheStatus` says how it was found.
+    static func headers(for entry: CacheEntry, _ context: RequestContext) -> (HTTPHeaders, HTTPResponseStatus) {
         let notModified = CachePolicy.notModified(context.head.headers, entry: entry)
         var headers = HTTPHeaders()
         headers.reserveCapacity(entry.headers.count + 5)
@@ -606,7 +641,7 @@ enum RespondPhase {
         headers.add(name: "Age", value: String(age))
         let status = notModified ? 304 : entry.status
         if status != 204, status != 304 { headers.add(name: "Content-Length", value: String(entry.body.readableBytes)) }
-        return finish(&headers, status: HTTPResponseStatus(statusCode: status), context)
+        return (headers, HTTPResponseStatus(statusCode: status))
     }
 
     /// Headers a 304 from the cache carries (RFC 9110 §15.4.5).
@@ -644,11 +679,17 @@ enum RespondPhase {
         return finish(&headers, status: .ok, context)
     }
 
-    /// What every answer carries: its request id, the `Cache-Status` of a caching route, the rate limits, and
-    /// `Connection: close` when the connection ends after it.
-    private static func finish(_ headers: inout HTTPHeaders, status: HTTPResponseStatus, _ context: RequestContext)
+    /// What every answer carries: its request id, the `Cache-Status` of a caching route, the rate limits, the
+    /// route's CORS headers and `response_headers`, and `Connection: close` when the connection ends after it.
+    static func finish(_ headers: inout HTTPHeaders, status: HTTPResponseStatus, _ context: RequestContext)
         -> HTTPResponseHead
     {
+        if let route = context.route {
+            if let cors = route.cors, !CORSPolicy.isPreflight(context.head) {
+                cors.apply(to: &headers, request: context.head.headers)
+            }
+            route.responseEdits?.apply(to: &headers)
+        }
         headers.add(name: "X-Request-ID", value: context.requestID)
         if let cacheStatus = context.cacheStatus {
             headers.add(name: "Cache-Status", value: cacheStatus)

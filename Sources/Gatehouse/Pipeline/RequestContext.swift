@@ -17,6 +17,8 @@ struct RequestContext {
     let peerTrusted: Bool
     /// `http` or `https`, as the client reached the gateway.
     let scheme: String
+    /// `sha256:<hex>` of the certificate the client presented, verified against `server.tls.client_ca`.
+    let clientCertificate: String?
     /// Host without port, lower-cased.
     var host: String = ""
     /// The Host header as the client sent it, for X-Forwarded-Host.
@@ -73,6 +75,7 @@ struct RequestContext {
         self.head = head
         peerIP = connection.peerIP
         scheme = connection.scheme
+        clientCertificate = connection.clientCertificate
         peerTrusted = connection.peerBytes.map { bytes in trusted.contains { $0.contains(bytes) } } ?? false
         clientIP =
             peerTrusted
@@ -121,11 +124,13 @@ enum RequestID {
     }
 }
 
-/// What is known about a client connection once, when it opens.
+/// What is known about a client connection once, when it opens (the certificate once the handshake is done).
 struct ConnectionInfo: Sendable {
     let peerIP: String
     let peerBytes: [UInt8]?
     let scheme: String
+    /// The client certificate's `sha256:<hex>`, verified by the TLS handshake.
+    var clientCertificate: String?
 
     init(remote: SocketAddress?, tls: Bool) {
         self.init(peerIP: remote?.ipAddress ?? "unknown", tls: tls)

@@ -56,6 +56,13 @@ final class CompiledRoute: Sendable {
     let cacheMetrics: CacheMetrics?
     /// Request headers (lower-cased) the gateway sets, replaces or removes on the way to this route's upstream.
     let gatewayHeaders: Set<String>
+    let ipRules: IPRules?
+    let cors: CORSPolicy?
+    /// `request_headers`, applied after the upstream's own; nil when empty.
+    let requestEdits: HeaderEdits?
+    /// `response_headers`, applied to every answer of the route; nil when empty.
+    let responseEdits: HeaderEdits?
+    let compression: CompressionPolicy?
 
     init(_ config: RouteConfig, pool: UpstreamPool?, metrics: RouteMetrics, cacheMetrics: CacheMetrics? = nil) {
         self.config = config
@@ -64,7 +71,13 @@ final class CompiledRoute: Sendable {
         self.cacheMetrics = cacheMetrics
         var gatewayHeaders = ForwardPhase.droppedRequestHeaders.union(pool?.droppedHeaders ?? [])
         for header in pool?.config.requestHeaders.set ?? [] { gatewayHeaders.insert(header.name.lowercased()) }
+        requestEdits = config.requestHeaders.isEmpty ? nil : HeaderEdits(config.requestHeaders)
+        responseEdits = config.responseHeaders.isEmpty ? nil : HeaderEdits(config.responseHeaders)
+        gatewayHeaders.formUnion(requestEdits?.names ?? [])
         self.gatewayHeaders = gatewayHeaders
+        ipRules = IPRules(allow: config.allowIPs, deny: config.denyIPs)
+        cors = config.cors.map(CORSPolicy.init)
+        compression = config.compression.map(CompressionPolicy.init)
         direct = config.respond.map(DirectAnswer.init)
         let upstreamTimeout = pool?.config.timeout.milliseconds ?? 30_000
         timeoutMilliseconds = Int(max(1, config.timeout?.milliseconds ?? upstreamTimeout))
@@ -72,11 +85,18 @@ final class CompiledRoute: Sendable {
     }
 }
 
-/// A `respond:` answer, prebuilt.
+/// An answer the gateway makes whole: a `respond:` route's, prebuilt, or a CORS preflight's.
 struct DirectAnswer: Sendable {
     let status: HTTPResponseStatus
     let headers: HTTPHeaders
     let body: ByteBuffer
+
+    /// An answer without a body (204).
+    init(status: HTTPResponseStatus, headers: HTTPHeaders) {
+        self.status = status
+        self.headers = headers
+        body = ByteBuffer()
+    }
 
     init(_ response: DirectResponse) {
         status = HTTPResponseStatus(statusCode: response.status)

@@ -1,6 +1,7 @@
 import GatehouseConfig
 import NIOCore
 import NIOHTTP1
+import NIOSSL
 import UpstreamClient
 
 /// One client connection over HTTP/1.1: its I/O, backpressure and pipelining. Each request is an ``Exchange``,
@@ -43,6 +44,8 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
     private let makeDecoder: (() -> ByteToMessageHandler<HTTPRequestDecoder>)?
     /// The last request head received was an upgrade request (see ``isUpgradeRequest(_:)``).
     private var receivedUpgrade = false
+    /// The client certificate (if any) has been read into ``connection``.
+    private var certificateChecked = false
     /// The decoder restarts when the current exchange (a WebSocket upgrade that may not happen) is over.
     private var restartAfterExchange = false
 
@@ -160,6 +163,7 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
 
     private func requestHead(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         let runtime = core.runtime
+        if tls, !certificateChecked { lookUpClientCertificate(context) }
         let connection = self.connection ?? ConnectionInfo(remote: context.channel.remoteAddress, tls: tls)
         let clientID = head.headers.first(name: "X-Request-ID")
         let requestID = clientID.flatMap { RequestID.isAcceptable($0) ? $0 : nil } ?? RequestID.make()
@@ -173,6 +177,17 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
         let exchange = Exchange(context: requestContext, runtime: runtime, core: core, connection: self)
         self.exchange = exchange
         exchange.start()
+    }
+
+    /// Reads the certificate the client presented from the connection's TLS handler (an HTTP/2 stream's parent),
+    /// once: the handshake is over by the first request.
+    private func lookUpClientCertificate(_ context: ChannelHandlerContext) {
+        certificateChecked = true
+        let channel = context.channel.parent ?? context.channel
+        guard let handler = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
+            let certificate = handler.peerCertificate
+        else { return }
+        connection?.clientCertificate = EdgeTLS.fingerprint(certificate)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
