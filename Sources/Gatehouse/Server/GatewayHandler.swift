@@ -183,10 +183,12 @@ final class GatewayHandler: ChannelDuplexHandler, RemovableChannelHandler, Clien
     /// once: the handshake is over by the first request.
     private func lookUpClientCertificate(_ context: ChannelHandlerContext) {
         certificateChecked = true
-        let channel = context.channel.parent ?? context.channel
-        guard let handler = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
-            let certificate = handler.peerCertificate
-        else { return }
+        // An HTTP/1.1 connection holds the TLS handler itself; an HTTP/2 stream's parent does (a connection's
+        // parent is the listener).
+        let tls =
+            (try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self))
+            ?? (try? context.channel.parent?.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self))
+        guard let certificate = tls?.peerCertificate else { return }
         connection?.clientCertificate = EdgeTLS.fingerprint(certificate)
     }
 
