@@ -49,10 +49,19 @@ public final class Gateway: Sendable {
             logger.error(
                 "cannot open the access log; requests are not logged", metadata: ["path": "\(config.server.accessLog)"])
         }
+        var tracing: GatewayTracing?
+        if let tracingConfig = config.tracing {
+            do {
+                tracing = try GatewayTracing(tracingConfig, logger: logger)
+            } catch {
+                logger.error("cannot set up tracing; no spans are exported", metadata: ["error": "\(error)"])
+            }
+        }
         core = GatewayCore(
             runtime: runtime, upstream: UpstreamClient(threads: threads),
             store: SharedStores.make(config.redis, group: group, logger: logger, metrics: metrics),
-            loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, logger: logger)
+            loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, tracing: tracing,
+            logger: logger)
     }
 
     /// Starts the parts in order: health checks, the admin listener, the client listener (the store and the
@@ -147,8 +156,11 @@ public final class Gateway: Sendable {
         }
         if (old.server.tls == nil) != (config.server.tls == nil) || old.server.threads != config.server.threads
             || old.server.accessLog != config.server.accessLog
+            || old.tracing?.otlpEndpoint != config.tracing?.otlpEndpoint
+            || old.tracing?.sampleRatio != config.tracing?.sampleRatio
         {
-            logger.warning("turning server.tls on or off, server.threads and server.access_log change only on restart")
+            logger.warning(
+                "turning server.tls on or off, server.threads, server.access_log and tracing change only on restart")
         }
         // Certificates are read again on every reload (a renewal keeps its file names); files that cannot be used
         // fail the reload and the old config stays.
@@ -190,17 +202,20 @@ public final class Gateway: Sendable {
     /// requests under way complete while the event loops still run to deliver their answers.
     private func stopSteps(server: Channel, admin: Channel) -> [ServiceGroupConfiguration.ServiceConfiguration] {
         let core = self.core
-        return [
-            StopStep(name: "store and access log") { await Self.stopStore(core) },
-            StopStep(name: "upstream client") { await Self.stopUpstreamClient(core) },
-            StopStep(name: "health checks") { for pool in core.runtime.pools { pool.stopHealthChecks() } },
-            // Stopped before the health checks, so that no reload through it starts them again.
-            StopStep(name: "admin API") { try? await admin.close() },
-            StopStep(name: "client listener") { [self] in
-                try? await server.close()
-                await drainConnections()
-            },
-        ].map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
+        // The span exporter runs for as long as the gateway, and stops last, flushing what the drain traced.
+        let exporter = core.tracing.map { [ServiceGroupConfiguration.ServiceConfiguration(service: $0.service)] } ?? []
+        return exporter
+            + [
+                StopStep(name: "store and access log") { await Self.stopStore(core) },
+                StopStep(name: "upstream client") { await Self.stopUpstreamClient(core) },
+                StopStep(name: "health checks") { for pool in core.runtime.pools { pool.stopHealthChecks() } },
+                // Stopped before the health checks, so that no reload through it starts them again.
+                StopStep(name: "admin API") { try? await admin.close() },
+                StopStep(name: "client listener") { [self] in
+                    try? await server.close()
+                    await drainConnections()
+                },
+            ].map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
     }
 
     private static func stopStore(_ core: GatewayCore) async {

@@ -75,6 +75,8 @@ final class Exchange {
     var webSocket: WebSocketState?
     /// The next ``DecidingPhase`` to run.
     private var nextPhase = 0
+    /// The request's spans, when it is traced (``GatewayTracing``).
+    private(set) var trace: RequestTrace?
 
     init(context: RequestContext, runtime: Runtime, core: GatewayCore, connection: any ClientConnection) {
         self.context = context
@@ -83,6 +85,7 @@ final class Exchange {
         self.connection = connection
         eventLoop = connection.eventLoop
         attempts = UpstreamAttempts(route: nil, method: context.head.method, timeoutMilliseconds: 30_000)
+        trace = core.tracing?.begin(context.head)
     }
 
     /// The upstream worker paired with the connection's event loop.
@@ -102,14 +105,17 @@ final class Exchange {
         do throws(GatewayError) {
             while let phase = DecidingPhase(rawValue: nextPhase) {
                 nextPhase += 1
+                if let trace, let traced = tracedPhase(phase) { trace.begin(traced) }
                 switch try phase.run(&context, environment) {
                 case .next:
+                    trace?.end()
                     continue
                 case .answer(let direct):
                     respond(RespondPhase.head(for: direct, context), body: direct.body)
                     return
                 case .wait(let update):
                     whenLive(update, waitingFor: .phase) { exchange, result in
+                        exchange.trace?.end()
                         do {
                             try result.get()(&exchange.context)
                         } catch {
@@ -138,14 +144,28 @@ final class Exchange {
         }
         if let cache = CacheLookupPhase.run(&context, runtime: runtime, cache: core.cache) {
             self.cache = cache
+            trace?.begin(.cache)
             lookUp(cache)
             return
         }
         forward()
     }
 
+    /// The span a deciding phase gets when it has work to do on this request's route.
+    private func tracedPhase(_ phase: DecidingPhase) -> RequestTrace.Phase? {
+        guard let route = context.route else { return nil }
+        switch phase {
+        case .authenticate: return route.config.auth == .none ? nil : .authenticate
+        case .rateLimit:
+            let own = context.caller.map { runtime.consumerRateLimits[$0.id] != nil } ?? false
+            return route.config.rateLimit.isEmpty && !own ? nil : .rateLimit
+        default: return nil
+        }
+    }
+
     /// pick target, then forward: chooses a target and starts the first attempt (revalidating a stored entry).
     func forward() {
+        trace?.end(.cache)
         do throws(GatewayError) {
             try PickTargetPhase.run(&context)
         } catch {
@@ -276,6 +296,7 @@ final class Exchange {
             }
         }
         request.timeoutMilliseconds = min(request.timeoutMilliseconds, remaining)
+        trace?.beginUpstream(&request.headers, url: request.url, method: request.method)
         if let token {
             Self.authorize(&request, token: token)
             self.token = token
@@ -374,6 +395,7 @@ final class Exchange {
                 upstreamFailed(UpstreamError(kind: .reset, detail: "invalid status line"))
                 return
             }
+            trace?.upstreamStatus = head.status
             if upstreamAnswered(head) { return }
             if let cache {
                 if cache.revalidating, head.status == 304 {
@@ -439,6 +461,8 @@ final class Exchange {
     private func upstreamCompleted(_ completion: UpstreamCompletion) {
         context.upstreamMicroseconds = completion.totalMicroseconds
         transfer = nil
+        if completion.error != nil { trace?.upstreamStatus = nil }
+        trace?.endUpstream()
         if let error = completion.error {
             let lease = context.lease
             lease?.record(error.kind == .cancelled || error.kind == .requestBody ? .neutral : .failure)
@@ -539,6 +563,7 @@ final class Exchange {
     /// Writes a complete answer the gateway made (direct, cached, or an error); a request body still coming is
     /// read and dropped.
     func respond(_ head: HTTPResponseHead, body: ByteBuffer?) {
+        trace?.end(.cache)
         state.answerBegan()
         context.status = Int(head.status.code)
         let body = context.head.method == .HEAD ? nil : body
@@ -659,6 +684,8 @@ final class Exchange {
         waitTimer?.cancel()
         bridge?.detach()
         bridge = nil
+        trace?.finish(context)
+        trace = nil
         LogPhase.run(&context, gateway: core)
     }
 }

@@ -21,6 +21,8 @@ final class GatewayCore: Sendable {
     let oauth2: OAuth2Tokens
     let metrics: GatewayMetrics
     let accessLog: AccessLog?
+    /// Span export, when `tracing:` is configured (it changes only on restart).
+    let tracing: GatewayTracing?
     let logger: Logger
     /// Metrics for requests that matched no route.
     let unroutedMetrics: RouteMetrics
@@ -30,8 +32,9 @@ final class GatewayCore: Sendable {
 
     init(
         runtime: Runtime, upstream: UpstreamClient, store: SharedStore, loops: [EventLoop], metrics: GatewayMetrics,
-        accessLog: AccessLog?, logger: Logger
+        accessLog: AccessLog?, tracing: GatewayTracing?, logger: Logger
     ) {
+        self.tracing = tracing
         self.store = store
         cache = ResponseCache(store: store, localBytes: runtime.config.redis.localCacheBytes, logger: logger)
         authenticator = Authenticator(store: store, upstream: upstream, metrics: metrics, logger: logger)
