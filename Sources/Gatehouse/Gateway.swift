@@ -49,16 +49,13 @@ public final class Gateway: Sendable {
             logger.error(
                 "cannot open the access log; requests are not logged", metadata: ["path": "\(config.server.accessLog)"])
         }
-        var tracing: GatewayTracing?
-        if let tracingConfig = config.tracing {
-            do {
-                tracing = try GatewayTracing(tracingConfig, logger: logger)
-            } catch {
-                logger.error("cannot set up tracing; no spans are exported", metadata: ["error": "\(error)"])
-            }
+        let upstream = UpstreamClient(threads: threads)
+        let exportLoop = group.next()
+        let tracing = config.tracing.map {
+            GatewayTracing($0, client: upstream, eventLoop: exportLoop, factory: metrics.factory)
         }
         core = GatewayCore(
-            runtime: runtime, upstream: UpstreamClient(threads: threads),
+            runtime: runtime, upstream: upstream,
             store: SharedStores.make(config.redis, group: group, logger: logger, metrics: metrics),
             loops: group.makeIterator().map { $0 }, metrics: metrics, accessLog: accessLog, tracing: tracing,
             logger: logger)
@@ -199,23 +196,25 @@ public final class Gateway: Sendable {
 
     /// What stops each part, in the order the parts start; the service group stops them in reverse: clients are
     /// drained while health checks, the admin API, the upstream client and the store still serve them; token
-    /// requests under way complete while the event loops still run to deliver their answers.
+    /// requests under way complete while the event loops still run to deliver their answers; the span exporter
+    /// sends what the drain traced while the upstream client still runs.
     private func stopSteps(server: Channel, admin: Channel) -> [ServiceGroupConfiguration.ServiceConfiguration] {
         let core = self.core
-        // The span exporter runs for as long as the gateway, and stops last, flushing what the drain traced.
-        let exporter = core.tracing.map { [ServiceGroupConfiguration.ServiceConfiguration(service: $0.service)] } ?? []
-        return exporter
-            + [
-                StopStep(name: "store and access log") { await Self.stopStore(core) },
-                StopStep(name: "upstream client") { await Self.stopUpstreamClient(core) },
-                StopStep(name: "health checks") { for pool in core.runtime.pools { pool.stopHealthChecks() } },
-                // Stopped before the health checks, so that no reload through it starts them again.
-                StopStep(name: "admin API") { try? await admin.close() },
-                StopStep(name: "client listener") { [self] in
-                    try? await server.close()
-                    await drainConnections()
-                },
-            ].map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
+        var services: [any Service] = [
+            StopStep(name: "store and access log") { await Self.stopStore(core) },
+            StopStep(name: "upstream client") { await Self.stopUpstreamClient(core) },
+        ]
+        if let tracing = core.tracing { services.append(tracing.exporter) }
+        services += [
+            StopStep(name: "health checks") { for pool in core.runtime.pools { pool.stopHealthChecks() } },
+            // Stopped before the health checks, so that no reload through it starts them again.
+            StopStep(name: "admin API") { try? await admin.close() },
+            StopStep(name: "client listener") { [self] in
+                try? await server.close()
+                await drainConnections()
+            },
+        ]
+        return services.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }
     }
 
     private static func stopStore(_ core: GatewayCore) async {

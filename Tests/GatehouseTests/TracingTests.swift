@@ -131,3 +131,27 @@ import Testing
         }
     }
 }
+
+extension TracingTests {
+    /// A collector that is not there: requests are answered as before, and the spans it could not take are
+    /// counted as dropped, not kept.
+    @Test func spansACollectorCannotTakeAreDroppedAndCounted() async throws {
+        let closed = PortHold.anyFreePort()
+        try await Harness.run(Self.yaml(receiver: closed, ratio: "1.0")) { h in
+            for index in 0..<20 {
+                #expect(try await request(port: h.port, "/plain/\(index)").status == 200)
+            }
+            var dropped = 0
+            for _ in 0..<50 where dropped < 40 {
+                try await Task.sleep(for: .milliseconds(100))
+                let metrics = try await request(port: h.adminPort, "/metrics").text
+                let line = metrics.split(separator: "\n").first {
+                    $0.hasPrefix("gatehouse_tracing_spans_dropped_total")
+                }
+                dropped = line.flatMap { $0.split(separator: " ").last }.flatMap { Int(Double($0) ?? 0) } ?? 0
+            }
+            // Two spans per request (server and upstream attempt), none of them exported.
+            #expect(dropped == 40, "dropped \(dropped)")
+        }
+    }
+}

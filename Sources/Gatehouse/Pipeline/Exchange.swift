@@ -105,7 +105,7 @@ final class Exchange {
         do throws(GatewayError) {
             while let phase = DecidingPhase(rawValue: nextPhase) {
                 nextPhase += 1
-                if let trace, let traced = tracedPhase(phase) { trace.begin(traced) }
+                if trace != nil, let traced = tracedPhase(phase) { trace?.begin(traced) }
                 switch try phase.run(&context, environment) {
                 case .next:
                     trace?.end()
