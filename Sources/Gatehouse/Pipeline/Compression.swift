@@ -87,7 +87,8 @@ struct CompressionPolicy: Sendable {
 }
 
 /// One answer's streaming encoder: zlib (gzip framing) or Brotli, with bounded state (a 32 KiB window for gzip,
-/// 256 KiB for br). Each ``encode(_:allocator:)`` flushes what it took, so a streamed answer arrives as it goes.
+/// 256 KiB for br). The caller flushes at the end of what arrived together (``Step/flush``), so a streamed answer
+/// leaves as it comes, and a body that arrives at once is one block.
 final class BodyEncoder {
     /// The `Content-Encoding` an encoder produces.
     enum Coding: String {
@@ -123,42 +124,45 @@ final class BodyEncoder {
         }
     }
 
-    /// Encodes a piece of the body and flushes it through.
-    func encode(_ input: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
-        run(input, finish: false, allocator: allocator)
+    /// How far an encoding step goes.
+    enum Step {
+        /// Takes the input; output comes as the encoder's blocks fill.
+        case more
+        /// Takes the input and flushes everything so far through: what arrived together leaves together.
+        case flush
+        /// Takes the input and ends the stream (its trailer).
+        case finish
     }
 
-    /// Ends the encoded stream: what is left, and the trailer.
-    func finish(allocator: ByteBufferAllocator) -> ByteBuffer {
-        run(ByteBuffer(), finish: true, allocator: allocator)
-    }
-
-    /// Encodes a whole body at once (a cached entry's).
-    func encodeWhole(_ input: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
-        run(input, finish: true, allocator: allocator)
-    }
-
-    private func run(_ input: ByteBuffer, finish: Bool, allocator: ByteBufferAllocator) -> ByteBuffer {
+    /// Encodes a piece of the body.
+    func encode(_ input: ByteBuffer, _ step: Step, allocator: ByteBufferAllocator) -> ByteBuffer {
         var output = allocator.buffer(capacity: max(64, input.readableBytes / 2 + 64))
         input.withUnsafeReadableBytes { bytes in
             switch state {
-            case .gzip(let stream): deflate(stream, bytes, finish: finish, into: &output)
-            case .br(let encoder): brotli(encoder, bytes, finish: finish, into: &output)
+            case .gzip(let stream): deflate(stream, bytes, step, into: &output)
+            case .br(let encoder): brotli(encoder, bytes, step, into: &output)
             }
         }
         return output
     }
 
     private func deflate(
-        _ stream: UnsafeMutablePointer<z_stream>, _ bytes: UnsafeRawBufferPointer, finish: Bool,
+        _ stream: UnsafeMutablePointer<z_stream>, _ bytes: UnsafeRawBufferPointer, _ step: Step,
         into output: inout ByteBuffer
     ) {
         stream.pointee.next_in = UnsafeMutablePointer(
             mutating: bytes.baseAddress?.assumingMemoryBound(to: Bytef.self))
         stream.pointee.avail_in = uInt(bytes.count)
-        let flush = finish ? Z_FINISH : Z_SYNC_FLUSH
+        let flush: Int32
+        switch step {
+        case .more: flush = Z_NO_FLUSH
+        case .flush: flush = Z_SYNC_FLUSH
+        case .finish: flush = Z_FINISH
+        }
+        let finish = step == .finish
         var result = Z_OK
-        // A flush is complete when deflate left output space over; the end when it says so.
+        // A step is complete when deflate left output space over (all input taken, all it could give out); the
+        // end when it says so.
         repeat {
             output.writeWithUnsafeMutableBytes(minimumWritableBytes: 4096) { space in
                 stream.pointee.next_out = space.baseAddress?.assumingMemoryBound(to: Bytef.self)
@@ -172,11 +176,17 @@ final class BodyEncoder {
     }
 
     private func brotli(
-        _ encoder: OpaquePointer, _ bytes: UnsafeRawBufferPointer, finish: Bool, into output: inout ByteBuffer
+        _ encoder: OpaquePointer, _ bytes: UnsafeRawBufferPointer, _ step: Step, into output: inout ByteBuffer
     ) {
         var availableIn = bytes.count
         var nextIn = bytes.baseAddress?.assumingMemoryBound(to: UInt8.self)
-        let operation = finish ? BROTLI_OPERATION_FINISH : BROTLI_OPERATION_FLUSH
+        let finish = step == .finish
+        let operation: BrotliEncoderOperation
+        switch step {
+        case .more: operation = BROTLI_OPERATION_PROCESS
+        case .flush: operation = BROTLI_OPERATION_FLUSH
+        case .finish: operation = BROTLI_OPERATION_FINISH
+        }
         repeat {
             var ok = BROTLI_TRUE
             output.writeWithUnsafeMutableBytes(minimumWritableBytes: 4096) { space in

@@ -160,7 +160,7 @@ extension Exchange {
         if let whole = body, let compression = context.route?.compression,
             let encoder = compression.begin(&headers, status: Int(status.code), request: context.head)
         {
-            body = encoder.encodeWhole(whole, allocator: ByteBufferAllocator())
+            body = encoder.encode(whole, .finish, allocator: ByteBufferAllocator())
         }
         respond(RespondPhase.finish(&headers, status: status, context), body: body)
     }

@@ -429,7 +429,7 @@ final class Exchange {
                 upstreamFailed(UpstreamError(kind: .reset, detail: "body without a status line"))
                 return
             }
-            for chunk in events.body {
+            for (index, chunk) in events.body.enumerated() {
                 upstreamBodyBytes += chunk.readableBytes
                 if let declaredLength, upstreamBodyBytes > declaredLength {
                     // More than the upstream announced: never let the excess pass as the next response.
@@ -440,7 +440,10 @@ final class Exchange {
                     return
                 }
                 cache?.record(chunk)
-                let out = encoder.map { $0.encode(chunk, allocator: ByteBufferAllocator()) } ?? chunk
+                // What arrived together is flushed together; the end comes with the completion.
+                let step: BodyEncoder.Step =
+                    index < events.body.count - 1 ? .more : (events.completion == nil ? .flush : .more)
+                let out = encoder.map { $0.encode(chunk, step, allocator: ByteBufferAllocator()) } ?? chunk
                 context.bytesOut += out.readableBytes
                 if out.readableBytes > 0 { connection?.write(.body(.byteBuffer(out)), flush: false) }
             }
@@ -486,7 +489,7 @@ final class Exchange {
                 return
             }
         }
-        if let tail = encoder?.finish(allocator: ByteBufferAllocator()), tail.readableBytes > 0 {
+        if let tail = encoder?.encode(ByteBuffer(), .finish, allocator: ByteBufferAllocator()), tail.readableBytes > 0 {
             context.bytesOut += tail.readableBytes
             connection?.write(.body(.byteBuffer(tail)), flush: false)
         }
