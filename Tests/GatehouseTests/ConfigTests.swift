@@ -234,3 +234,56 @@ import Testing
         #expect(json.contains("<redacted>"))
     }
 }
+
+extension ConfigTests {
+    /// The edge keys (SPEC §7) refuse what cannot work, with the key path.
+    @Test func edgeKeysAreChecked() {
+        func route(_ extra: String) -> String {
+            Self.minimal + "\n" + extra.split(separator: "\n").map { "    " + $0 }.joined(separator: "\n")
+        }
+        #expect(errors(route("allow_ips: [\"10.0.0.0/33\"]")).contains { $0.contains("routes[0].allow_ips[0]") })
+        #expect(errors(route("deny_ips: [\"not-an-address\"]")).contains { $0.contains("routes[0].deny_ips[0]") })
+        #expect(
+            errors(route("cors: { allow_methods: [GET] }")).contains { $0.contains("routes[0].cors.allow_origins") })
+        #expect(
+            errors(route("cors: { allow_origins: [\"app.example.com\"] }")).contains {
+                $0.contains("scheme://host")
+            })
+        #expect(
+            errors(route("response_headers: { set: { \"Bad Name\": x } }")).contains {
+                $0.contains("not a valid header name")
+            })
+        #expect(errors(route("compression: { types: [json] }")).contains { $0.contains("routes[0].compression.types") })
+        #expect(
+            errors(route("auth: required\nauth_methods: [client_cert]")).contains {
+                $0.contains("server.tls.client_ca")
+            })
+        #expect(
+            errors(Self.minimal + "\ntracing: { otlp_endpoint: \"http://c:4318\", sample_ratio: 2 }").contains {
+                $0.contains("tracing.sample_ratio")
+            })
+        #expect(
+            errors(Self.minimal + "\ntracing: { sample_ratio: 1 }").contains { $0.contains("tracing.otlp_endpoint") })
+        #expect(
+            errors(
+                Self.minimal.replacingOccurrences(
+                    of: "upstreams:", with: "server:\n  tls: { min_version: \"1.1\" }\nupstreams:")
+            )
+            .contains { $0.contains("server.tls") })
+        #expect(
+            errors(
+                "consumers:\n  - { id: a, client_certs: [\"ab:cd\"] }\n" + Self.minimal
+            ).contains { $0.contains("consumers[0].client_certs[0]") })
+        // And what is valid loads.
+        #expect(
+            errors(
+                route(
+                    """
+                    allow_ips: ["10.0.0.0/8", "2001:db8::/32"]
+                    cors: { allow_origins: ["*"], max_age: 10m }
+                    request_headers: { set: { X-A: "1" }, add: { X-B: "2" }, remove: [X-C] }
+                    compression: { min_bytes: 2KiB }
+                    """)
+            ).isEmpty)
+    }
+}

@@ -1,4 +1,5 @@
 import Foundation
+import GatehouseConfig
 import Testing
 
 @testable import Gatehouse
@@ -207,5 +208,23 @@ import Testing
             let (rogue, _) = try await call("/open/x", as: "rogue")
             #expect(rogue != 0)
         }
+    }
+}
+
+extension EdgeTLSTests {
+    /// config/examples/edge.yaml loads, once the certificate files it names exist.
+    @Test func theEdgeExampleIsValid() async throws {
+        let certs = try Certificates()
+        for name in ["api", "wildcard", "partners-ca"] { try await certs.selfSigned(name, dns: ["\(name).test"]) }
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let text = try String(contentsOf: root.appendingPathComponent("config/examples/edge.yaml"), encoding: .utf8)
+        let path = certs.path("edge.yaml")
+        try text.replacingOccurrences(of: "certs/", with: certs.directory + "/")
+            .write(toFile: path, atomically: true, encoding: .utf8)
+        let config = try ConfigLoader.load(path: path, environment: ["TENANT": "blue"])
+        #expect(config.server.tls?.certificates.count == 2)
+        #expect(config.routes.first { $0.id == "billing" }?.authMethods == [.clientCert])
+        #expect(config.tracing?.sampleRatio == 0.05)
     }
 }
