@@ -155,6 +155,7 @@ public final class Gateway: Sendable {
             || old.server.accessLog != config.server.accessLog
             || old.tracing?.otlpEndpoint != config.tracing?.otlpEndpoint
             || old.tracing?.sampleRatio != config.tracing?.sampleRatio
+            || old.tracing?.serviceName != config.tracing?.serviceName
         {
             logger.warning(
                 "turning server.tls on or off, server.threads, server.access_log and tracing change only on restart")

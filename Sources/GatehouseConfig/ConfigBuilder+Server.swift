@@ -69,11 +69,13 @@ extension ConfigBuilder {
         var certificates: [TLSFiles] = []
         if t["cert"] != nil || t["key"] != nil {
             if t["certificates"] != nil { t.fail("certificates", "give cert and key, or certificates, not both") }
-            if let pair = certificatePair(node, path) { certificates.append(pair) }
+            if let pair = certificatePair(node, path, allowed: ["cert", "key", "client_ca", "min_version"]) {
+                certificates.append(pair)
+            }
         } else if let listNode = t.require("certificates"), let items = reader.list(listNode, t.path("certificates")) {
             if items.isEmpty { t.fail("certificates", "needs at least one certificate") }
             certificates = items.enumerated().compactMap { index, item in
-                certificatePair(item, "\(path).certificates[\(index)]")
+                certificatePair(item, "\(path).certificates[\(index)]", allowed: ["cert", "key"])
             }
         }
         guard !certificates.isEmpty else { return nil }
@@ -86,8 +88,9 @@ extension ConfigBuilder {
         return tls
     }
 
-    private func certificatePair(_ node: Node, _ path: String) -> TLSFiles? {
-        guard let t = reader.fields(node, path, allowed: ["cert", "key", "certificates", "client_ca", "min_version"]),
+    /// A `{ cert, key }` pair; `allowed` is every key its mapping may hold.
+    private func certificatePair(_ node: Node, _ path: String, allowed: [String]) -> TLSFiles? {
+        guard let t = reader.fields(node, path, allowed: allowed),
             let cert = t.require("cert").flatMap({ reader.string($0, t.path("cert")) }),
             let key = t.require("key").flatMap({ reader.string($0, t.path("key")) })
         else { return nil }

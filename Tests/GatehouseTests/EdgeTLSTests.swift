@@ -176,6 +176,8 @@ import Testing
                       - { id: mtls, match: { path_prefix: "/mtls" }, upstream: demo, auth: required,
                           auth_methods: [client_cert] }
                       - { id: open, match: { path_prefix: "/open" }, upstream: demo }
+                      - { id: either, match: { path_prefix: "/either" }, upstream: demo, auth: required,
+                          auth_methods: [client_cert, api_key] }
                     """
             ).replacingOccurrences(
                 of: "upstreams:",
@@ -202,6 +204,9 @@ import Testing
             #expect(try await call("/mtls/who", as: nil, ["-H", "X-API-Key: k"]).1.hasSuffix("401 2"))
             // A certificate the CA signed but no consumer names.
             #expect(try await call("/mtls/who", as: "unknown-client").1.hasSuffix("401 2"))
+            // Where an API key is accepted too, a certificate no consumer names does not stand in its way.
+            let either = try await call("/either/who", as: "unknown-client", ["-H", "X-API-Key: k"])
+            #expect(either.1.hasSuffix("200 2") && either.1.contains("\"x-consumer-id\":\"acme\""), "\(either.1)")
             // Routes that take no certificates serve clients without one.
             #expect(try await call("/open/x", as: nil).1.hasSuffix("200 2"))
             // A certificate the CA did not sign fails the handshake.

@@ -84,6 +84,9 @@ import Testing
             match: { path_prefix: "/open" }
             upstream: demo
             cors: { allow_origins: ["*"] }
+          - id: plain
+            match: { path_prefix: "/plain", methods: [GET] }
+            upstream: demo
         """
 
     @Test func preflightsAreAnsweredByTheGatewayBeforeAuthentication() async throws {
@@ -111,6 +114,11 @@ import Testing
             #expect(stranger.status == 204)
             #expect(!stranger.headers.contains { $0.0.lowercased().hasPrefix("access-control-allow") })
 
+            // A preflight to a route without cors is routed as the OPTIONS it is: here, a method the route refuses.
+            let noCORS = try await request(
+                port: h.port, "/plain/x", method: "OPTIONS",
+                headers: [("Origin", "https://app.example.com"), ("Access-Control-Request-Method", "GET")])
+            #expect(noCORS.status == 405)
             // A plain OPTIONS (no preflight headers) is an ordinary request, refused without credentials.
             let plain = try await request(port: h.port, "/api/items/1", method: "OPTIONS")
             #expect(plain.status == 405 || plain.status == 401)
@@ -319,6 +327,35 @@ import Testing
             let whole = try await Self.fetchRaw(h.port, "/events/3", acceptEncoding: "gzip")
             let text = String(decoding: try await Self.decode(whole.body, with: "gzip"), as: UTF8.self)
             #expect(text.components(separatedBy: "data:").count - 1 == 3, "\(text)")
+        }
+    }
+
+    /// An entry refreshed by a revalidation (a 304 from the origin) stores the origin's headers, not the ones one
+    /// answer got from the route (its CORS origin, its response_headers): later hits get theirs, once.
+    @Test func revalidatedEntriesStoreNoPerAnswerHeaders() async throws {
+        let routes = """
+              - id: shaped
+                match: { path_prefix: "/cache" }
+                upstream: demo
+                cache: { ttl: 30s }
+                cors: { allow_origins: ["https://a.example", "https://b.example"] }
+                response_headers: { add: { X-Edge: "1" } }
+            """
+        try await Harness.run(Self.yaml(routes)) { h in
+            let path = "/cache/r?cc=max-age%3D1&etag=%22v1%22"
+            _ = try await request(port: h.port, path, headers: [("Origin", "https://a.example")])
+            try await Task.sleep(for: .milliseconds(1200))
+            // Stale: revalidated, the origin answers 304, the entry is refreshed by this answer.
+            let revalidated = try await request(port: h.port, path, headers: [("Origin", "https://a.example")])
+            #expect(revalidated.header("Cache-Status")?.contains("fwd-status=304") == true, "\(revalidated.headers)")
+            let hit = try await request(port: h.port, path, headers: [("Origin", "https://b.example")])
+            #expect(hit.header("Cache-Status")?.contains("hit") == true, "\(hit.headers)")
+            #expect(hit.headers.filter { $0.0.lowercased() == "x-edge" }.count == 1, "\(hit.headers)")
+            #expect(
+                hit.headers.filter { $0.0.lowercased() == "access-control-allow-origin" }.map(\.1) == [
+                    "https://b.example"
+                ])
+            #expect(h.upstream.requestCount == 2)
         }
     }
 }

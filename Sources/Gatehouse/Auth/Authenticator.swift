@@ -68,15 +68,16 @@ final class Authenticator: Sendable {
         let settings = runtime.auth
         let methods = settings.methods(for: route.config)
         let takesCertificate = methods.contains(.clientCert)
-        // The listener verified the certificate against server.tls.client_ca; a consumer must also name it.
+        // The listener verified the certificate against server.tls.client_ca; a consumer must also name it. One
+        // that none names is no credential: other credentials may still prove the caller.
+        var unknownCertificate = false
         if takesCertificate, let fingerprint = context.clientCertificate {
-            guard let consumer = settings.certificateConsumers[fingerprint] else {
-                metrics.record(method: "client_cert", result: "invalid")
-                throw Self.unauthorized("The client certificate names no consumer.", error: "invalid_token")
+            if let consumer = settings.certificateConsumers[fingerprint] {
+                metrics.record(method: "client_cert", result: "ok")
+                context.caller = .consumer(consumer)
+                return nil
             }
-            metrics.record(method: "client_cert", result: "ok")
-            context.caller = .consumer(consumer)
-            return nil
+            unknownCertificate = true
         }
         let credentials = Credentials(headers: context.head.headers, query: context.query, config: settings.apiKey)
         let takesJWT = methods.contains(.jwt) && !settings.issuers.isEmpty
@@ -88,6 +89,10 @@ final class Authenticator: Sendable {
         let key = takesKey ? credentials.apiKey ?? credentials.jwt : nil
         guard let key else {
             guard route.config.auth == .required else { return nil }
+            if unknownCertificate, credentials.isEmpty {
+                metrics.record(method: "client_cert", result: "invalid")
+                throw Self.unauthorized("The client certificate names no consumer.", error: "invalid_token")
+            }
             metrics.record(method: "none", result: credentials.isEmpty ? "missing" : "wrong_method")
             let takes = [
                 takesKey ? "an API key" : nil, takesJWT ? "a JWT bearer token" : nil,

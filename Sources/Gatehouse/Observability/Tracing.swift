@@ -507,10 +507,11 @@ final class SpanExporter: Service, Sendable {
             queue.finish()
         }
         ticker.cancel()
-        await exportQueued()
+        // At shutdown, a collector that fails a batch gets no more: the rest is dropped and counted.
+        await exportQueued(stopAtFailure: true)
     }
 
-    private func exportQueued() async {
+    private func exportQueued(stopAtFailure: Bool = false) async {
         var items = queue.takeAll()[...]
         while !items.isEmpty {
             var spans = 0
@@ -524,7 +525,7 @@ final class SpanExporter: Service, Sendable {
             let request = UpstreamRequest(
                 url: url, method: "POST",
                 headers: [("Content-Type", "application/json"), ("User-Agent", "gatehouse")],
-                bodyLength: Int64(body.count), connectTimeoutMilliseconds: 1000, timeoutMilliseconds: 5000,
+                bodyLength: Int64(body.readableBytes), connectTimeoutMilliseconds: 1000, timeoutMilliseconds: 5000,
                 verifyTLS: true, caFile: nil)
             let answer = try? await UpstreamFetch.send(
                 request, body: body, client: client, on: eventLoop, limit: 64 * 1024
@@ -533,40 +534,24 @@ final class SpanExporter: Service, Sendable {
                 queue.exported.increment(by: spans)
             } else {
                 queue.dropped.increment(by: spans)
+                if stopAtFailure {
+                    queue.dropped.increment(by: items.reduce(0) { $0 + $1.count })
+                    return
+                }
             }
         }
     }
 }
 
 /// OTLP's JSON encoding of spans (an ExportTraceServiceRequest): ids in lower-case hex, times and integers as
-/// decimal strings, the fixed parts copied from bytes made once.
+/// decimal strings, written straight into a buffer (the fixed parts as static strings).
 enum OTLPJSON {
-    private static func bytes(_ text: String) -> [UInt8] { Array(text.utf8) }
-    private static let open = bytes(#"{"resourceSpans":[{"resource":{"attributes":["#)
-    private static let scope = bytes(#"]},"scopeSpans":[{"scope":{"name":"gatehouse"},"spans":["#)
-    private static let close = bytes("]}]}]}")
-    private static let traceID = bytes(#"{"traceId":""#)
-    private static let spanID = bytes(#"","spanId":""#)
-    private static let parentID = bytes(#"","parentSpanId":""#)
-    private static let name = bytes(#"","name":"#)
-    private static let kind = bytes(#","kind":"#)
-    private static let startTime = bytes(#","startTimeUnixNano":""#)
-    private static let endTime = bytes(#"","endTimeUnixNano":""#)
-    private static let attributes = bytes(#"","attributes":["#)
-    private static let statusOK = bytes(#"],"status":{"code":0}}"#)
-    private static let statusError = bytes(#"],"status":{"code":2}}"#)
-    private static let keyOpen = bytes(#"{"key":"#)
-    private static let stringValue = bytes(#","value":{"stringValue":"#)
-    private static let intValue = bytes(#","value":{"intValue":""#)
-    private static let arrayValue = bytes(#","value":{"arrayValue":{"values":["#)
-    private static let elementValue = bytes(#"{"stringValue":"#)
-
-    static func request(_ items: ArraySlice<QueuedSpans>, serviceName: String) -> [UInt8] {
-        var out: [UInt8] = []
-        out.reserveCapacity(items.count * 1024 + 256)
-        out += open
-        attribute("service.name", .string(serviceName), into: &out)
-        out += scope
+    static func request(_ items: ArraySlice<QueuedSpans>, serviceName: String) -> ByteBuffer {
+        var out = ByteBufferAllocator().buffer(capacity: items.count * 1024 + 256)
+        out.writeStaticString(#"{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"#)
+        out.writeStaticString(#""stringValue":"#)
+        string(serviceName, into: &out)
+        out.writeStaticString(#"}}]},"scopeSpans":[{"scope":{"name":"gatehouse"},"spans":["#)
         var first = true
         for item in items {
             switch item {
@@ -574,130 +559,134 @@ enum OTLPJSON {
             case .span(let span): encode(span, into: &out, first: &first)
             }
         }
-        out += close
+        out.writeStaticString("]}]}]}")
         return out
     }
 
-    /// `{"key":"<name>","value":{"stringValue":` for each attribute of the request path, made once.
-    private static func key(_ name: String) -> [UInt8] {
-        bytes(#"{"key":""#) + bytes(name) + bytes(#"","value":{"stringValue":"#)
-    }
-    /// `{"key":"<name>","value":{"intValue":"`.
-    private static func intKey(_ name: String) -> [UInt8] {
-        bytes(#"{"key":""#) + bytes(name) + bytes(#"","value":{"intValue":""#)
-    }
-    private static let methodKey = key("http.request.method")
-    private static let protocolKey = key("network.protocol.version")
-    private static let pathKey = key("url.path")
-    private static let schemeKey = key("url.scheme")
-    private static let clientKey = key("client.address")
-    private static let hostKey = key("server.address")
-    private static let statusKey = intKey("http.response.status_code")
-    private static let requestIDKey = key("gatehouse.request_id")
-    private static let agentKey = key("user_agent.original")
-    private static let routeKey = key("http.route")
-    private static let consumerKey = key("gatehouse.consumer")
-    private static let errorTypeKey = key("error.type")
-    private static let urlKey = key("url.full")
-    private static let cacheStatusKey = bytes(
-        #"{"key":"http.response.header.cache-status","value":{"arrayValue":{"values":[{"stringValue":"#)
-
-    /// An attribute of the request path: its made-once prefix, the value as a JSON string, the closing braces.
-    private static func attribute(_ key: [UInt8], _ value: String, into out: inout [UInt8], comma: Bool = true) {
-        if comma { out.append(UInt8(ascii: ",")) }
-        out += key
+    /// An attribute of the request path: `,{"key":"<key>","value":{"stringValue":"<value>"}}`.
+    private static func attribute(_ key: StaticString, _ value: String, into out: inout ByteBuffer, comma: Bool = true)
+    {
+        out.writeStaticString(comma ? #",{"key":""# : #"{"key":""#)
+        out.writeStaticString(key)
+        out.writeStaticString(#"","value":{"stringValue":"#)
         string(value, into: &out)
-        out.append(contentsOf: "}}".utf8)
+        out.writeStaticString("}}")
     }
 
-    private static func attribute(_ key: [UInt8], _ value: Int, into out: inout [UInt8]) {
-        out.append(UInt8(ascii: ","))
-        out += key
+    private static func attribute(_ key: StaticString, _ value: Int, into out: inout ByteBuffer) {
+        out.writeStaticString(#",{"key":""#)
+        out.writeStaticString(key)
+        out.writeStaticString(#"","value":{"intValue":""#)
         decimal(value, into: &out)
-        out.append(contentsOf: "\"}}".utf8)
+        out.writeStaticString(#""}}"#)
     }
 
     /// A request's server span and its children.
-    private static func encode(_ request: TracedRequest, into out: inout [UInt8], first: inout Bool) {
+    private static func encode(_ request: TracedRequest, into out: inout ByteBuffer, first: inout Bool) {
         begin(
             request.traceID, request.spanID, request.parentID, name: request.method, suffix: request.route,
             kind: .server, start: request.start, end: request.end, into: &out, first: &first)
-        attribute(methodKey, request.method, into: &out, comma: false)
-        attribute(protocolKey, request.http2 ? "2" : "1.1", into: &out)
-        attribute(pathKey, request.path, into: &out)
-        attribute(schemeKey, request.scheme, into: &out)
-        attribute(clientKey, request.client, into: &out)
-        attribute(hostKey, request.host, into: &out)
-        attribute(statusKey, request.status, into: &out)
-        attribute(requestIDKey, request.requestID, into: &out)
-        if let agent = request.userAgent { attribute(agentKey, agent, into: &out) }
-        if let route = request.route { attribute(routeKey, route, into: &out) }
-        if let consumer = request.consumer { attribute(consumerKey, consumer, into: &out) }
+        attribute("http.request.method", request.method, into: &out, comma: false)
+        attribute("network.protocol.version", request.http2 ? "2" : "1.1", into: &out)
+        attribute("url.path", request.path, into: &out)
+        attribute("url.scheme", request.scheme, into: &out)
+        attribute("client.address", request.client, into: &out)
+        attribute("server.address", request.host, into: &out)
+        attribute("http.response.status_code", request.status, into: &out)
+        attribute("gatehouse.request_id", request.requestID, into: &out)
+        if let agent = request.userAgent { attribute("user_agent.original", agent, into: &out) }
+        if let route = request.route { attribute("http.route", route, into: &out) }
+        if let consumer = request.consumer { attribute("gatehouse.consumer", consumer, into: &out) }
         if let cacheStatus = request.cacheStatus {
-            out.append(UInt8(ascii: ","))
-            out += cacheStatusKey
+            out.writeStaticString(#",{"key":"http.response.header.cache-status","value":{"arrayValue":{"values":["#)
+            out.writeStaticString(#"{"stringValue":"#)
             string(cacheStatus, into: &out)
-            out.append(contentsOf: "}]}}}".utf8)
+            out.writeStaticString("}]}}}")
         }
-        if request.status >= 500 { attribute(errorTypeKey, String(request.status), into: &out) }
-        out += request.status >= 500 || request.status == 0 ? statusError : statusOK
+        if request.status >= 500 { attribute("error.type", String(request.status), into: &out) }
+        status(error: request.status >= 500 || request.status == 0, into: &out)
         for child in request.children {
             begin(
                 request.traceID, child.spanID, request.spanID, name: child.name, suffix: nil, kind: child.kind,
                 start: child.start, end: child.end, into: &out, first: &first)
             if let url = child.url {
-                attribute(methodKey, child.name, into: &out, comma: false)
+                attribute("http.request.method", child.name, into: &out, comma: false)
                 let withoutQuery = url.utf8.firstIndex(of: UInt8(ascii: "?")).map { String(url[..<$0]) } ?? url
-                attribute(urlKey, withoutQuery, into: &out)
-                if let status = child.status { attribute(statusKey, status, into: &out) }
+                attribute("url.full", withoutQuery, into: &out)
+                if let status = child.status { attribute("http.response.status_code", status, into: &out) }
             }
-            out += child.error ? statusError : statusOK
+            status(error: child.error, into: &out)
         }
     }
 
     /// A span made through ``SpanTracer``.
-    private static func encode(_ span: SpanRecord, into out: inout [UInt8], first: inout Bool) {
+    private static func encode(_ span: SpanRecord, into out: inout ByteBuffer, first: inout Bool) {
         begin(
             span.traceID, span.spanID, span.parentID, name: span.name, suffix: nil, kind: span.kind,
             start: span.start, end: span.end, into: &out, first: &first)
         for (index, (key, value)) in span.attributes.enumerated() {
-            if index > 0 { out.append(UInt8(ascii: ",")) }
-            attribute(key, value, into: &out)
+            if index > 0 { out.writeStaticString(",") }
+            out.writeStaticString(#"{"key":"#)
+            string(key, into: &out)
+            out.writeStaticString(#","value":{"#)
+            switch value {
+            case .string(let text):
+                out.writeStaticString(#""stringValue":"#)
+                string(text, into: &out)
+            case .int(let number):
+                out.writeStaticString(#""intValue":""#)
+                decimal(number, into: &out)
+                out.writeStaticString(#"""#)
+            case .double(let number):
+                if number.isFinite { out.writeString(#""doubleValue":\#(number)"#) }
+            case .bool(let flag):
+                out.writeStaticString(flag ? #""boolValue":true"# : #""boolValue":false"#)
+            case .strings(let texts):
+                out.writeStaticString(#""arrayValue":{"values":["#)
+                for (position, text) in texts.enumerated() {
+                    out.writeStaticString(position > 0 ? #",{"stringValue":"# : #"{"stringValue":"#)
+                    string(text, into: &out)
+                    out.writeStaticString("}")
+                }
+                out.writeStaticString("]}")
+            }
+            out.writeStaticString("}}")
         }
-        out += span.error ? statusError : statusOK
+        status(error: span.error, into: &out)
     }
 
     /// A span's ids, name (`name suffix` with a suffix), kind and times, up to its attribute list.
     private static func begin(
         _ trace: TraceIDValue, _ span: UInt64, _ parent: UInt64, name: String, suffix: String?, kind: SpanKind,
-        start: UInt64, end: UInt64, into out: inout [UInt8], first: inout Bool
+        start: UInt64, end: UInt64, into out: inout ByteBuffer, first: inout Bool
     ) {
-        if !first { out.append(UInt8(ascii: ",")) }
+        out.writeStaticString(first ? #"{"traceId":""# : #",{"traceId":""#)
         first = false
-        out += traceID
-        Hex.append(trace.high, to: &out)
-        Hex.append(trace.low, to: &out)
-        out += spanID
-        Hex.append(span, to: &out)
+        Hex.write(trace.high, to: &out)
+        Hex.write(trace.low, to: &out)
+        out.writeStaticString(#"","spanId":""#)
+        Hex.write(span, to: &out)
         if parent != 0 {
-            out += parentID
-            Hex.append(parent, to: &out)
+            out.writeStaticString(#"","parentSpanId":""#)
+            Hex.write(parent, to: &out)
         }
-        out += self.name
-        out.append(UInt8(ascii: "\""))
+        out.writeStaticString(#"","name":""#)
         escaped(name, into: &out)
         if let suffix {
-            out.append(UInt8(ascii: " "))
+            out.writeStaticString(" ")
             escaped(suffix, into: &out)
         }
-        out.append(UInt8(ascii: "\""))
-        out += self.kind
-        out.append(UInt8(ascii: "0") + number(kind))
-        out += startTime
+        out.writeStaticString(#"","kind":"#)
+        out.writeInteger(UInt8(ascii: "0") + number(kind))
+        out.writeStaticString(#","startTimeUnixNano":""#)
         decimal(start, into: &out)
-        out += endTime
+        out.writeStaticString(#"","endTimeUnixNano":""#)
         decimal(end, into: &out)
-        out += attributes
+        out.writeStaticString(#"","attributes":["#)
+    }
+
+    private static func status(error: Bool, into out: inout ByteBuffer) {
+        out.writeStaticString(error ? #"],"status":{"code":2}}"# : #"],"status":{"code":0}}"#)
     }
 
     /// OTLP's SpanKind numbers.
@@ -711,77 +700,51 @@ enum OTLPJSON {
         }
     }
 
-    static func attribute(_ key: String, _ value: SpanValue, into out: inout [UInt8]) {
-        out += keyOpen
-        string(key, into: &out)
-        switch value {
-        case .string(let text):
-            out += stringValue
-            string(text, into: &out)
-        case .int(let number):
-            out += intValue
-            decimal(number, into: &out)
-            out.append(UInt8(ascii: "\""))
-        case .double(let number):
-            out.append(contentsOf: (number.isFinite ? #","value":{"doubleValue":\#(number)"# : #","value":{"#).utf8)
-        case .bool(let flag):
-            out.append(contentsOf: (flag ? #","value":{"boolValue":true"# : #","value":{"boolValue":false"#).utf8)
-        case .strings(let texts):
-            out += arrayValue
-            for (index, text) in texts.enumerated() {
-                if index > 0 { out.append(UInt8(ascii: ",")) }
-                out += elementValue
-                string(text, into: &out)
-                out.append(UInt8(ascii: "}"))
-            }
-            out.append(contentsOf: "]}".utf8)
-        }
-        out.append(contentsOf: "}}".utf8)
-    }
-
     /// A JSON string literal.
-    static func string(_ text: String, into out: inout [UInt8]) {
-        out.append(UInt8(ascii: "\""))
+    static func string(_ text: String, into out: inout ByteBuffer) {
+        out.writeStaticString("\"")
         escaped(text, into: &out)
-        out.append(UInt8(ascii: "\""))
+        out.writeStaticString("\"")
     }
 
-    /// A string's JSON escaping, without the quotes: `"` and `\` escaped, control bytes as `\u00XX`, the rest copied.
-    private static func escaped(_ text: String, into out: inout [UInt8]) {
-        var text = text
-        text.withUTF8 { bytes in
-            var start = 0
-            for (index, byte) in bytes.enumerated() where byte < 0x20 || byte == 0x22 || byte == 0x5C {
-                out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[start..<index]))
-                if byte < 0x20 {
-                    out.append(contentsOf: "\\u00".utf8)
-                    out.append(Hex.digits[Int(byte >> 4)])
-                    out.append(Hex.digits[Int(byte & 0xF)])
-                } else {
-                    out.append(UInt8(ascii: "\\"))
-                    out.append(byte)
-                }
-                start = index + 1
-            }
-            out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[start...]))
-        }
-    }
-
-    private static func decimal<Number: BinaryInteger>(_ value: Number, into out: inout [UInt8]) {
-        guard value != 0 else {
-            out.append(UInt8(ascii: "0"))
+    /// A string's JSON escaping, without the quotes: copied whole when nothing needs escaping (the usual case),
+    /// else `"` and `\` escaped and control bytes as `\u00XX`.
+    private static func escaped(_ text: String, into out: inout ByteBuffer) {
+        guard text.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else {
+            out.writeString(text)
             return
         }
-        if value < 0 { out.append(UInt8(ascii: "-")) }
-        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 40) { digits in
-            var rest = value.magnitude
-            var index = digits.count
-            while rest > 0 {
-                index -= 1
-                digits[index] = UInt8(ascii: "0") + UInt8(rest % 10)
+        for byte in text.utf8 {
+            if byte < 0x20 {
+                out.writeStaticString("\\u00")
+                out.writeInteger(Hex.digits[Int(byte >> 4)])
+                out.writeInteger(Hex.digits[Int(byte & 0xF)])
+            } else {
+                if byte == 0x22 || byte == 0x5C { out.writeInteger(UInt8(ascii: "\\")) }
+                out.writeInteger(byte)
+            }
+        }
+    }
+
+    private static func decimal<Number: BinaryInteger>(_ value: Number, into out: inout ByteBuffer) {
+        guard value != 0 else {
+            out.writeStaticString("0")
+            return
+        }
+        if value < 0 { out.writeStaticString("-") }
+        var rest = value.magnitude
+        var digits = 0
+        var probe = rest
+        while probe > 0 {
+            digits += 1
+            probe /= 10
+        }
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: digits) { bytes in
+            for index in stride(from: digits - 1, through: 0, by: -1) {
+                bytes[index] = UInt8(ascii: "0") + UInt8(rest % 10)
                 rest /= 10
             }
-            out.append(contentsOf: UnsafeBufferPointer(rebasing: digits[index...]))
+            return digits
         }
     }
 }
@@ -789,6 +752,17 @@ enum OTLPJSON {
 /// Lower-case hex of ids.
 enum Hex {
     static let digits = Array("0123456789abcdef".utf8)
+
+    /// The 16 hex digits of a 64-bit value, most significant first.
+    static func write(_ value: UInt64, to out: inout ByteBuffer) {
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: 16) { bytes in
+            for index in 0..<16 {
+                let nibble = UInt8((value >> UInt64(60 - 4 * index)) & 0xF)
+                bytes[index] = nibble < 10 ? UInt8(ascii: "0") + nibble : UInt8(ascii: "a") + nibble - 10
+            }
+            return 16
+        }
+    }
 
     /// The 16 hex digits of a 64-bit value, most significant first.
     static func append(_ value: UInt64, to out: inout [UInt8]) {

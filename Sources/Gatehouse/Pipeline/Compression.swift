@@ -26,16 +26,29 @@ struct CompressionPolicy: Sendable {
     }
 
     /// Decides for an answer about to be sent and edits its headers to match; returns the encoder, or nil for an
-    /// answer that goes as it is.
-    func begin(_ headers: inout HTTPHeaders, status: Int, request: HTTPRequestHead) -> BodyEncoder? {
-        guard status >= 200, status != 204, status != 206, status != 304, eligible(headers) else { return nil }
+    /// answer that goes as it is. `representation` describes the answer when `headers` do not (a 304 from the
+    /// cache: the stored entry's headers); a 304 gets the `Vary` and weak `ETag` its 200 would have had.
+    func begin(
+        _ headers: inout HTTPHeaders, status: Int, request: HTTPRequestHead, representation: HTTPHeaders? = nil
+    ) -> BodyEncoder? {
+        guard status >= 200, status != 204, status != 206, eligible(representation ?? headers) else { return nil }
         headers.addVary("Accept-Encoding")
+        if status == 304 {
+            if request.method != .HEAD, Self.choose(request.headers["Accept-Encoding"]) != nil,
+                let etag = headers.first(name: "ETag"), !etag.hasPrefix("W/")
+            {
+                headers.replaceOrAdd(name: "ETag", value: "W/" + etag)
+            }
+            return nil
+        }
         // HEAD answers describe the identity answer; HTTP/1.0 has no chunked framing for a body of unknown length.
         guard request.method != .HEAD, request.version.major > 1 || request.version.minor >= 1,
             let coding = Self.choose(request.headers["Accept-Encoding"]),
             let encoder = BodyEncoder(coding)
         else { return nil }
         headers.remove(name: "Content-Length")
+        // Byte ranges of the identity answer mean nothing in the encoded one.
+        headers.remove(name: "Accept-Ranges")
         headers.add(name: "Content-Encoding", value: coding.rawValue)
         if request.version.major == 1, !headers.contains(name: "Transfer-Encoding") {
             headers.add(name: "Transfer-Encoding", value: "chunked")
@@ -53,7 +66,9 @@ struct CompressionPolicy: Sendable {
         }
         let mediaType = type.split(separator: ";", maxSplits: 1).first.map { $0.trimmedSpaces.lowercased() } ?? ""
         let topLevel = mediaType.split(separator: "/", maxSplits: 1).first.map(String.init) ?? ""
-        guard exactTypes.contains(mediaType) || wholeTypes.contains(topLevel) else { return false }
+        // gRPC compresses its own messages; an encoded HTTP body would break it.
+        guard exactTypes.contains(mediaType) || wholeTypes.contains(topLevel), !mediaType.hasPrefix("application/grpc")
+        else { return false }
         if let length = headers.first(name: "Content-Length").flatMap(Int.init), length < minBytes { return false }
         for value in headers["Cache-Control"] where value.lowercased().contains("no-transform") { return false }
         return true

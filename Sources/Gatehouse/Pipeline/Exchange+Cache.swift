@@ -157,8 +157,13 @@ extension Exchange {
         context.cacheStatus = status
         var (headers, status) = RespondPhase.headers(for: entry, context)
         var body = status == .notModified || status == .noContent ? nil : entry.body
-        if let whole = body, let compression = context.route?.compression,
-            let encoder = compression.begin(&headers, status: Int(status.code), request: context.head)
+        // The entry holds the identity answer; this client's encoding is made here, whole (it is at most the
+        // route's max_object_bytes).
+        if let compression = context.route?.compression,
+            let encoder = compression.begin(
+                &headers, status: Int(status.code), request: context.head,
+                representation: status == .notModified ? HTTPHeaders(entry.headers.map { ($0.name, $0.value) }) : nil),
+            let whole = body
         {
             body = encoder.encode(whole, .finish, allocator: ByteBufferAllocator())
         }
@@ -231,7 +236,7 @@ final class BackgroundRefresh: UpstreamTransferDelegate {
                 state.value.notModified = head
             } else {
                 _ = cache.responseArrived(status: head.status, upstreamHeaders: head.headers, prefix: "")
-                cache.recordHeaders(RespondPhase.head(for: head, state.value.context).headers)
+                cache.recordHeaders(RespondPhase.headers(for: head, state.value.context))
             }
         }
         for chunk in events.body { cache.record(chunk) }
@@ -244,7 +249,7 @@ final class BackgroundRefresh: UpstreamTransferDelegate {
             cache.finish(intact: false, on: eventLoop)
         } else if let notModified = state.value.notModified {
             _ = cache.refresh(
-                with: notModified, responseHeaders: RespondPhase.head(for: notModified, state.value.context).headers,
+                with: notModified, responseHeaders: RespondPhase.headers(for: notModified, state.value.context),
                 on: eventLoop)
         } else {
             cache.finish(intact: true, on: eventLoop)

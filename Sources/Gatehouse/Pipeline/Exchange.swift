@@ -483,7 +483,7 @@ final class Exchange {
         context.lease?.end()
         // cache store: a 304 to the revalidation refreshes the stored entry, which answers; else the recording ends.
         if let notModified, let cache {
-            let responseHeaders = RespondPhase.head(for: notModified, context).headers
+            let responseHeaders = RespondPhase.headers(for: notModified, context)
             if let entry = cache.refresh(with: notModified, responseHeaders: responseHeaders, on: eventLoop) {
                 serveCached(entry, status: (context.cacheStatus ?? "gatehouse") + "; fwd-status=304")
                 return

@@ -185,14 +185,17 @@ enum RoutePhase {
         if let hash = target.firstIndex(of: "#") { target = target[..<hash] }
         guard let path = PathNormalizer.normalize(target) else { throw .badRequest("The request path is malformed.") }
         context.path = path
-        // A CORS preflight asks about the method the browser means to send: it finds that method's route.
-        var method = context.head.method.rawValue
+        // A CORS preflight asks about the method the browser means to send: it finds that method's route, if that
+        // route answers CORS; otherwise the OPTIONS request is routed as itself.
+        var match = runtime.table.match(host: context.host, path: path, method: context.head.method.rawValue)
         if CORSPolicy.isPreflight(context.head),
-            let requested = context.head.headers.first(name: "Access-Control-Request-Method")
+            let requested = context.head.headers.first(name: "Access-Control-Request-Method"),
+            case .found(let index, _) = runtime.table.match(host: context.host, path: path, method: requested),
+            runtime.routes[index].cors != nil
         {
-            method = requested
+            match = runtime.table.match(host: context.host, path: path, method: requested)
         }
-        switch runtime.table.match(host: context.host, path: path, method: method) {
+        switch match {
         case .notFound:
             throw .notFound()
         case .methodNotAllowed(let allow):
@@ -684,11 +687,8 @@ enum RespondPhase {
     static func finish(_ headers: inout HTTPHeaders, status: HTTPResponseStatus, _ context: RequestContext)
         -> HTTPResponseHead
     {
-        if let route = context.route {
-            if let cors = route.cors, !CORSPolicy.isPreflight(context.head) {
-                cors.apply(to: &headers, request: context.head.headers)
-            }
-            route.responseEdits?.apply(to: &headers)
+        if let cors = context.route?.cors, !CORSPolicy.isPreflight(context.head) {
+            cors.apply(to: &headers, request: context.head.headers)
         }
         headers.add(name: "X-Request-ID", value: context.requestID)
         if let cacheStatus = context.cacheStatus {
@@ -697,6 +697,8 @@ enum RespondPhase {
             headers.add(name: "Cache-Status", value: "gatehouse; fwd=bypass")
         }
         for (name, value) in context.rateLimitHeaders { headers.add(name: name, value: value) }
+        // The route's edits come last, so they may change what the gateway adds too; framing is not theirs.
+        context.route?.responseEdits?.apply(to: &headers)
         // HTTP/2 has no Connection header: a stream ends with its answer.
         if !context.keepAlive, context.head.version.major == 1 { headers.add(name: "Connection", value: "close") }
         return HTTPResponseHead(version: context.head.version, status: status, headers: headers)

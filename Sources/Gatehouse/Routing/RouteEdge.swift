@@ -77,9 +77,11 @@ struct HeaderEdits: Sendable {
     let isEmpty: Bool
 
     init(_ config: HeaderTransform) {
-        remove = Set(config.remove)
-        set = config.set.map { ($0.name, $0.value.value) }
-        add = config.add.map { ($0.name, $0.value.value) }
+        // Framing belongs to the gateway: a route's edits never change how a message is delimited.
+        let framing: Set<String> = ["content-length", "transfer-encoding", "connection"]
+        remove = Set(config.remove).subtracting(framing)
+        set = config.set.filter { !framing.contains($0.name.lowercased()) }.map { ($0.name, $0.value.value) }
+        add = config.add.filter { !framing.contains($0.name.lowercased()) }.map { ($0.name, $0.value.value) }
         isEmpty = config.isEmpty
     }
 

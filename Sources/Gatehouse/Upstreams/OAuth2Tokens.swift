@@ -242,7 +242,7 @@ final class OAuth2Tokens: Sendable {
             timeoutMilliseconds: 10_000, verifyTLS: true, caFile: nil)
         metrics.oauth2Fetches(grant.upstream).increment()
         let answer = try await UpstreamFetch.send(
-            request, body: body, client: client, on: loop, limit: 64 * 1024
+            request, body: ByteBuffer(bytes: body), client: client, on: loop, limit: 64 * 1024
         ).get()
         guard (200..<300).contains(answer.status) else {
             throw TokenError.refused(

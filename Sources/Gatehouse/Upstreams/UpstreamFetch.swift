@@ -35,12 +35,12 @@ final class UpstreamFetch: UpstreamTransferDelegate {
 
     /// Sends `request` with `body` (whose length must match `request.bodyLength`) and collects the answer.
     static func send(
-        _ request: UpstreamRequest, body: [UInt8]? = nil, client: UpstreamClient, on eventLoop: EventLoop,
+        _ request: UpstreamRequest, body: ByteBuffer? = nil, client: UpstreamClient, on eventLoop: EventLoop,
         limit: Int = 1 << 20
     ) -> EventLoopFuture<Answer> {
         let fetch = UpstreamFetch(eventLoop: eventLoop, limit: limit)
         let transfer = client.start(request, delegate: fetch)
-        if let body, !body.isEmpty { _ = transfer.sendBody(ByteBuffer(bytes: body)) }
+        if let body, body.readableBytes > 0 { _ = transfer.sendBody(body) }
         transfer.endBody()
         return fetch.promise.futureResult
     }
