@@ -93,6 +93,9 @@ import Testing
                 #expect(parent == "00-\(traceID)-\(client?["span_id"] as? String ?? "?")-01", "\(parent)")
                 let clientAttributes = client?["attributes"] as? [String: Any] ?? [:]
                 #expect(clientAttributes["http.response.status_code"] as? Int == 200)
+                // The receiver decoded every export it was sent (protobuf, by opentelemetry-proto's field numbers).
+                let stats = try await request(port: receiver.port, "/stats").json
+                #expect(stats["rejected"] as? Int == 0 && (stats["requests"] as? Int ?? 0) >= 1, "\(stats)")
             }
         }
     }

@@ -12,8 +12,8 @@ import UpstreamClient
 import W3CTraceContext
 
 /// OpenTelemetry tracing (`tracing:`): spans in the OpenTelemetry model, made through swift-distributed-tracing's
-/// `Tracer` and `Span` (``SpanTracer``) or, on the request path, ``RequestTrace``; exported as OTLP/HTTP JSON to
-/// `<otlp_endpoint>/v1/traces` by ``SpanExporter``.
+/// `Tracer` and `Span` (``SpanTracer``) or, on the request path, ``RequestTrace``; exported as OTLP/HTTP protobuf
+/// to `<otlp_endpoint>/v1/traces` by ``SpanExporter``.
 ///
 /// Sampling is parent-based and decided before any span exists: a client's sampled `traceparent` is always
 /// followed, an unsampled one never, and without one (or with a malformed one) `sample_ratio` decides. A request
@@ -474,7 +474,7 @@ final class SpanQueue: Sendable {
     func finish() { wake.finish() }
 }
 
-/// Posts the queued spans to the collector in OTLP/HTTP JSON batches of about 2048 spans, every 200 ms or as soon
+/// Posts the queued spans to the collector in OTLP/HTTP protobuf batches of about 2048 spans, every 200 ms or as soon
 /// as a batch is waiting, through the upstream client (libcurl, on its worker threads); a batch the collector does
 /// not take is dropped and counted. Stops after the gateway's drain, sending what is left.
 final class SpanExporter: Service, Sendable {
@@ -520,11 +520,11 @@ final class SpanExporter: Service, Sendable {
                 spans += items[end].count
                 end += 1
             }
-            let body = OTLPJSON.request(items[..<end], serviceName: serviceName)
+            let body = OTLPProtobuf.request(items[..<end], serviceName: serviceName)
             items = items[end...]
             let request = UpstreamRequest(
                 url: url, method: "POST",
-                headers: [("Content-Type", "application/json"), ("User-Agent", "gatehouse")],
+                headers: [("Content-Type", "application/x-protobuf"), ("User-Agent", "gatehouse")],
                 bodyLength: Int64(body.readableBytes), connectTimeoutMilliseconds: 1000, timeoutMilliseconds: 5000,
                 verifyTLS: true, caFile: nil)
             let answer = try? await UpstreamFetch.send(
@@ -543,150 +543,151 @@ final class SpanExporter: Service, Sendable {
     }
 }
 
-/// OTLP's JSON encoding of spans (an ExportTraceServiceRequest): ids in lower-case hex, times and integers as
-/// decimal strings, written straight into a buffer (the fixed parts as static strings).
-enum OTLPJSON {
+/// OTLP's protobuf encoding of spans (an ExportTraceServiceRequest, opentelemetry-proto's trace/v1). Each span is
+/// written with plain stores into room reserved for it (``ProtoWriter``); a nested message's length is written as
+/// a 4-byte varint once its end is known (protobuf readers accept such padded varints).
+enum OTLPProtobuf {
     static func request(_ items: ArraySlice<QueuedSpans>, serviceName: String) -> ByteBuffer {
-        var out = ByteBufferAllocator().buffer(capacity: items.count * 1024 + 256)
-        out.writeStaticString(#"{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"#)
-        out.writeStaticString(#""stringValue":"#)
-        string(serviceName, into: &out)
-        out.writeStaticString(#"}}]},"scopeSpans":[{"scope":{"name":"gatehouse"},"spans":["#)
-        var first = true
+        var out = ByteBufferAllocator().buffer(capacity: items.count * 768 + 256)
+        var resourceSpans = 0
+        var scopeSpans = 0
+        let base = out.writerIndex  // where the first write's offsets count from, for the two outer lengths
+        write(into: &out, room: 256 + serviceName.utf8.count) { writer in
+            resourceSpans = writer.open(1)  // ExportTraceServiceRequest.resource_spans
+            let resource = writer.open(1)  // ResourceSpans.resource
+            writer.attribute(1, "service.name", .string(serviceName))  // Resource.attributes
+            writer.close(resource)
+            scopeSpans = writer.open(2)  // ResourceSpans.scope_spans
+            let scope = writer.open(1)  // ScopeSpans.scope
+            writer.string(1, "gatehouse")
+            writer.close(scope)
+        }
         for item in items {
             switch item {
-            case .request(let request): encode(request, into: &out, first: &first)
-            case .span(let span): encode(span, into: &out, first: &first)
+            case .request(let request): write(into: &out, room: room(request)) { encode(request, &$0) }
+            case .span(let span): write(into: &out, room: room(span)) { encode(span, &$0) }
             }
         }
-        out.writeStaticString("]}]}]}")
+        ProtoWriter.patchLength(in: &out, at: base + scopeSpans)
+        ProtoWriter.patchLength(in: &out, at: base + resourceSpans)
         return out
     }
 
-    /// An attribute of the request path: `,{"key":"<key>","value":{"stringValue":"<value>"}}`.
-    private static func attribute(_ key: StaticString, _ value: String, into out: inout ByteBuffer, comma: Bool = true)
-    {
-        out.writeStaticString(comma ? #",{"key":""# : #"{"key":""#)
-        out.writeStaticString(key)
-        out.writeStaticString(#"","value":{"stringValue":"#)
-        string(value, into: &out)
-        out.writeStaticString("}}")
+    /// Writes with a ``ProtoWriter`` into `room` reserved bytes; a part that would not fit is left out whole.
+    private static func write(into out: inout ByteBuffer, room: Int, _ body: (inout ProtoWriter) -> Void) {
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: room) { bytes in
+            var writer = ProtoWriter(bytes)
+            body(&writer)
+            return writer.overflowed ? 0 : writer.count
+        }
     }
 
-    private static func attribute(_ key: StaticString, _ value: Int, into out: inout ByteBuffer) {
-        out.writeStaticString(#",{"key":""#)
-        out.writeStaticString(key)
-        out.writeStaticString(#"","value":{"intValue":""#)
-        decimal(value, into: &out)
-        out.writeStaticString(#""}}"#)
+    /// More than a request's spans can take: fixed parts, and every string they carry.
+    private static func room(_ request: TracedRequest) -> Int {
+        var strings = request.method.utf8.count + request.path.utf8.count + request.scheme.utf8.count
+        strings += request.client.utf8.count + request.host.utf8.count + request.requestID.utf8.count
+        strings += (request.route?.utf8.count ?? 0) * 2 + (request.userAgent?.utf8.count ?? 0)
+        strings += (request.consumer?.utf8.count ?? 0) + (request.cacheStatus?.utf8.count ?? 0)
+        var children = 0
+        for child in request.children { children += 512 + child.name.utf8.count * 2 + (child.url?.utf8.count ?? 0) }
+        return 1024 + strings + children
+    }
+
+    private static func room(_ span: SpanRecord) -> Int {
+        var room = 512 + span.name.utf8.count
+        for (key, value) in span.attributes {
+            room += 32 + key.utf8.count
+            switch value {
+            case .string(let text): room += text.utf8.count
+            case .strings(let texts): room += texts.reduce(0) { $0 + 16 + $1.utf8.count }
+            default: room += 16
+            }
+        }
+        return room
     }
 
     /// A request's server span and its children.
-    private static func encode(_ request: TracedRequest, into out: inout ByteBuffer, first: inout Bool) {
-        begin(
+    private static func encode(_ request: TracedRequest, _ writer: inout ProtoWriter) {
+        let span = begin(
             request.traceID, request.spanID, request.parentID, name: request.method, suffix: request.route,
-            kind: .server, start: request.start, end: request.end, into: &out, first: &first)
-        attribute("http.request.method", request.method, into: &out, comma: false)
-        attribute("network.protocol.version", request.http2 ? "2" : "1.1", into: &out)
-        attribute("url.path", request.path, into: &out)
-        attribute("url.scheme", request.scheme, into: &out)
-        attribute("client.address", request.client, into: &out)
-        attribute("server.address", request.host, into: &out)
-        attribute("http.response.status_code", request.status, into: &out)
-        attribute("gatehouse.request_id", request.requestID, into: &out)
-        if let agent = request.userAgent { attribute("user_agent.original", agent, into: &out) }
-        if let route = request.route { attribute("http.route", route, into: &out) }
-        if let consumer = request.consumer { attribute("gatehouse.consumer", consumer, into: &out) }
+            kind: .server, start: request.start, end: request.end, &writer)
+        writer.attribute(9, "http.request.method", .string(request.method))
+        writer.attribute(9, "network.protocol.version", .string(request.http2 ? "2" : "1.1"))
+        writer.attribute(9, "url.path", .string(request.path))
+        writer.attribute(9, "url.scheme", .string(request.scheme))
+        writer.attribute(9, "client.address", .string(request.client))
+        writer.attribute(9, "server.address", .string(request.host))
+        writer.attribute(9, "http.response.status_code", .int(request.status))
+        writer.attribute(9, "gatehouse.request_id", .string(request.requestID))
+        if let agent = request.userAgent { writer.attribute(9, "user_agent.original", .string(agent)) }
+        if let route = request.route { writer.attribute(9, "http.route", .string(route)) }
+        if let consumer = request.consumer { writer.attribute(9, "gatehouse.consumer", .string(consumer)) }
         if let cacheStatus = request.cacheStatus {
-            out.writeStaticString(#",{"key":"http.response.header.cache-status","value":{"arrayValue":{"values":["#)
-            out.writeStaticString(#"{"stringValue":"#)
-            string(cacheStatus, into: &out)
-            out.writeStaticString("}]}}}")
+            writer.attribute(9, "http.response.header.cache-status", .strings([cacheStatus]))
         }
-        if request.status >= 500 { attribute("error.type", String(request.status), into: &out) }
-        status(error: request.status >= 500 || request.status == 0, into: &out)
+        if request.status >= 500 { writer.attribute(9, "error.type", .string(String(request.status))) }
+        writer.status(error: request.status >= 500 || request.status == 0)
+        writer.close(span)
         for child in request.children {
-            begin(
+            let span = begin(
                 request.traceID, child.spanID, request.spanID, name: child.name, suffix: nil, kind: child.kind,
-                start: child.start, end: child.end, into: &out, first: &first)
+                start: child.start, end: child.end, &writer)
             if let url = child.url {
-                attribute("http.request.method", child.name, into: &out, comma: false)
+                writer.attribute(9, "http.request.method", .string(child.name))
                 let withoutQuery = url.utf8.firstIndex(of: UInt8(ascii: "?")).map { String(url[..<$0]) } ?? url
-                attribute("url.full", withoutQuery, into: &out)
-                if let status = child.status { attribute("http.response.status_code", status, into: &out) }
+                writer.attribute(9, "url.full", .string(withoutQuery))
+                if let status = child.status { writer.attribute(9, "http.response.status_code", .int(status)) }
             }
-            status(error: child.error, into: &out)
+            writer.status(error: child.error)
+            writer.close(span)
         }
     }
 
     /// A span made through ``SpanTracer``.
-    private static func encode(_ span: SpanRecord, into out: inout ByteBuffer, first: inout Bool) {
-        begin(
-            span.traceID, span.spanID, span.parentID, name: span.name, suffix: nil, kind: span.kind,
-            start: span.start, end: span.end, into: &out, first: &first)
-        for (index, (key, value)) in span.attributes.enumerated() {
-            if index > 0 { out.writeStaticString(",") }
-            out.writeStaticString(#"{"key":"#)
-            string(key, into: &out)
-            out.writeStaticString(#","value":{"#)
-            switch value {
-            case .string(let text):
-                out.writeStaticString(#""stringValue":"#)
-                string(text, into: &out)
-            case .int(let number):
-                out.writeStaticString(#""intValue":""#)
-                decimal(number, into: &out)
-                out.writeStaticString(#"""#)
-            case .double(let number):
-                if number.isFinite { out.writeString(#""doubleValue":\#(number)"#) }
-            case .bool(let flag):
-                out.writeStaticString(flag ? #""boolValue":true"# : #""boolValue":false"#)
-            case .strings(let texts):
-                out.writeStaticString(#""arrayValue":{"values":["#)
-                for (position, text) in texts.enumerated() {
-                    out.writeStaticString(position > 0 ? #",{"stringValue":"# : #"{"stringValue":"#)
-                    string(text, into: &out)
-                    out.writeStaticString("}")
-                }
-                out.writeStaticString("]}")
-            }
-            out.writeStaticString("}}")
-        }
-        status(error: span.error, into: &out)
+    private static func encode(_ record: SpanRecord, _ writer: inout ProtoWriter) {
+        let span = begin(
+            record.traceID, record.spanID, record.parentID, name: record.name, suffix: nil, kind: record.kind,
+            start: record.start, end: record.end, &writer)
+        for (key, value) in record.attributes { writer.attribute(9, key, value) }
+        writer.status(error: record.error)
+        writer.close(span)
     }
 
-    /// A span's ids, name (`name suffix` with a suffix), kind and times, up to its attribute list.
+    /// Opens a span (ScopeSpans.spans, 2) and writes its ids, name (`name suffix` with a suffix), kind and times.
     private static func begin(
-        _ trace: TraceIDValue, _ span: UInt64, _ parent: UInt64, name: String, suffix: String?, kind: SpanKind,
-        start: UInt64, end: UInt64, into out: inout ByteBuffer, first: inout Bool
-    ) {
-        out.writeStaticString(first ? #"{"traceId":""# : #",{"traceId":""#)
-        first = false
-        Hex.write(trace.high, to: &out)
-        Hex.write(trace.low, to: &out)
-        out.writeStaticString(#"","spanId":""#)
-        Hex.write(span, to: &out)
+        _ trace: TraceIDValue, _ spanID: UInt64, _ parent: UInt64, name: String, suffix: String?, kind: SpanKind,
+        start: UInt64, end: UInt64, _ writer: inout ProtoWriter
+    ) -> Int {
+        let span = writer.open(2)
+        writer.tag(1, .bytes)  // trace_id
+        writer.byte(16)
+        writer.bigEndian(trace.high)
+        writer.bigEndian(trace.low)
+        writer.tag(2, .bytes)  // span_id
+        writer.byte(8)
+        writer.bigEndian(spanID)
         if parent != 0 {
-            out.writeStaticString(#"","parentSpanId":""#)
-            Hex.write(parent, to: &out)
+            writer.tag(4, .bytes)  // parent_span_id
+            writer.byte(8)
+            writer.bigEndian(parent)
         }
-        out.writeStaticString(#"","name":""#)
-        escaped(name, into: &out)
+        writer.tag(5, .bytes)  // name
         if let suffix {
-            out.writeStaticString(" ")
-            escaped(suffix, into: &out)
+            writer.varint(UInt64(name.utf8.count + 1 + suffix.utf8.count))
+            writer.text(name)
+            writer.byte(UInt8(ascii: " "))
+            writer.text(suffix)
+        } else {
+            writer.varint(UInt64(name.utf8.count))
+            writer.text(name)
         }
-        out.writeStaticString(#"","kind":"#)
-        out.writeInteger(UInt8(ascii: "0") + number(kind))
-        out.writeStaticString(#","startTimeUnixNano":""#)
-        decimal(start, into: &out)
-        out.writeStaticString(#"","endTimeUnixNano":""#)
-        decimal(end, into: &out)
-        out.writeStaticString(#"","attributes":["#)
-    }
-
-    private static func status(error: Bool, into out: inout ByteBuffer) {
-        out.writeStaticString(error ? #"],"status":{"code":2}}"# : #"],"status":{"code":0}}"#)
+        writer.tag(6, .varint)  // kind
+        writer.byte(number(kind))
+        writer.tag(7, .fixed64)  // start_time_unix_nano
+        writer.littleEndian(start)
+        writer.tag(8, .fixed64)  // end_time_unix_nano
+        writer.littleEndian(end)
+        return span
     }
 
     /// OTLP's SpanKind numbers.
@@ -699,70 +700,145 @@ enum OTLPJSON {
         case .consumer: 5
         }
     }
+}
 
-    /// A JSON string literal.
-    static func string(_ text: String, into out: inout ByteBuffer) {
-        out.writeStaticString("\"")
-        escaped(text, into: &out)
-        out.writeStaticString("\"")
+/// Writes protobuf into reserved bytes with plain stores. Past the end it writes nothing and says so
+/// (``overflowed``), so a wrong estimate loses a span, never memory.
+struct ProtoWriter {
+    /// Protobuf's wire types.
+    enum Wire: UInt8 {
+        case varint = 0, fixed64 = 1, bytes = 2
     }
 
-    /// A string's JSON escaping, without the quotes: copied whole when nothing needs escaping (the usual case),
-    /// else `"` and `\` escaped and control bytes as `\u00XX`.
-    private static func escaped(_ text: String, into out: inout ByteBuffer) {
-        guard text.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else {
-            out.writeString(text)
-            return
-        }
-        for byte in text.utf8 {
-            if byte < 0x20 {
-                out.writeStaticString("\\u00")
-                out.writeInteger(Hex.digits[Int(byte >> 4)])
-                out.writeInteger(Hex.digits[Int(byte & 0xF)])
-            } else {
-                if byte == 0x22 || byte == 0x5C { out.writeInteger(UInt8(ascii: "\\")) }
-                out.writeInteger(byte)
-            }
+    private let bytes: UnsafeMutableRawBufferPointer
+    private(set) var count = 0
+    private(set) var overflowed = false
+
+    init(_ bytes: UnsafeMutableRawBufferPointer) {
+        self.bytes = bytes
+    }
+
+    private mutating func fits(_ size: Int) -> Bool {
+        if count + size > bytes.count { overflowed = true }
+        return !overflowed
+    }
+
+    mutating func byte(_ value: UInt8) {
+        guard fits(1) else { return }
+        bytes[count] = value
+        count += 1
+    }
+
+    mutating func bigEndian(_ value: UInt64) {
+        guard fits(8) else { return }
+        bytes.storeBytes(of: value.bigEndian, toByteOffset: count, as: UInt64.self)
+        count += 8
+    }
+
+    mutating func littleEndian(_ value: UInt64) {
+        guard fits(8) else { return }
+        bytes.storeBytes(of: value.littleEndian, toByteOffset: count, as: UInt64.self)
+        count += 8
+    }
+
+    mutating func text(_ value: String) {
+        var value = value
+        value.withUTF8 { utf8 in
+            guard fits(utf8.count), let source = utf8.baseAddress, let target = bytes.baseAddress else { return }
+            (target + count).copyMemory(from: source, byteCount: utf8.count)
+            count += utf8.count
         }
     }
 
-    private static func decimal<Number: BinaryInteger>(_ value: Number, into out: inout ByteBuffer) {
-        guard value != 0 else {
-            out.writeStaticString("0")
-            return
+    mutating func tag(_ field: UInt8, _ wire: Wire) { byte(field << 3 | wire.rawValue) }
+
+    mutating func varint(_ value: UInt64) {
+        var rest = value
+        while rest >= 0x80 {
+            byte(UInt8(truncatingIfNeeded: rest) | 0x80)
+            rest >>= 7
         }
-        if value < 0 { out.writeStaticString("-") }
-        var rest = value.magnitude
-        var digits = 0
-        var probe = rest
-        while probe > 0 {
-            digits += 1
-            probe /= 10
-        }
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: digits) { bytes in
-            for index in stride(from: digits - 1, through: 0, by: -1) {
-                bytes[index] = UInt8(ascii: "0") + UInt8(rest % 10)
-                rest /= 10
+        byte(UInt8(rest))
+    }
+
+    mutating func string(_ field: UInt8, _ value: String) {
+        tag(field, .bytes)
+        varint(UInt64(value.utf8.count))
+        text(value)
+    }
+
+    /// Starts a length-delimited field; returns where its 4-byte length goes (relative to this writer).
+    mutating func open(_ field: UInt8) -> Int {
+        tag(field, .bytes)
+        let at = count
+        guard fits(4) else { return at }
+        count += 4
+        return at
+    }
+
+    /// Ends a field ``open(_:)`` started: its length, as a varint padded to 4 bytes.
+    mutating func close(_ at: Int) {
+        guard !overflowed else { return }
+        bytes.storeBytes(of: Self.padded(UInt32(count - at - 4)).littleEndian, toByteOffset: at, as: UInt32.self)
+    }
+
+    /// A length as a 4-byte varint.
+    static func padded(_ length: UInt32) -> UInt32 {
+        (length & 0x7F | 0x80) | ((length >> 7) & 0x7F | 0x80) << 8 | ((length >> 14) & 0x7F | 0x80) << 16
+            | ((length >> 21) & 0x7F) << 24
+    }
+
+    /// Ends a field opened in an earlier write: `at` is its length's place in `buffer`'s storage.
+    static func patchLength(in buffer: inout ByteBuffer, at: Int) {
+        let length = UInt32(buffer.writerIndex - at - 4)
+        buffer.setInteger(padded(length), at: at, endianness: .little)
+    }
+
+    /// A KeyValue as field `field` (Span.attributes is 9, Resource.attributes 1).
+    mutating func attribute(_ field: UInt8, _ key: String, _ value: SpanValue) {
+        let keyValue = open(field)
+        string(1, key)
+        let any = open(2)  // KeyValue.value: AnyValue
+        switch value {
+        case .string(let text): string(1, text)
+        case .bool(let flag):
+            tag(2, .varint)
+            byte(flag ? 1 : 0)
+        case .int(let number):
+            tag(3, .varint)
+            varint(UInt64(bitPattern: Int64(number)))
+        case .double(let number):
+            tag(4, .fixed64)
+            littleEndian(number.bitPattern)
+        case .strings(let texts):
+            let array = open(5)  // ArrayValue { values (1): AnyValue }
+            for text in texts {
+                let element = open(1)
+                string(1, text)
+                close(element)
             }
-            return digits
+            close(array)
+        }
+        close(any)
+        close(keyValue)
+    }
+
+    /// Span.status (15) { code (3): 2 for an error, else unset }.
+    mutating func status(error: Bool) {
+        tag(15, .bytes)
+        if error {
+            byte(2)
+            tag(3, .varint)
+            byte(2)
+        } else {
+            byte(0)
         }
     }
 }
 
-/// Lower-case hex of ids.
+/// Lower-case hex of ids, for `traceparent`.
 enum Hex {
     static let digits = Array("0123456789abcdef".utf8)
-
-    /// The 16 hex digits of a 64-bit value, most significant first.
-    static func write(_ value: UInt64, to out: inout ByteBuffer) {
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: 16) { bytes in
-            for index in 0..<16 {
-                let nibble = UInt8((value >> UInt64(60 - 4 * index)) & 0xF)
-                bytes[index] = nibble < 10 ? UInt8(ascii: "0") + nibble : UInt8(ascii: "a") + nibble - 10
-            }
-            return 16
-        }
-    }
 
     /// The 16 hex digits of a 64-bit value, most significant first.
     static func append(_ value: UInt64, to out: inout [UInt8]) {
