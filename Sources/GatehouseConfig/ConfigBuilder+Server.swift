@@ -43,15 +43,7 @@ extension ConfigBuilder {
             if let v = l.int("max_concurrent_streams", min: 1, max: 10_000) { server.limits.maxConcurrentStreams = v }
             if let v = l.duration("websocket_idle_timeout") { server.limits.websocketIdleTimeout = v }
         }
-        if let items = f.strings("trusted_proxies") {
-            server.trustedProxies = items.enumerated().compactMap { index, text in
-                if let cidr = CIDR.parse(text) { return cidr }
-                reader.fail(
-                    f["trusted_proxies"], "server.trusted_proxies[\(index)]",
-                    "expected an address or CIDR, found \"\(text)\"")
-                return nil
-            }
-        }
+        server.trustedProxies = networks(f, "trusted_proxies")
         if let v = f.duration("drain_timeout") { server.drainTimeout = v }
         if let v = f.string("access_log") { server.accessLog = v }
         if let v = f.bool("http2") { server.http2 = v }

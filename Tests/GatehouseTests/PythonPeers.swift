@@ -13,21 +13,33 @@ final class PythonPeer: Sendable {
     let process: ChildProcess
     let port: Int
 
-    /// Starts `script server PORT extra...` and waits for it to print "ready".
+    /// Starts `script server PORT extra...` and waits for it to print "ready". A server that exits without it
+    /// (the free port it was given was taken meanwhile) is started again on another, up to three times.
     init(_ script: String, extra: [String] = []) async throws {
-        port = PortHold.anyFreePort()
-        let (read, write) = try ChildProcess.pipe()
-        process = try ChildProcess(
-            "/usr/bin/env", ["python3", Self.script(script), "server", String(port)] + extra, output: write)
-        close(write)
-        let line = try await offThePool { () -> String in
-            var text = ""
-            var byte: UInt8 = 0
-            while Glibc.read(read, &byte, 1) == 1, byte != 10 { text.append(Character(Unicode.Scalar(byte))) }
-            close(read)
-            return text
+        var attempt = 0
+        while true {
+            attempt += 1
+            let port = PortHold.anyFreePort()
+            let (read, write) = try ChildProcess.pipe()
+            let process = try ChildProcess(
+                "/usr/bin/env", ["python3", Self.script(script), "server", String(port)] + extra, output: write)
+            close(write)
+            let line = try await offThePool { () -> String in
+                var text = ""
+                var byte: UInt8 = 0
+                while Glibc.read(read, &byte, 1) == 1, byte != 10 { text.append(Character(Unicode.Scalar(byte))) }
+                close(read)
+                return text
+            }
+            if line == "ready" {
+                self.port = port
+                self.process = process
+                return
+            }
+            process.signal(SIGKILL)
+            _ = try? await process.wait()
+            guard attempt < 3 else { throw RawError.closed("\(script) server: \(line)") }
         }
-        guard line == "ready" else { throw RawError.closed("\(script) server: \(line)") }
     }
 
     func stop() async {
