@@ -206,7 +206,8 @@ extension ConfigBuilder {
                 node, path,
                 allowed: [
                     "ttl", "max_ttl", "stale_while_revalidate", "stale_if_error", "key_headers", "shared",
-                    "max_object_bytes", "store_set_cookie", "local_ttl", "lock_timeout",
+                    "max_object_bytes", "store_set_cookie", "local_ttl", "lock_timeout", "last_modified_factor",
+                    "targeted_fields",
                 ])
         else { return nil }
         var cache = RouteCache()
@@ -220,6 +221,19 @@ extension ConfigBuilder {
         if let v = f.bool("store_set_cookie") { cache.storeSetCookie = v }
         if let v = f.duration("local_ttl") { cache.localTTL = v }
         if let v = f.duration("lock_timeout") { cache.lockTimeout = v }
+        if let node = f["last_modified_factor"],
+            let v = reader.double(node, f.path("last_modified_factor"), min: 0, max: 1)
+        {
+            cache.lastModifiedFactor = v
+        }
+        if let v = f.strings("targeted_fields") {
+            for name in v where !Self.isToken(name) { f.fail("targeted_fields", "\"\(name)\" is not a header name") }
+            let reserved = ["cache-control", "expires", "age", "vary", "pragma"]
+            if let name = v.first(where: { reserved.contains($0.lowercased()) }) {
+                f.fail("targeted_fields", "\"\(name)\" is not a targeted field (RFC 9213): it is read as itself")
+            }
+            cache.targetedFields = v
+        }
         // ttl larger than max_ttl is valid (SPEC §7.1): ttl is for answers without freshness, max_ttl caps the rest.
         return cache
     }

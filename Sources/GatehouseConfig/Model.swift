@@ -801,6 +801,12 @@ public struct RouteCache: Sendable, Encodable {
     /// When set, a miss takes a short Redis lock so that one instance in the whole fleet fetches it; the others
     /// wait up to this long for its entry. 0: each instance fetches its own misses (still coalesced inside it).
     public var lockTimeout: ConfigDuration = .seconds(0)
+    /// Heuristic freshness (RFC 9111 §4.2.2): a response with `Last-Modified` and no explicit freshness is fresh
+    /// for this share of the time since it was modified, capped by `max_ttl`.
+    public var lastModifiedFactor: Double = 0.1
+    /// RFC 9213 targeted fields, most specific first: the first one a response carries (and that parses) takes
+    /// the place of `Cache-Control` for this cache, and none of them reaches the client.
+    public var targetedFields: [String] = ["CDN-Cache-Control"]
 
     public init() {}
 
@@ -815,6 +821,8 @@ public struct RouteCache: Sendable, Encodable {
         case storeSetCookie = "store_set_cookie"
         case localTTL = "local_ttl"
         case lockTimeout = "lock_timeout"
+        case lastModifiedFactor = "last_modified_factor"
+        case targetedFields = "targeted_fields"
     }
 }
 

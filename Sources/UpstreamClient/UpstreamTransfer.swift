@@ -44,6 +44,9 @@ public final class UpstreamTransfer: @unchecked Sendable {
     var trailers: [(name: String, value: String)] = []
     /// Trailer fields kept at most (more are dropped).
     static let maxTrailers = 64
+    /// Interim (1xx) heads handed over so far; more than ``maxInterimHeads`` are dropped.
+    var interimHeads = 0
+    public static let maxInterimHeads = 8
 
     init(request: UpstreamRequest, delegate: UpstreamTransferDelegate, worker: UpstreamWorker) {
         self.request = request
@@ -172,6 +175,11 @@ public final class UpstreamTransfer: @unchecked Sendable {
             if let head = pendingHead, head.status >= 200 || head.status == 0 {
                 headDelivered = true
                 events.head = UpstreamResponseHead(status: head.status, headers: head.headers)
+                hasEvents = true
+                worker.markReady(self)
+            } else if let head = pendingHead, head.status > 101, interimHeads < Self.maxInterimHeads {
+                interimHeads += 1
+                events.interim.append(UpstreamResponseHead(status: head.status, headers: head.headers))
                 hasEvents = true
                 worker.markReady(self)
             }

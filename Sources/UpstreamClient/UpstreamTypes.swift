@@ -104,6 +104,9 @@ public struct UpstreamCompletion: Sendable {
 
 /// Everything that happened to one transfer since it last reported, delivered in one hand-off.
 public struct UpstreamEvents: Sendable {
+    /// Interim answers before the head (102 Processing, 103 Early Hints; never 100 or 101), at most
+    /// ``UpstreamTransfer/maxInterimHeads`` per transfer.
+    public var interim: [UpstreamResponseHead] = []
     public var head: UpstreamResponseHead?
     public var body: [ByteBuffer] = []
     /// The answer's trailer fields (gRPC's `grpc-status`), with its completion.

@@ -1,9 +1,13 @@
 import CoreFoundation
 import Foundation
+import RawStructuredFieldValues
 
-/// The `Cache-Control` directives the cache acts on (RFC 9111 §5.2), from every value of the header.
+/// Cache directives (RFC 9111 §5.2) from every value of `Cache-Control`, a request's or a response's, or from an
+/// RFC 9213 targeted field such as `CDN-Cache-Control`.
 ///
-/// Qualified forms (`private="Set-Cookie"`, `no-cache="X"`) are read as their unqualified, stricter meaning.
+/// Qualified forms (`private="Set-Cookie"`, `no-cache="X"`) are read as their unqualified, stricter meaning. A
+/// malformed or repeated-and-conflicting `max-age` or `s-maxage` (`max-age = 5`, `max-age=5a`, `max-age=1.5`,
+/// two different values) reads as 0: the response is stale (RFC 9111 §4.2.1, §5.2).
 struct CacheControl: Equatable {
     var noStore = false
     var noCache = false
@@ -14,35 +18,103 @@ struct CacheControl: Equatable {
     var sharedMaxAge: Int64?
     var staleWhileRevalidate: Int64?
     var staleIfError: Int64?
+    /// Request only: stale answers are acceptable up to this many seconds (``maxDeltaSeconds`` when unbounded).
+    var maxStale: Int64?
+    /// Request only: the answer must stay fresh for at least this many seconds more.
+    var minFresh: Int64?
+    /// Request only: answer from the cache or with 504.
+    var onlyIfCached = false
 
     init() {}
 
     init(_ values: some Sequence<String>) {
         for value in values {
-            for item in value.split(separator: ",") {
-                let parts = item.split(separator: "=", maxSplits: 1)
-                let name = (parts.first ?? "").trimmedSpaces.lowercased()
-                let argument = parts.count > 1 ? Self.seconds(parts[1]) : nil
-                switch name {
-                case "no-store": noStore = true
-                case "no-cache": noCache = true
-                case "private": isPrivate = true
-                case "public": isPublic = true
-                case "must-revalidate", "proxy-revalidate": mustRevalidate = true
-                // A malformed delta-seconds makes the response stale (RFC 9111 §4.2.1).
-                case "max-age": maxAge = argument ?? 0
-                case "s-maxage": sharedMaxAge = argument ?? 0
-                case "stale-while-revalidate": staleWhileRevalidate = argument
-                case "stale-if-error": staleIfError = argument
-                default: break
+            for item in Self.members(of: value) {
+                let name: Substring
+                var argument: Substring?
+                if let equals = item.firstIndex(of: "=") {
+                    name = item[..<equals]
+                    argument = item[item.index(after: equals)...]
+                } else {
+                    name = item
                 }
+                // No whitespace may surround "=" (RFC 9110 §5.6.2's token "=" token / quoted-string).
+                let spaced = name.last == " " || name.last == "\t" || argument?.first == " " || argument?.first == "\t"
+                let seconds = spaced ? nil : argument.flatMap(Self.seconds)
+                apply(name.trimmedSpaces.lowercased(), seconds: seconds, hasArgument: argument != nil)
             }
         }
     }
 
+    /// An RFC 9213 targeted field's value, a Structured Fields dictionary; nil when it does not parse, so that
+    /// `Cache-Control` applies instead. Directives of the wrong type are left out.
+    init?(targeted value: String) {
+        var parser = StructuredFieldValueParser(Array(value.utf8))
+        guard let dictionary = try? parser.parseDictionaryFieldValue() else { return nil }
+        for (name, member) in dictionary {
+            guard case .item(let item) = member else { continue }
+            switch item.rfc9651BareItem {
+            case .bool(true): apply(name, seconds: nil, hasArgument: false)
+            case .integer(let value) where value >= 0:
+                apply(name, seconds: min(value, Self.maxDeltaSeconds), hasArgument: true)
+            default: continue
+            }
+        }
+    }
+
+    private mutating func apply(_ name: String, seconds: Int64?, hasArgument: Bool) {
+        switch name {
+        case "no-store": noStore = true
+        case "no-cache": noCache = true
+        case "private": isPrivate = true
+        case "public": isPublic = true
+        case "must-revalidate", "proxy-revalidate": mustRevalidate = true
+        case "only-if-cached": onlyIfCached = true
+        case "max-age": maxAge = Self.merged(maxAge, seconds ?? 0)
+        case "s-maxage": sharedMaxAge = Self.merged(sharedMaxAge, seconds ?? 0)
+        case "stale-while-revalidate": staleWhileRevalidate = seconds
+        case "stale-if-error": staleIfError = seconds
+        // Without an argument, any staleness is acceptable.
+        case "max-stale": maxStale = hasArgument ? seconds : Self.maxDeltaSeconds
+        case "min-fresh": minFresh = seconds
+        default: break
+        }
+    }
+
+    /// A freshness directive seen twice: both values when they agree, else 0 (stale).
+    private static func merged(_ earlier: Int64?, _ value: Int64) -> Int64 {
+        guard let earlier else { return value }
+        return earlier == value ? value : 0
+    }
+
+    /// The comma-separated members of a field value, trimmed; commas inside quoted strings do not separate.
+    static func members(of value: String) -> [Substring] {
+        var members: [Substring] = []
+        var start = value.startIndex
+        var quoted = false
+        var escaped = false
+        var index = value.startIndex
+        while index < value.endIndex {
+            let character = value[index]
+            if escaped {
+                escaped = false
+            } else if quoted, character == "\\" {
+                escaped = true
+            } else if character == "\"" {
+                quoted.toggle()
+            } else if character == ",", !quoted {
+                members.append(value[start..<index])
+                start = value.index(after: index)
+            }
+            index = value.index(after: index)
+        }
+        members.append(value[start...])
+        return members.map(\.trimmedSpaces).filter { !$0.isEmpty }
+    }
+
     /// A delta-seconds argument, quoted or not; nil when malformed.
     private static func seconds(_ text: Substring) -> Int64? {
-        var digits = text.trimmedSpaces
+        var digits = text
         if digits.hasPrefix("\""), digits.hasSuffix("\""), digits.count >= 2 { digits = digits.dropFirst().dropLast() }
         return deltaSeconds(digits)
     }
@@ -58,45 +130,79 @@ struct CacheControl: Equatable {
     }
 
     static let maxDeltaSeconds: Int64 = 1 << 31
+
+    /// A response's `Age` in seconds (RFC 9111 §5.1): the first member of the first line; nil (ignored) when that
+    /// is not a non-negative integer, such as `Age: 10;x=1` or `Age: 10a`.
+    static func age(_ lines: [String]) -> Int64? {
+        guard let first = lines.first else { return nil }
+        let member = first.split(separator: ",", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        return deltaSeconds(member.trimmedSpaces)
+    }
 }
 
 extension Character {
     var isASCIIDigit: Bool { ("0"..."9").contains(self) }
 }
 
-/// HTTP dates (RFC 9110 §5.6.7): IMF-fixdate, and the obsolete RFC 850 and asctime forms, as Unix seconds.
+/// HTTP dates (RFC 9110 §5.6.7) as Unix seconds: exactly IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), or the
+/// obsolete RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime (`Sun Nov  6 08:49:37 1994`) forms. Anything
+/// else (a one-digit hour, a two-digit year in IMF-fixdate, another zone, missing or extra spaces) is invalid:
+/// an `Expires` that does not parse means already expired (RFC 9111 §5.3).
 enum HTTPDate {
-    private static let months = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+    private static let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+    private static let shortDays = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+    private static let longDays = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
     static func parse(_ text: String) -> Int64? {
-        // Tokens of the three forms: "Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
-        // "Sun Nov  6 08:49:37 1994".
-        let tokens = text.split(whereSeparator: { $0 == " " || $0 == "," || $0 == "-" }).map { $0.lowercased() }
-        guard tokens.count >= 5 else { return nil }
-        var day: Int?
-        var month: Int?
-        var year: Int?
-        var clock: [Int]?
-        for token in tokens.dropFirst() {
-            if token.contains(":") {
-                let parts = token.split(separator: ":").compactMap { Int($0) }
-                if parts.count == 3 { clock = parts }
-            } else if let index = months.firstIndex(of: String(token.prefix(3))), token.count == 3 {
-                month = index + 1
-            } else if let number = Int(token) {
-                if day == nil, token.count <= 2 {
-                    day = number
-                } else {
-                    year = token.count == 2 ? (number < 70 ? 2000 + number : 1900 + number) : number
-                }
+        let text = text.trimmedSpaces
+        // IMF-fixdate and RFC 850 differ by the day name's length before the comma.
+        if let comma = text.firstIndex(of: ",") {
+            let day = String(text[..<comma])
+            let rest = text[text.index(after: comma)...]
+            if shortDays.contains(day) {
+                // " 06 Nov 1994 08:49:37 GMT"
+                let parts = rest.split(separator: " ", omittingEmptySubsequences: false)
+                guard rest.utf8.count == 25, parts.count == 6, parts[0].isEmpty, parts[5] == "GMT",
+                    parts[3].count == 4
+                else { return nil }
+                return make(day: parts[1], month: parts[2], year: Int(parts[3]), clock: parts[4])
             }
+            if longDays.contains(day) {
+                // " 06-Nov-94 08:49:37 GMT"
+                let parts = rest.split(separator: " ", omittingEmptySubsequences: false)
+                guard parts.count == 4, parts[0].isEmpty, parts[3] == "GMT" else { return nil }
+                let date = parts[1].split(separator: "-", omittingEmptySubsequences: false)
+                guard date.count == 3, date[2].count == 2, let short = Int(date[2]) else { return nil }
+                // A two-digit year more than 50 years ahead is in the past century (RFC 9110 §5.6.7).
+                let thisYear = Calendar(identifier: .gregorian).component(.year, from: Date())
+                var year = thisYear / 100 * 100 + short
+                if year > thisYear + 50 { year -= 100 }
+                return make(day: date[0], month: date[1], year: year, clock: parts[2])
+            }
+            return nil
         }
-        guard let day, let month, let year, let clock, (1...31).contains(day), (1900...9999).contains(year),
-            clock[0] < 24, clock[1] < 60, clock[2] < 61
+        // asctime: "Sun Nov  6 08:49:37 1994", a one-digit day padded with a space.
+        let parts = text.split(separator: " ", omittingEmptySubsequences: false)
+        let padded = parts.count == 6 && parts[2].isEmpty && parts[3].count == 1
+        let fields: [Substring] = padded ? [parts[0], parts[1], Substring("0" + parts[3]), parts[4], parts[5]] : parts
+        guard fields.count == 5, shortDays.contains(String(fields[0])), fields[4].count == 4,
+            padded || fields[2].count == 2
+        else { return nil }
+        return make(day: fields[2], month: fields[1], year: Int(fields[4]), clock: fields[3])
+    }
+
+    /// Builds the time from two-digit day, month name, year and `HH:MM:SS`.
+    private static func make(day: Substring, month: Substring, year: Int?, clock: Substring) -> Int64? {
+        let time = clock.split(separator: ":", omittingEmptySubsequences: false)
+        guard day.count == 2, day.allSatisfy(\.isASCIIDigit), let day = Int(day),
+            let month = months.firstIndex(of: String(month)), let year, (1900...9999).contains(year),
+            time.count == 3, time.allSatisfy({ $0.count == 2 && $0.allSatisfy(\.isASCIIDigit) }),
+            let hour = Int(time[0]), let minute = Int(time[1]), let second = Int(time[2]),
+            (1...31).contains(day), hour < 24, minute < 60, second < 61
         else { return nil }
         var fields = tm()
-        (fields.tm_year, fields.tm_mon, fields.tm_mday) = (Int32(year - 1900), Int32(month - 1), Int32(day))
-        (fields.tm_hour, fields.tm_min, fields.tm_sec) = (Int32(clock[0]), Int32(clock[1]), Int32(clock[2]))
+        (fields.tm_year, fields.tm_mon, fields.tm_mday) = (Int32(year - 1900), Int32(month), Int32(day))
+        (fields.tm_hour, fields.tm_min, fields.tm_sec) = (Int32(hour), Int32(minute), Int32(second))
         return Int64(timegm(&fields))
     }
 

@@ -12,8 +12,10 @@ final class CacheExchange {
     let config: RouteCache
     let metrics: CacheMetrics
     var facts: CachePolicy.RequestFacts
-    /// The client asked for a validated answer (`no-cache`).
-    let requestNoCache: Bool
+    /// The request's own directives (`max-age`, `max-stale`, `min-fresh`, `no-cache`, `only-if-cached`...).
+    let request: CacheControl
+    /// The client asked for a validated answer (`no-cache`, `max-age=0`).
+    var requestNoCache: Bool { request.noCache || request.maxAge == 0 }
     /// A HEAD request: answered from GET's entries, never stored.
     var isHead: Bool
     /// What the lookup saw; a store is dropped when a purge came since.
@@ -56,11 +58,10 @@ final class CacheExchange {
         self.key = key
         self.config = config
         self.metrics = metrics
-        let control = CachePolicy.requestControl(request.headers)
-        requestNoCache = control.noCache || control.maxAge == 0
+        self.request = CachePolicy.requestControl(request.headers)
         isHead = request.method == .HEAD
         facts = CachePolicy.RequestFacts(
-            authenticated: false, keyedPerConsumer: false, noStore: control.noStore, headers: request.headers,
+            authenticated: false, keyedPerConsumer: false, noStore: self.request.noStore, headers: request.headers,
             requestTime: 0)
     }
 
@@ -71,9 +72,20 @@ final class CacheExchange {
         case serve(CacheEntry, status: String, refresh: Bool)
         /// Go upstream (revalidating ``stored`` when it is set).
         case forward
+        /// `only-if-cached` and nothing stored may answer: 504.
+        case refuse
     }
 
     func decide(_ lookup: ResponseCache.Lookup, now: Int64) -> (Action, status: String) {
+        let (action, status) = choose(lookup, now: now)
+        if request.onlyIfCached, case .forward = action {
+            stored = nil
+            return (.refuse, "gatehouse; fwd=miss; detail=only-if-cached")
+        }
+        return (action, status)
+    }
+
+    private func choose(_ lookup: ResponseCache.Lookup, now: Int64) -> (Action, status: String) {
         switch lookup {
         case .unavailable:
             metrics.bypassed.increment()
@@ -91,16 +103,35 @@ final class CacheExchange {
                     revalidating: entry, status: requestNoCache ? "gatehouse; fwd=request" : "gatehouse; fwd=stale")
             }
             if left > 0 {
-                metrics.hits.increment()
-                return (.serve(entry, status: "gatehouse; hit; \(ttl)", refresh: false), "")
+                if satisfiesRequest(entry, now: now) {
+                    metrics.hits.increment()
+                    return (.serve(entry, status: "gatehouse; hit; \(ttl)", refresh: false), "")
+                }
+                return forward(revalidating: entry, status: "gatehouse; fwd=request")
             }
-            if !entry.freshness.mustRevalidate, -left <= entry.freshness.staleWhileRevalidate {
+            if entry.freshness.mustRevalidate { return forward(revalidating: entry, status: "gatehouse; fwd=stale") }
+            // The client accepts this much staleness (max-stale), within its own max-age.
+            if let maxStale = request.maxStale, -left <= maxStale * 1000,
+                request.maxAge.map({ entry.age(now: now) <= $0 * 1000 }) ?? true
+            {
+                metrics.hits.increment()
+                return (.serve(entry, status: "gatehouse; hit; stale; \(ttl); detail=max-stale", refresh: false), "")
+            }
+            // A client's max-age or min-fresh asks for a fresh answer: no stale one in its place (RFC 9111 §4.2.4).
+            if request.maxAge == nil, request.minFresh == nil, -left <= entry.freshness.staleWhileRevalidate {
                 metrics.staleWhileRevalidate.increment()
                 let status = "gatehouse; hit; stale; \(ttl); detail=stale-while-revalidate"
                 return (.serve(entry, status: status, refresh: true), "")
             }
             return forward(revalidating: entry, status: "gatehouse; fwd=stale")
         }
+    }
+
+    /// Whether a fresh entry also meets the request's `max-age` and `min-fresh` (RFC 9111 §5.2.1).
+    func satisfiesRequest(_ entry: CacheEntry, now: Int64) -> Bool {
+        if let maxAge = request.maxAge, entry.age(now: now) > maxAge * 1000 { return false }
+        if let minFresh = request.minFresh, entry.freshnessLeft(now: now) < minFresh * 1000 { return false }
+        return true
     }
 
     private func forward(revalidating entry: CacheEntry, status: String) -> (Action, status: String) {
@@ -129,7 +160,7 @@ final class CacheExchange {
     /// (its own `no-store`, its own conditional headers) could make the answer unusable for them.
     var mayLead: Bool {
         !facts.noStore && !facts.headers.contains(name: "If-None-Match")
-            && !facts.headers.contains(name: "If-Modified-Since")
+            && !facts.headers.contains(name: "If-Modified-Since") && !facts.headers.contains(name: "Range")
     }
 
     /// Adds the stored entry's validator to an upstream request, replacing the client's own conditionals: the
@@ -248,27 +279,63 @@ final class CacheExchange {
         -> CacheEntry?
     {
         metrics.notModified.increment()
-        guard var entry = stored else {
+        guard let entry = stored else {
             land(nil)
             return nil
         }
         // A 304 for another version (RFC 9111 §4.3.4): answer with what is stored, but do not update it.
         if let tag = CachePolicy.header("ETag", in: notModified.headers), let storedTag = entry.etag,
-            tag.trimmingPrefix("W/") != storedTag.trimmingPrefix("W/")
+            !EntityTag(Substring(tag)).weaklyMatches(EntityTag(Substring(storedTag)))
         {
             land(nil)
             return entry
         }
+        guard let updated = update(entry, with: notModified, responseHeaders: responseHeaders, on: eventLoop) else {
+            land(nil)
+            return entry
+        }
+        land(updated)
+        return updated
+    }
+
+    /// A HEAD request went upstream past a stored GET response and got 200: when it describes the same
+    /// representation (the same validators and length), the stored response takes its header fields and freshness
+    /// (RFC 9111 §4.3.5); otherwise it is left as it is.
+    func freshen(with head: UpstreamResponseHead, responseHeaders: HTTPHeaders, on eventLoop: EventLoop) {
+        guard isHead, head.status == 200, let entry = stored else { return }
+        let etag = CachePolicy.header("ETag", in: head.headers)
+        let modified = CachePolicy.header("Last-Modified", in: head.headers)
+        let length = CachePolicy.header("Content-Length", in: head.headers).flatMap(Int.init)
+        let same =
+            switch (etag, entry.etag) {
+            case (let new?, let old?): EntityTag(Substring(new)).weaklyMatches(EntityTag(Substring(old)))
+            case (nil, nil) where modified != nil || entry.lastModified != nil: modified == entry.lastModified
+            case (nil, nil): length != nil
+            default: false
+            }
+        guard same, length == nil || length == entry.body.readableBytes else { return }
+        _ = update(entry, with: head, responseHeaders: responseHeaders, on: eventLoop)
+    }
+
+    /// Stores `entry` updated by a 304 or HEAD response: each header field the response carries replaces the
+    /// stored one (but `Content-Length`, which describes the stored body), and freshness is judged again on the
+    /// merged fields with the response's `Age`. Nil when the merged response may no longer be stored.
+    private func update(
+        _ entry: CacheEntry, with response: UpstreamResponseHead, responseHeaders: HTTPHeaders, on eventLoop: EventLoop
+    ) -> CacheEntry? {
+        var entry = entry
         var headers = entry.headers
-        for (name, value) in Self.storable(responseHeaders)
-        where !name.caseInsensitiveEquals("Content-Type") && !name.caseInsensitiveEquals("Content-Encoding") {
-            headers.removeAll { $0.name.caseInsensitiveEquals(name) }
+        var replaced = Set<String>()
+        for (name, value) in Self.storable(responseHeaders) where !name.caseInsensitiveEquals("Content-Length") {
+            // Every value of a field the response carries replaces all the stored ones, in the response's order.
+            if replaced.insert(name.lowercased()).inserted {
+                headers.removeAll { $0.name.caseInsensitiveEquals(name) }
+            }
             headers.append((name, value))
         }
         let now = HTTPDate.nowMilliseconds()
-        // Freshness is judged on the merged headers, with the 304's Age, as if the full response came again.
         var judged = headers
-        if let age = CachePolicy.header("Age", in: notModified.headers) { judged.append(("Age", age)) }
+        judged.append(contentsOf: response.headers.filter { $0.name.caseInsensitiveEquals("Age") })
         switch CachePolicy.evaluate(
             status: entry.status, headers: judged, request: facts, responseTime: now, route: config)
         {
@@ -278,12 +345,10 @@ final class CacheExchange {
             entry.initialAge = storable.initialAge
             entry.freshness = storable.freshness
             pendingWrite = cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
-            land(entry)
             return entry
         case .failure(let reason):
             skip(reason)
-            land(nil)
-            return entry
+            return nil
         }
     }
 

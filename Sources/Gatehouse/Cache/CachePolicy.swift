@@ -1,4 +1,5 @@
 import GatehouseConfig
+import NIOCore
 import NIOHTTP1
 
 /// Why a response was not stored: the `detail` of `Cache-Status` and the label of the skipped-stores metric.
@@ -28,10 +29,9 @@ enum CacheSkip: String, Error, Sendable, CaseIterable {
 
 /// RFC 9111 for a shared cache: whether a response may be stored, and for how long it is fresh.
 enum CachePolicy {
-    /// Statuses that may be stored with heuristic freshness (the route's `ttl`), RFC 9110 §15.1.
+    /// Statuses that may be stored without explicit freshness (RFC 9110 §15.1); any other final status may be
+    /// stored when the response gives explicit freshness (`max-age`, `s-maxage`, `Expires`).
     static let heuristicallyCacheable: Set<Int> = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501]
-    /// Statuses this cache stores when the origin gives explicit freshness.
-    static let understood: Set<Int> = heuristicallyCacheable.union([302, 307])
 
     /// What the request contributes to the decision.
     struct RequestFacts {
@@ -55,11 +55,25 @@ enum CachePolicy {
         var vary: [(name: String, value: String)]
     }
 
+    /// The directives this cache follows for a response: those of the route's first targeted field the response
+    /// carries with a valid value (RFC 9213), else `Cache-Control`. `targeted` says which.
+    static func responseControl(_ headers: [(name: String, value: String)], route: RouteCache) -> (
+        control: CacheControl, targeted: Bool
+    ) {
+        for field in route.targetedFields {
+            let lines = values(of: field, in: headers)
+            if !lines.isEmpty, let control = CacheControl(targeted: lines.joined(separator: ", ")) {
+                return (control, true)
+            }
+        }
+        return (CacheControl(values(of: "Cache-Control", in: headers)), false)
+    }
+
     static func evaluate(
         status: Int, headers: [(name: String, value: String)], request: RequestFacts, responseTime: Int64,
         route: RouteCache
     ) -> Result<Storable, CacheSkip> {
-        let control = CacheControl(values(of: "Cache-Control", in: headers))
+        let (control, targeted) = responseControl(headers, route: route)
         if control.noStore || request.noStore { return .failure(.noStore) }
         if control.isPrivate { return .failure(.privateResponse) }
         if !route.storeSetCookie, headers.contains(where: { $0.name.caseInsensitiveEquals("Set-Cookie") }) {
@@ -70,7 +84,8 @@ enum CachePolicy {
             let allowed = route.shared && (control.isPublic || control.sharedMaxAge != nil || control.mustRevalidate)
             if !allowed { return .failure(.authorization) }
         }
-        guard understood.contains(status) else { return .failure(.status) }
+        // Final answers only; a 206 is a part and a 304 has no body of its own: neither is stored whole.
+        guard (200...599).contains(status), status != 206, status != 304 else { return .failure(.status) }
 
         var varyNames: [String] = []
         for value in values(of: "Vary", in: headers) {
@@ -84,23 +99,13 @@ enum CachePolicy {
         varyNames.sort()
 
         let date = header("Date", in: headers).flatMap(HTTPDate.parse).map { $0 * 1000 }
-        // max_ttl caps the freshness the origin gives; the route's ttl, for answers that give none, stands as set.
-        var lifetime: Int64
-        if let seconds = control.sharedMaxAge ?? control.maxAge {
-            lifetime = min(seconds * 1000, route.maxTTL.milliseconds)
-        } else if let expires = header("Expires", in: headers) {
-            // An invalid Expires, such as "0", means already expired.
-            lifetime = min(
-                HTTPDate.parse(expires).map { $0 * 1000 - (date ?? responseTime) } ?? 0, route.maxTTL.milliseconds)
-        } else if heuristicallyCacheable.contains(status) {
-            lifetime = route.ttl.milliseconds
-        } else {
-            return .failure(.status)
-        }
-        lifetime = max(0, lifetime)
+        guard
+            let lifetime = lifetime(
+                status: status, control: control, targeted: targeted, headers: headers,
+                date: date ?? responseTime, route: route)
+        else { return .failure(.status) }
 
-        let ageValue =
-            (header("Age", in: headers).flatMap { CacheControl.deltaSeconds(Substring($0).trimmedSpaces) } ?? 0) * 1000
+        let ageValue = (CacheControl.age(values(of: "Age", in: headers)) ?? 0) * 1000
         // Date has whole seconds: compared with the response time's second, so a response is not up to 999 ms
         // old the moment it arrives.
         let apparentAge = max(0, responseTime / 1000 * 1000 - (date ?? responseTime))
@@ -135,7 +140,32 @@ enum CachePolicy {
         return .success(Storable(freshness: freshness, initialAge: max(apparentAge, correctedAge), vary: vary))
     }
 
-    /// Request headers that keep a response out of the cache or change how stored ones may be used.
+    /// The freshness lifetime in milliseconds (RFC 9111 §4.2.1), capped by `max_ttl`: `s-maxage`, `max-age`,
+    /// `Expires` (ignored under a targeted field; invalid or repeated means expired), else heuristic: a share of
+    /// the time since `Last-Modified`, else the route's `ttl`. Nil when the status may not be stored without
+    /// explicit freshness.
+    private static func lifetime(
+        status: Int, control: CacheControl, targeted: Bool, headers: [(name: String, value: String)], date: Int64,
+        route: RouteCache
+    ) -> Int64? {
+        let cap = route.maxTTL.milliseconds
+        if let seconds = control.sharedMaxAge ?? control.maxAge { return min(seconds * 1000, cap) }
+        if !targeted {
+            let expires = values(of: "Expires", in: headers)
+            if !expires.isEmpty {
+                guard expires.count == 1, let time = HTTPDate.parse(expires[0]) else { return 0 }
+                return max(0, min(time * 1000 - date, cap))
+            }
+        }
+        guard heuristicallyCacheable.contains(status) || control.isPublic else { return nil }
+        if route.lastModifiedFactor > 0, let modified = header("Last-Modified", in: headers).flatMap(HTTPDate.parse) {
+            let since = max(0, date - modified * 1000)
+            return min(Int64(Double(since) * route.lastModifiedFactor), cap)
+        }
+        return route.ttl.milliseconds
+    }
+
+    /// The request's cache directives; `Pragma: no-cache` counts as `no-cache` when there is no `Cache-Control`.
     static func requestControl(_ headers: HTTPHeaders) -> CacheControl {
         var control = CacheControl(headers["Cache-Control"])
         if !headers.contains(name: "Cache-Control"),
@@ -146,18 +176,16 @@ enum CachePolicy {
         return control
     }
 
-    /// Whether a client's conditional request is satisfied by an entry, so 304 can be answered (RFC 9110 §13.2.2).
+    /// Whether a client's conditional request is satisfied by an entry, so 304 can be answered (RFC 9110 §13.2.2):
+    /// `If-None-Match` by weak comparison, else `If-Modified-Since`.
     static func notModified(_ request: HTTPHeaders, entry: CacheEntry) -> Bool {
         guard entry.status == 200 else { return false }
         let matches = request["If-None-Match"]
         if !matches.isEmpty {
-            guard let etag = entry.etag else { return false }
-            let stored = weak(etag)
+            guard let stored = entry.etag.map({ EntityTag(Substring($0)) }) else { return false }
             for value in matches {
-                for tag in value.split(separator: ",") {
-                    let candidate = tag.trimmedSpaces
-                    if candidate == "*" || weak(String(candidate)) == stored { return true }
-                }
+                guard let tags = EntityTag.list(value) else { return true }
+                if tags.contains(where: { $0.weaklyMatches(stored) }) { return true }
             }
             return false
         }
@@ -167,8 +195,36 @@ enum CachePolicy {
         return modified <= since
     }
 
-    /// An entity tag without its weakness prefix, for weak comparison.
-    private static func weak(_ tag: String) -> String { tag.hasPrefix("W/") ? String(tag.dropFirst(2)) : tag }
+    /// The part of a stored complete response a `Range` request gets (RFC 9110 §14.2, §13.1.5): nil for the whole
+    /// response (no or an unusable `Range`, a failed `If-Range`, a status other than 200).
+    static func range(_ request: HTTPRequestHead, entry: CacheEntry) -> RangeAnswer? {
+        guard request.method == .GET, entry.status == 200, let value = request.headers.first(name: "Range"),
+            let range = ByteRange(value)
+        else { return nil }
+        if let condition = request.headers.first(name: "If-Range").map({ $0.trimmedSpaces }) {
+            if condition.hasPrefix("\"") || condition.hasPrefix("W/") {
+                guard let etag = entry.etag, EntityTag(condition).stronglyMatches(EntityTag(Substring(etag))) else {
+                    return nil
+                }
+            } else {
+                // A date validates only as the exact Last-Modified of the stored response.
+                guard let modified = entry.lastModified.flatMap(HTTPDate.parse),
+                    HTTPDate.parse(String(condition)) == modified
+                else { return nil }
+            }
+        }
+        let length = entry.body.readableBytes
+        guard let bounds = range.bounds(length: length) else { return .unsatisfiable(length: length) }
+        return .part(bounds, length: length)
+    }
+
+    /// What a `Range` request gets from a stored response.
+    enum RangeAnswer: Equatable {
+        /// 206 with these bytes of a body of `length`.
+        case part(ClosedRange<Int>, length: Int)
+        /// 416: no byte of the range exists.
+        case unsatisfiable(length: Int)
+    }
 
     static func header(_ name: String, in headers: [(name: String, value: String)]) -> String? {
         headers.first { $0.name.caseInsensitiveEquals(name) }?.value

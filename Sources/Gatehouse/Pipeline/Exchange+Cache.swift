@@ -33,6 +33,9 @@ extension Exchange {
         case .serve(let entry, let status, let refresh):
             if refresh { startRefresh(cache, entry: entry) }
             serveCached(entry, status: status)
+        case .refuse:
+            context.cacheStatus = status
+            respondError(.onlyIfCached())
         case .forward:
             context.cacheStatus = status
             if case .unavailable = result {
@@ -66,7 +69,9 @@ extension Exchange {
             forward()
         case .landed(let entry):
             // Only what a fresh lookup could have served: no `no-cache` on either side, still fresh.
-            if !cache.requestNoCache, !entry.freshness.noCache, entry.freshnessLeft(now: HTTPDate.nowMilliseconds()) > 0
+            let now = HTTPDate.nowMilliseconds()
+            if !cache.requestNoCache, !entry.freshness.noCache, entry.freshnessLeft(now: now) > 0,
+                cache.satisfiesRequest(entry, now: now)
             {
                 answerFromFlight(entry)
             } else {
@@ -152,11 +157,27 @@ extension Exchange {
         forward()
     }
 
-    /// Answers from a stored entry: 304 when the client's own conditional matches it, else the whole response.
+    /// Answers from a stored entry: 304 when the client's own conditional matches it, 206 (or 416) for a `Range`,
+    /// else the whole response.
     func serveCached(_ entry: CacheEntry, status: String) {
         context.cacheStatus = status
-        var (headers, status) = RespondPhase.headers(for: entry, context)
-        var body = status == .notModified || status == .noContent ? nil : entry.body
+        var part: ClosedRange<Int>?
+        if !CachePolicy.notModified(context.head.headers, entry: entry) {
+            switch CachePolicy.range(context.head, entry: entry) {
+            case .part(let bounds, _): part = bounds
+            case .unsatisfiable(let length):
+                respondError(.rangeNotSatisfiable(length: length))
+                return
+            case nil: break
+            }
+        }
+        var (headers, status) = RespondPhase.headers(for: entry, part: part, context)
+        var body: ByteBuffer?
+        if status != .notModified, status != .noContent {
+            body =
+                part.map { entry.body.getSlice(at: entry.body.readerIndex + $0.lowerBound, length: $0.count) }
+                ?? entry.body
+        }
         // The entry holds the identity answer; this client's encoding is made here, whole (it is at most the
         // route's max_object_bytes).
         if let compression = context.route?.compression,

@@ -142,10 +142,15 @@ final class Exchange {
             openWebSocket()
             return
         }
-        if let cache = CacheLookupPhase.run(&context, runtime: runtime, cache: core.cache) {
-            self.cache = cache
-            trace?.begin(.cache)
-            lookUp(cache)
+        do throws(GatewayError) {
+            if let cache = try CacheLookupPhase.run(&context, runtime: runtime, cache: core.cache) {
+                self.cache = cache
+                trace?.begin(.cache)
+                lookUp(cache)
+                return
+            }
+        } catch {
+            respondError(error)
             return
         }
         forward()
@@ -388,6 +393,7 @@ final class Exchange {
     func upstreamEvents(_ events: UpstreamEvents, from sender: UpstreamTransfer) {
         // A cancelled attempt's last events (a retry replaced it) are not the current answer.
         guard sender === transfer, isLive else { return }
+        for interim in events.interim { relayInterim(interim) }
         if let head = events.head {
             guard (200...599).contains(head.status), !state.answerStarted else {
                 transfer?.cancel()
@@ -397,6 +403,9 @@ final class Exchange {
             }
             trace?.upstreamStatus = head.status
             if upstreamAnswered(head) { return }
+            if CacheInvalidation.applies(to: context) {
+                context.invalidates = CacheInvalidation.targets(context, response: head.headers, runtime: runtime)
+            }
             if let cache {
                 if cache.revalidating, head.status == 304 {
                     notModified = head
@@ -413,6 +422,7 @@ final class Exchange {
                 var headers = RespondPhase.headers(for: head, context)
                 // The cache stores the identity answer; each client's encoding is made on the way out.
                 cache?.recordHeaders(headers)
+                cache?.freshen(with: head, responseHeaders: headers, on: eventLoop)
                 declaredLength = headers.first(name: "Content-Length").flatMap(Int.init)
                 encoder = context.route?.compression?.begin(&headers, status: head.status, request: context.head)
                 let responseHead = RespondPhase.finish(
@@ -461,6 +471,25 @@ final class Exchange {
         if connection?.isWritable == false, cache?.isRecording != true { transfer?.setResponsePaused(true) }
     }
 
+    /// An interim answer (103 Early Hints, 102) goes on to a client that can take it (HTTP/1.1 and HTTP/2), before
+    /// the final head; it is never stored.
+    private func relayInterim(_ interim: UpstreamResponseHead) {
+        let version = context.head.version
+        guard !state.answerStarted, version.major > 1 || version.minor >= 1, !context.isGRPC else { return }
+        var headers = HTTPHeaders()
+        for (name, value) in interim.headers
+        where !RespondPhase.droppedResponseHeaders.contains(name.lowercased())
+            && !name.caseInsensitiveEquals("Content-Length")
+        {
+            headers.add(name: name, value: value)
+        }
+        connection?.write(
+            .head(
+                HTTPResponseHead(
+                    version: version, status: HTTPResponseStatus(statusCode: interim.status), headers: headers)),
+            flush: true)
+    }
+
     private func upstreamCompleted(_ completion: UpstreamCompletion) {
         context.upstreamMicroseconds = completion.totalMicroseconds
         transfer = nil
@@ -495,16 +524,16 @@ final class Exchange {
         }
         encoder = nil
         cache?.finish(intact: true, on: eventLoop)
-        guard let route = context.invalidates, (200..<400).contains(context.status) else {
+        guard !context.invalidates.isEmpty, (200..<400).contains(context.status) else {
             completeAnswer()
             return
         }
-        // A successful unsafe request first removes the cached responses of its path, so the client's next read
+        // A successful unsafe request first removes the stored responses it invalidates, so the client's next read
         // cannot be answered from a stale entry.
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
-        let (cache, path, loop) = (core.cache, context.path, eventLoop)
+        let (cache, targets, loop) = (core.cache, context.invalidates, eventLoop)
         Task {
-            _ = try? await cache.purge(route: route, path: path)
+            for target in targets { _ = try? await cache.purge(route: target.route, path: target.path) }
             loop.execute {
                 let exchange = bound.value
                 if exchange.isLive { exchange.completeAnswer() }

@@ -84,6 +84,21 @@ struct GatewayError: Error, Sendable {
     static let upstreamTimeout = GatewayError(
         status: .gatewayTimeout, detail: "The upstream did not answer in time.", origin: .upstream)
 
+    /// `only-if-cached` and nothing stored may answer (RFC 9111 §5.2.1.7).
+    static func onlyIfCached() -> GatewayError {
+        GatewayError(
+            status: .gatewayTimeout, detail: "The request asks for a cached answer only, and none is stored.",
+            origin: .client)
+    }
+
+    /// A `Range` no byte of the stored response falls in.
+    static func rangeNotSatisfiable(length: Int) -> GatewayError {
+        GatewayError(
+            status: .rangeNotSatisfiable,
+            detail: "The range asked for is not within the \(length) bytes of the answer.",
+            origin: .client, headers: [("Content-Range", "bytes */\(length)")])
+    }
+
     static func requestTimeout() -> GatewayError {
         GatewayError(
             status: .requestTimeout, detail: "The request head did not arrive in time.", origin: .client,

@@ -310,35 +310,30 @@ enum RateLimitPhase {
 /// cache lookup: whether the request may be answered from the cache, and under which key. The lookup itself
 /// is asynchronous (the handler runs it); requests the cache cannot serve get their `Cache-Status` here.
 enum CacheLookupPhase {
-    static func run(_ context: inout RequestContext, runtime: Runtime, cache: ResponseCache) -> CacheExchange? {
+    static func run(_ context: inout RequestContext, runtime: Runtime, cache: ResponseCache) throws(GatewayError)
+        -> CacheExchange?
+    {
         let head = context.head
-        // gRPC is never cached, and a call is not a write that invalidates what is stored.
-        if context.isGRPC { return nil }
-        if head.method != .GET, head.method != .HEAD, head.method != .OPTIONS, head.method != .TRACE {
-            // An unsafe method invalidates the cached responses of its path (RFC 9111 §4.4) once it succeeds.
-            if case .found(let index, _) = runtime.table.match(host: context.host, path: context.path, method: "GET"),
-                runtime.routes[index].config.cache != nil
-            {
-                context.invalidates = runtime.routes[index].config.id
-            }
-        }
-        guard let route = context.route, let config = route.config.cache, let metrics = route.cacheMetrics else {
-            return nil
-        }
-        func bypass(_ detail: String) -> CacheExchange? {
+        // gRPC is never cached.
+        guard !context.isGRPC, let route = context.route, let config = route.config.cache,
+            let metrics = route.cacheMetrics
+        else { return nil }
+        // `only-if-cached` (RFC 9111 §5.2.1.7): a request this cache cannot answer gets 504, not the upstream.
+        let onlyIfCached = CachePolicy.requestControl(head.headers).onlyIfCached
+        func bypass(_ detail: String) throws(GatewayError) -> CacheExchange? {
             context.cacheStatus = "gatehouse; fwd=bypass; detail=" + detail
             metrics.bypassed.increment()
+            if onlyIfCached { throw .onlyIfCached() }
             return nil
         }
         guard head.method == .GET || head.method == .HEAD else {
             context.cacheStatus = "gatehouse; fwd=method"
             return nil
         }
-        if head.headers.contains(name: "Range") { return bypass("range") }
         if head.headers.contains(name: "Transfer-Encoding")
             || (head.headers.first(name: "Content-Length") ?? "0") != "0"
         {
-            return bypass("request-body")
+            return try bypass("request-body")
         }
         var authenticated =
             head.headers.contains(name: "Authorization")
@@ -350,8 +345,8 @@ enum CacheLookupPhase {
         }
         let perConsumer = !config.shared && context.caller != nil
         // Without a consumer to key by, an authenticated request may only share entries on a `shared` route.
-        if authenticated, !config.shared, !perConsumer { return bypass("authorization") }
-        if cache.store.problem != nil { return bypass("redis-unavailable") }
+        if authenticated, !config.shared, !perConsumer { return try bypass("authorization") }
+        if cache.store.problem != nil { return try bypass("redis-unavailable") }
         let origin = ForwardPhase.forwardedOrigin(context)
         let key = CacheKey(
             route: route.config.id, scheme: origin.proto.lowercased(), host: origin.host?.lowercased() ?? "",
@@ -630,18 +625,26 @@ enum RespondPhase {
         return headers
     }
 
-    /// A stored entry's answer: 304 when the client's own conditional matches it, else the whole response (the
-    /// caller sends the body unless the status is 204 or 304), before ``finish(_:status:_:)``.
-    /// `context.cacheStatus` says how it was found.
-    static func headers(for entry: CacheEntry, _ context: RequestContext) -> (HTTPHeaders, HTTPResponseStatus) {
+    /// A stored entry's answer: 304 when the client's own conditional matches it, 206 with `part` of the body, else
+    /// the whole response (the caller sends the body unless the status is 204 or 304), before
+    /// ``finish(_:status:_:)``. `context.cacheStatus` says how it was found.
+    static func headers(for entry: CacheEntry, part: ClosedRange<Int>? = nil, _ context: RequestContext) -> (
+        HTTPHeaders, HTTPResponseStatus
+    ) {
         let notModified = CachePolicy.notModified(context.head.headers, entry: entry)
         var headers = HTTPHeaders()
-        headers.reserveCapacity(entry.headers.count + 5)
+        headers.reserveCapacity(entry.headers.count + 6)
         for (name, value) in entry.headers where !notModified || keptOnNotModified(name) {
             headers.add(name: name, value: value)
         }
         let age = max(0, CacheExchange.seconds(entry.age(now: HTTPDate.nowMilliseconds())))
         headers.add(name: "Age", value: String(age))
+        if let part, !notModified {
+            let length = entry.body.readableBytes
+            headers.add(name: "Content-Range", value: "bytes \(part.lowerBound)-\(part.upperBound)/\(length)")
+            headers.add(name: "Content-Length", value: String(part.count))
+            return (headers, .partialContent)
+        }
         let status = notModified ? 304 : entry.status
         if status != 204, status != 304 { headers.add(name: "Content-Length", value: String(entry.body.readableBytes)) }
         return (headers, HTTPResponseStatus(statusCode: status))
@@ -689,6 +692,10 @@ enum RespondPhase {
     {
         if let cors = context.route?.cors, !CORSPolicy.isPreflight(context.head) {
             cors.apply(to: &headers, request: context.head.headers)
+        }
+        // RFC 9213 targeted fields are this cache's instructions, not the client's.
+        if let targeted = context.route?.config.cache?.targetedFields {
+            for name in targeted { headers.remove(name: name) }
         }
         headers.add(name: "X-Request-ID", value: context.requestID)
         if let cacheStatus = context.cacheStatus {

@@ -48,8 +48,9 @@ struct RequestContext {
     var authorizationVerified = false
     /// The `Cache-Status` of the answer on a caching route; also written to the access log.
     var cacheStatus: String?
-    /// The caching route whose entries for this path a successful unsafe request removes.
-    var invalidates: String?
+    /// The caching routes and paths whose entries a successful unsafe request removes (RFC 9111 §4.4), known once
+    /// its answer's head arrived.
+    var invalidates: [(route: String, path: String)] = []
     var error: GatewayError?
     /// Whether the connection may serve another request after this one.
     var keepAlive: Bool
@@ -154,6 +155,9 @@ extension Substring {
 }
 
 extension String {
+    /// Without leading and trailing spaces and tabs.
+    var trimmedSpaces: Substring { Substring(self).trimmedSpaces }
+
     /// ASCII case-insensitive equality, without allocating.
     func caseInsensitiveEquals(_ other: String) -> Bool {
         guard utf8.count == other.utf8.count else { return false }
