@@ -24,6 +24,8 @@ struct CacheControl: Equatable {
     var minFresh: Int64?
     /// Request only: answer from the cache or with 504.
     var onlyIfCached = false
+    /// `must-understand`: stored only when the status is understood, and then despite `no-store`.
+    var mustUnderstand = false
 
     init() {}
 
@@ -70,6 +72,7 @@ struct CacheControl: Equatable {
         case "public": isPublic = true
         case "must-revalidate", "proxy-revalidate": mustRevalidate = true
         case "only-if-cached": onlyIfCached = true
+        case "must-understand": mustUnderstand = true
         case "max-age": maxAge = Self.merged(maxAge, seconds ?? 0)
         case "s-maxage": sharedMaxAge = Self.merged(sharedMaxAge, seconds ?? 0)
         case "stale-while-revalidate": staleWhileRevalidate = seconds
@@ -131,12 +134,14 @@ struct CacheControl: Equatable {
 
     static let maxDeltaSeconds: Int64 = 1 << 31
 
-    /// A response's `Age` in seconds (RFC 9111 §5.1): the first member of the first line; nil (ignored) when that
-    /// is not a non-negative integer, such as `Age: 10;x=1` or `Age: 10a`.
+    /// A response's `Age` in seconds (RFC 9111 §5.1): the first member of the first line (`Age: 50, 70` is 50).
+    /// A member with a parameter or a suffix (`50;x=1`, `50a`) counts as its leading number, the older reading;
+    /// one that does not start with a digit is ignored (nil).
     static func age(_ lines: [String]) -> Int64? {
         guard let first = lines.first else { return nil }
-        let member = first.split(separator: ",", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
-        return deltaSeconds(member.trimmedSpaces)
+        let member = (first.split(separator: ",", maxSplits: 1, omittingEmptySubsequences: false).first ?? "")
+            .trimmedSpaces
+        return deltaSeconds(member.prefix(while: \.isASCIIDigit))
     }
 }
 

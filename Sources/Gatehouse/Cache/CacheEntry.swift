@@ -50,13 +50,18 @@ struct CacheEntry: Sendable {
     var hasValidator: Bool { etag != nil || lastModified != nil }
 
     /// How long the store should keep the entry: while fresh, while it may be served stale, and, when it can be
-    /// revalidated, as long again so a 304 can refresh it instead of a full download.
+    /// revalidated, as long again (at least the route's `ttl` and ``validationMilliseconds``) so a 304 can refresh
+    /// it instead of a full download.
     func storageMilliseconds(now: Int64, routeTTL: Int64) -> Int64 {
         let left = max(0, freshnessLeft(now: now))
         let staleUse = freshness.mustRevalidate ? 0 : max(freshness.staleWhileRevalidate, freshness.staleIfError)
-        let keepForValidation = hasValidator ? max(freshness.lifetime, routeTTL) : 0
+        let keepForValidation = hasValidator ? max(freshness.lifetime, routeTTL, Self.validationMilliseconds) : 0
         return max(1000, left + max(staleUse, keepForValidation))
     }
+
+    /// The least time a stale entry with a validator is kept for revalidation (10 minutes, like nginx's
+    /// `inactive`): a resource that changes rarely but is fresh only briefly is then revalidated, not refetched.
+    static let validationMilliseconds: Int64 = 600_000
 
     // MARK: encoding
 

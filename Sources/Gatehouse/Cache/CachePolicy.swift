@@ -32,6 +32,8 @@ enum CachePolicy {
     /// Statuses that may be stored without explicit freshness (RFC 9110 §15.1); any other final status may be
     /// stored when the response gives explicit freshness (`max-age`, `s-maxage`, `Expires`).
     static let heuristicallyCacheable: Set<Int> = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501]
+    /// Statuses whose caching semantics this cache knows, for `must-understand`.
+    static let understood = heuristicallyCacheable.union([302, 303, 307, 400, 403, 500, 502, 503, 504])
 
     /// What the request contributes to the decision.
     struct RequestFacts {
@@ -74,7 +76,13 @@ enum CachePolicy {
         route: RouteCache
     ) -> Result<Storable, CacheSkip> {
         let (control, targeted) = responseControl(headers, route: route)
-        if control.noStore || request.noStore { return .failure(.noStore) }
+        if control.mustUnderstand {
+            // RFC 9111 §5.2.2.3: a status this cache knows the meaning of is stored despite no-store; another never.
+            guard understood.contains(status) else { return .failure(.status) }
+            if request.noStore { return .failure(.noStore) }
+        } else if control.noStore || request.noStore {
+            return .failure(.noStore)
+        }
         if control.isPrivate { return .failure(.privateResponse) }
         if !route.storeSetCookie, headers.contains(where: { $0.name.caseInsensitiveEquals("Set-Cookie") }) {
             return .failure(.setCookie)
@@ -189,8 +197,10 @@ enum CachePolicy {
             }
             return false
         }
+        // Without Last-Modified, the response's Date, else when it was received (RFC 9111 §4.3.2).
         guard let since = request.first(name: "If-Modified-Since").flatMap(HTTPDate.parse),
-            let modified = entry.lastModified.flatMap(HTTPDate.parse)
+            let modified = entry.lastModified.flatMap(HTTPDate.parse) ?? entry.header("Date").flatMap(HTTPDate.parse)
+                ?? Optional(entry.responseTime / 1000)
         else { return false }
         return modified <= since
     }

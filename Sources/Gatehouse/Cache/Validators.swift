@@ -1,21 +1,17 @@
 /// An entity tag (RFC 9110 §8.8.3) as a field carries it: `"xyz"` or `W/"xyz"`.
 ///
-/// An origin's unquoted tag (`xyz`, invalid but common) is taken whole as its opaque part, so that it still
-/// matches itself.
+/// An unquoted tag (`xyz`, invalid but common) is read as `"xyz"`, so that it matches itself either way.
 struct EntityTag: Equatable {
     var isWeak: Bool
-    /// The quoted opaque part, quotes included.
+    /// The opaque part, without its quotes.
     var opaque: Substring
 
     init(_ text: Substring) {
-        let text = text.trimmedSpaces
-        if text.hasPrefix("W/\"") {
-            isWeak = true
-            opaque = text.dropFirst(2)
-        } else {
-            isWeak = false
-            opaque = text
-        }
+        var text = text.trimmedSpaces
+        isWeak = text.hasPrefix("W/")
+        if isWeak { text = text.dropFirst(2) }
+        if text.count >= 2, text.hasPrefix("\""), text.hasSuffix("\"") { text = text.dropFirst().dropLast() }
+        opaque = text
     }
 
     /// Weak comparison: the opaque parts match, whatever their weakness (If-None-Match, 304 updates).

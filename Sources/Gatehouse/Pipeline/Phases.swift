@@ -187,7 +187,7 @@ enum RoutePhase {
         context.path = path
         // A CORS preflight asks about the method the browser means to send: it finds that method's route, if that
         // route answers CORS; otherwise the OPTIONS request is routed as itself.
-        var match = runtime.table.match(host: context.host, path: path, method: context.head.method.rawValue)
+        var match = runtime.table.match(host: context.host, path: path, method: context.head.method.wireName)
         if CORSPolicy.isPreflight(context.head),
             let requested = context.head.headers.first(name: "Access-Control-Request-Method"),
             case .found(let index, _) = runtime.table.match(host: context.host, path: path, method: requested),
@@ -481,7 +481,7 @@ enum ForwardPhase {
             bodyLength = -1
         }
         return UpstreamRequest(
-            url: url, method: head.method.rawValue, headers: headers, bodyLength: bodyLength,
+            url: url, method: head.method.wireName, headers: headers, bodyLength: bodyLength,
             connectTimeoutMilliseconds: route?.connectTimeoutMilliseconds ?? 1000,
             timeoutMilliseconds: context.timeoutMilliseconds, verifyTLS: upstream?.tls.verify ?? true,
             caFile: upstream?.tls.caFile, httpVersion: upstream.map { httpVersion($0.protocol) } ?? .auto)
@@ -729,7 +729,7 @@ enum LogPhase {
         line.append(",\"route\":")
         line.appendString(orNull: context.route?.config.id)
         line.append(",\"method\":")
-        line.appendString(context.head.method.rawValue)
+        line.appendString(context.head.method.wireName)
         line.append(",\"path\":")
         // The path only: a query may carry the API key's query parameter, which is never written down.
         if context.path.isEmpty {

@@ -144,6 +144,11 @@ struct ConnectionInfo: Sendable {
     }
 }
 
+extension HTTPMethod {
+    /// The method as it is written on the wire: NIO spells `M-SEARCH` as `MSEARCH`.
+    var wireName: String { self == .MSEARCH ? "M-SEARCH" : rawValue }
+}
+
 extension Substring {
     /// Without leading and trailing spaces and tabs.
     var trimmedSpaces: Substring {
