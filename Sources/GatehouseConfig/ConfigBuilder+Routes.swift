@@ -207,7 +207,7 @@ extension ConfigBuilder {
                 allowed: [
                     "ttl", "max_ttl", "stale_while_revalidate", "stale_if_error", "key_headers", "shared",
                     "max_object_bytes", "store_set_cookie", "local_ttl", "lock_timeout", "last_modified_factor",
-                    "targeted_fields",
+                    "targeted_fields", "forward_targeted_fields",
                 ])
         else { return nil }
         var cache = RouteCache()
@@ -234,6 +234,7 @@ extension ConfigBuilder {
             }
             cache.targetedFields = v
         }
+        if let v = f.bool("forward_targeted_fields") { cache.forwardTargetedFields = v }
         // ttl larger than max_ttl is valid (SPEC §7.1): ttl is for answers without freshness, max_ttl caps the rest.
         return cache
     }

@@ -805,8 +805,11 @@ public struct RouteCache: Sendable, Encodable {
     /// for this share of the time since it was modified, capped by `max_ttl`.
     public var lastModifiedFactor: Double = 0.1
     /// RFC 9213 targeted fields, most specific first: the first one a response carries (and that parses) takes
-    /// the place of `Cache-Control` for this cache, and none of them reaches the client.
+    /// the place of `Cache-Control` for this cache.
     public var targetedFields: [String] = ["CDN-Cache-Control"]
+    /// Whether the targeted fields also reach the client (for CDN caches in front of the gateway, RFC 9213 §3);
+    /// false: they are this cache's alone and removed.
+    public var forwardTargetedFields = false
 
     public init() {}
 
@@ -823,6 +826,7 @@ public struct RouteCache: Sendable, Encodable {
         case lockTimeout = "lock_timeout"
         case lastModifiedFactor = "last_modified_factor"
         case targetedFields = "targeted_fields"
+        case forwardTargetedFields = "forward_targeted_fields"
     }
 }
 

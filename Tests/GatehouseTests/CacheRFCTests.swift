@@ -361,6 +361,14 @@ import Testing
             #expect(first.header("Gatehouse-Cache-Control") == nil && first.header("CDN-Cache-Control") == nil)
             #expect(!Self.isHit(try await s.get("/own")))
         }
+        try await Self.run(cache: "ttl: 30s, forward_targeted_fields: true") { s in
+            // For a CDN in front of the gateway, the field passes on, and still rules here.
+            try await s.script(
+                "/fwd", Answer(200, [("Cache-Control", "no-store"), ("CDN-Cache-Control", "max-age=100")], body: "f"))
+            #expect(try await s.get("/fwd").header("CDN-Cache-Control") == "max-age=100")
+            let hit = try await s.get("/fwd")
+            #expect(Self.isHit(hit) && hit.header("CDN-Cache-Control") == "max-age=100")
+        }
     }
 
     // MARK: partial content

@@ -53,6 +53,22 @@ import Testing
         #expect(streams.upstream(named: "search")?.protocol == .http2)
         #expect(streams.routes.first { $0.id == "chat" }?.websocket == true)
         #expect(streams.server.limits.websocketIdleTimeout.milliseconds == 120_000)
+        let caching = try ConfigLoader.load(
+            path: root.appendingPathComponent("config/examples/caching.yaml").path, environment: [:])
+        #expect(caching.routes.first { $0.id == "products" }?.cache?.lastModifiedFactor == 0.1)
+        #expect(reference.routes.first?.cache?.targetedFields == ["CDN-Cache-Control"])
+    }
+
+    @Test func cacheKeysAreChecked() {
+        func cache(_ keys: String) -> [String] {
+            errors(Self.minimal + "\n    cache: { \(keys) }")
+        }
+        #expect(cache("last_modified_factor: 2").contains { $0.contains("routes[0].cache.last_modified_factor") })
+        #expect(cache("targeted_fields: [Cache-Control]").contains { $0.contains("routes[0].cache.targeted_fields") })
+        #expect(cache("targeted_fields: [\"Bad Name\"]").contains { $0.contains("not a header name") })
+        #expect(cache("forward_targeted_fields: maybe").contains { $0.contains("forward_targeted_fields") })
+        #expect(
+            cache("last_modified_factor: 0.05, targeted_fields: [Gatehouse-CC], forward_targeted_fields: true").isEmpty)
     }
 
     @Test func streamingKeysAreChecked() {

@@ -693,9 +693,9 @@ enum RespondPhase {
         if let cors = context.route?.cors, !CORSPolicy.isPreflight(context.head) {
             cors.apply(to: &headers, request: context.head.headers)
         }
-        // RFC 9213 targeted fields are this cache's instructions, not the client's.
-        if let targeted = context.route?.config.cache?.targetedFields {
-            for name in targeted { headers.remove(name: name) }
+        // RFC 9213 targeted fields are this cache's instructions, not the client's (unless a CDN in front uses them).
+        if let cache = context.route?.config.cache, !cache.forwardTargetedFields {
+            for name in cache.targetedFields { headers.remove(name: name) }
         }
         headers.add(name: "X-Request-ID", value: context.requestID)
         if let cacheStatus = context.cacheStatus {
