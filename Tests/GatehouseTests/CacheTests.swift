@@ -628,6 +628,27 @@ import Testing
         #expect(HTTPDate.parse("Sunday, 06-Nov-94 08:49:37 GMT") == 784_111_777)
         #expect(HTTPDate.parse("Sun Nov  6 08:49:37 1994") == 784_111_777)
         #expect(HTTPDate.parse("0") == nil)
+        #expect(HTTPDate.parse("SUN, 06 NOV 1994 08:49:37 gmt") == 784_111_777, "names in any case")
+        for invalid in [
+            "Sun, 06 Nov 1994 8:49:37 GMT", "Sun, 06 Nov 94 08:49:37 GMT", "Sun, 06-Nov-1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994  08:49:37 GMT", "Sun 06 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 6 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 08:49:37", "Sun Nov 6 08:49:37 1994",
+            "Sun, 32 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 24:00:00 GMT", "Funday, 06-Nov-94 08:49:37 GMT",
+        ] {
+            #expect(HTTPDate.parse(invalid) == nil, "\(invalid)")
+        }
+        #expect(CacheControl(["max-age = 5"]).maxAge == 0 && CacheControl(["max-age=5, max-age=6"]).maxAge == 0)
+        #expect(CacheControl(["no-cache=\"a, b\", max-age=7"]).maxAge == 7, "a comma inside quotes separates nothing")
+        #expect(CacheControl(targeted: "max-age=60, no-store").map { $0.maxAge == 60 && $0.noStore } == true)
+        #expect(CacheControl(targeted: "max-age=\"60\"")?.maxAge == nil, "a string is not a max-age")
+        #expect(CacheControl(targeted: "max-age=6 0") == nil, "not a dictionary: ignored")
+        #expect(EntityTag.list("\"a,b\", W/\"c\"") == [EntityTag("\"a,b\""), EntityTag("W/\"c\"")])
+        #expect(
+            !EntityTag("W/\"c\"").stronglyMatches(EntityTag("\"c\""))
+                && EntityTag("W/\"c\"").weaklyMatches(EntityTag("c")))
+        #expect(ByteRange("bytes=-0")?.bounds(length: 10) == nil && ByteRange("bytes=5-2") == nil)
+        #expect(
+            ByteRange("bytes=3-")?.bounds(length: 10) == 3...9 && ByteRange("bytes=-20")?.bounds(length: 10) == 0...9)
     }
 
     @Test func entriesRoundTripAndAgeFollowsRFC9111() throws {

@@ -134,14 +134,12 @@ struct CacheControl: Equatable {
 
     static let maxDeltaSeconds: Int64 = 1 << 31
 
-    /// A response's `Age` in seconds (RFC 9111 §5.1): the first member of the first line (`Age: 50, 70` is 50).
-    /// A member with a parameter or a suffix (`50;x=1`, `50a`) counts as its leading number, the older reading;
-    /// one that does not start with a digit is ignored (nil).
+    /// A response's `Age` in seconds (RFC 9111 §5.1): the first member of the first line (`Age: 50, 70` is 50);
+    /// nil (ignored) when that is not a non-negative integer (`50.0`, `50;x=1`, `50a`).
     static func age(_ lines: [String]) -> Int64? {
         guard let first = lines.first else { return nil }
-        let member = (first.split(separator: ",", maxSplits: 1, omittingEmptySubsequences: false).first ?? "")
-            .trimmedSpaces
-        return deltaSeconds(member.prefix(while: \.isASCIIDigit))
+        let member = first.split(separator: ",", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+        return deltaSeconds(member.trimmedSpaces)
     }
 }
 
@@ -154,12 +152,14 @@ extension Character {
 /// else (a one-digit hour, a two-digit year in IMF-fixdate, another zone, missing or extra spaces) is invalid:
 /// an `Expires` that does not parse means already expired (RFC 9111 §5.3).
 enum HTTPDate {
-    private static let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-    private static let shortDays = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
-    private static let longDays = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+    private static let months = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+    private static let shortDays = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+    private static let longDays = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 
+    /// Names are compared without regard to case (`THU`, `aug`, `gmt`), as lenient caches do; the layout is strict.
     static func parse(_ text: String) -> Int64? {
-        let text = text.trimmedSpaces
+        let lowered = text.lowercased()
+        let text = lowered.trimmedSpaces
         // IMF-fixdate and RFC 850 differ by the day name's length before the comma.
         if let comma = text.firstIndex(of: ",") {
             let day = String(text[..<comma])
@@ -167,7 +167,7 @@ enum HTTPDate {
             if shortDays.contains(day) {
                 // " 06 Nov 1994 08:49:37 GMT"
                 let parts = rest.split(separator: " ", omittingEmptySubsequences: false)
-                guard rest.utf8.count == 25, parts.count == 6, parts[0].isEmpty, parts[5] == "GMT",
+                guard rest.utf8.count == 25, parts.count == 6, parts[0].isEmpty, parts[5] == "gmt",
                     parts[3].count == 4
                 else { return nil }
                 return make(day: parts[1], month: parts[2], year: Int(parts[3]), clock: parts[4])
@@ -175,7 +175,7 @@ enum HTTPDate {
             if longDays.contains(day) {
                 // " 06-Nov-94 08:49:37 GMT"
                 let parts = rest.split(separator: " ", omittingEmptySubsequences: false)
-                guard parts.count == 4, parts[0].isEmpty, parts[3] == "GMT" else { return nil }
+                guard parts.count == 4, parts[0].isEmpty, parts[3] == "gmt" else { return nil }
                 let date = parts[1].split(separator: "-", omittingEmptySubsequences: false)
                 guard date.count == 3, date[2].count == 2, let short = Int(date[2]) else { return nil }
                 // A two-digit year more than 50 years ahead is in the past century (RFC 9110 §5.6.7).
