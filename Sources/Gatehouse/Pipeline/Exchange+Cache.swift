@@ -162,7 +162,8 @@ extension Exchange {
     func serveCached(_ entry: CacheEntry, status: String) {
         context.cacheStatus = status
         var part: ClosedRange<Int>?
-        if !CachePolicy.notModified(context.head.headers, entry: entry) {
+        let notModified = CachePolicy.notModified(context.head.headers, entry: entry)
+        if !notModified {
             switch CachePolicy.range(context.head, entry: entry) {
             case .part(let bounds, _): part = bounds
             case .unsatisfiable(let length):
@@ -171,7 +172,7 @@ extension Exchange {
             case nil: break
             }
         }
-        var (headers, status) = RespondPhase.headers(for: entry, part: part, context)
+        var (headers, status) = RespondPhase.headers(for: entry, notModified: notModified, part: part, context)
         var body: ByteBuffer?
         if status != .notModified, status != .noContent {
             body =

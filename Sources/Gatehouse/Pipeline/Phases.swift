@@ -318,12 +318,11 @@ enum CacheLookupPhase {
         guard !context.isGRPC, let route = context.route, let config = route.config.cache,
             let metrics = route.cacheMetrics
         else { return nil }
-        // `only-if-cached` (RFC 9111 §5.2.1.7): a request this cache cannot answer gets 504, not the upstream.
-        let onlyIfCached = CachePolicy.requestControl(head.headers).onlyIfCached
         func bypass(_ detail: String) throws(GatewayError) -> CacheExchange? {
             context.cacheStatus = "gatehouse; fwd=bypass; detail=" + detail
             metrics.bypassed.increment()
-            if onlyIfCached { throw .onlyIfCached() }
+            // `only-if-cached` (RFC 9111 §5.2.1.7): a request this cache cannot answer gets 504, not the upstream.
+            if CachePolicy.requestControl(head.headers).onlyIfCached { throw .onlyIfCached() }
             return nil
         }
         guard head.method == .GET || head.method == .HEAD else {
@@ -625,13 +624,12 @@ enum RespondPhase {
         return headers
     }
 
-    /// A stored entry's answer: 304 when the client's own conditional matches it, 206 with `part` of the body, else
-    /// the whole response (the caller sends the body unless the status is 204 or 304), before
+    /// A stored entry's answer: 304 when the client's own conditional matched it (``CachePolicy/notModified``), 206
+    /// with `part` of the body, else the whole response (the caller sends the body unless the status is 204 or 304), before
     /// ``finish(_:status:_:)``. `context.cacheStatus` says how it was found.
-    static func headers(for entry: CacheEntry, part: ClosedRange<Int>? = nil, _ context: RequestContext) -> (
-        HTTPHeaders, HTTPResponseStatus
-    ) {
-        let notModified = CachePolicy.notModified(context.head.headers, entry: entry)
+    static func headers(
+        for entry: CacheEntry, notModified: Bool, part: ClosedRange<Int>?, _ context: RequestContext
+    ) -> (HTTPHeaders, HTTPResponseStatus) {
         var headers = HTTPHeaders()
         headers.reserveCapacity(entry.headers.count + 6)
         for (name, value) in entry.headers where !notModified || keptOnNotModified(name) {
