@@ -802,7 +802,8 @@ public struct RouteCache: Sendable, Encodable {
     /// wait up to this long for its entry. 0: each instance fetches its own misses (still coalesced inside it).
     public var lockTimeout: ConfigDuration = .seconds(0)
     /// Heuristic freshness (RFC 9111 §4.2.2): a response with `Last-Modified` and no explicit freshness is fresh
-    /// for this share of the time since it was modified, capped by `max_ttl`.
+    /// for this share of the time since it was modified, capped by `max_ttl`. 0: `Last-Modified` gives no
+    /// freshness, and `ttl` applies as to a response without it.
     public var lastModifiedFactor: Double = 0.1
     /// RFC 9213 targeted fields, most specific first: the first one a response carries (and that parses) takes
     /// the place of `Cache-Control` for this cache.

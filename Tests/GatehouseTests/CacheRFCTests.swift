@@ -59,7 +59,9 @@ import Testing
         }
     }
 
-    static func run(cache: String = "ttl: 30s", _ body: (Setup) async throws -> Void) async throws {
+    static func run(cache: String = "ttl: 30s", route: String = "", _ body: (Setup) async throws -> Void)
+        async throws
+    {
         try await PythonPeer.with("cache_origin.py") { origin in
             let (url, server) = try await StoreTests.sharedRedisURL()
             let prefix = "gh-rfc-\(UUID().uuidString.prefix(8)):"
@@ -75,6 +77,7 @@ import Testing
                             match: { path_prefix: "/" }
                             upstream: origin
                             cache: { \(cache) }
+                        \(route)
                         """)
             }
             try await Harness.run(yaml) { h in
@@ -95,7 +98,7 @@ import Testing
         try await Self.run { s in
             // RFC 9111 §5.3: an Expires that is not an HTTP-date means already expired, however close it comes.
             let badExpires = [
-                "Sun, 06 Nov 2094 8:49:37 GMT", "Sun, 06 Nov 94 08:49:37 GMT", "Sun, 06-Nov-2094 08:49:37 GMT",
+                "Sun, 06 Nov 2094 8:49:37 GMT", "Sat, 06 Nov 60 08:49:37 GMT", "Sun, 06-Nov-2094 08:49:37 GMT",
                 "Sun, 06 Nov 2094  08:49:37 GMT", "Sun 06 Nov 2094 08:49:37 GMT", "Sun, 06 Nov 2094 08:49:37 UTC",
                 "Sun, 06 Nov 2094 08:49:37 AEST", "0",
             ]
@@ -203,6 +206,19 @@ import Testing
             let asked = try await s.received("/ns")
             #expect(asked.count == 3)
             #expect(asked.last?.headers.contains { $0.0.lowercased() == "if-none-match" && $0.1 == "\"n\"" } == true)
+
+            // s-maxage carries proxy-revalidate: no max-stale past it.
+            try await s.script("/shared", Answer(200, [("Cache-Control", "s-maxage=10"), ("Age", "30")], body: "s"))
+            _ = try await s.get("/shared")
+            #expect(!Self.isHit(try await s.get("/shared", [("Cache-Control", "max-stale=60")])))
+        }
+        // With the route's stale_while_revalidate, a client's max-stale still bounds the staleness it gets.
+        try await Self.run(cache: "ttl: 30s, stale_while_revalidate: 60s") { s in
+            try await s.script("/swr", Answer(200, [("Cache-Control", "max-age=10"), ("Age", "30")], body: "w"))
+            _ = try await s.get("/swr")
+            #expect(!Self.isHit(try await s.get("/swr", [("Cache-Control", "max-stale=5")])))
+            let stale = try await s.get("/swr")
+            #expect(stale.header("Cache-Status")?.contains("detail=stale-while-revalidate") == true)
         }
     }
 
@@ -229,6 +245,15 @@ import Testing
                     $0.0 == "If-Modified-Since" && $0.1 == lastModified
                 }
                     == true)
+            // A year since Last-Modified: 1% is 3.6 days, capped by max_ttl (1 h).
+            try await s.script(
+                "/old",
+                Answer(
+                    200, [("Last-Modified", formatter.string(from: Date().addingTimeInterval(-31_536_000)))], body: "o")
+            )
+            _ = try await s.get("/old")
+            let capped = try await s.get("/old").header("Cache-Status") ?? ""
+            #expect(capped.hasPrefix("gatehouse; hit; ttl=359"), "\(capped)")
             // Without Last-Modified the route's ttl is the freshness.
             try await s.script("/plain", Answer(200, [], body: "p"))
             _ = try await s.get("/plain")
@@ -266,7 +291,7 @@ import Testing
                 Answer(
                     304,
                     [
-                        ("Cache-Control", "max-age=100"), ("ETag", "\"a\""), ("Content-Type", "text/html"),
+                        ("Cache-Control", "max-age=100"), ("ETag", "W/\"a\""), ("Content-Type", "text/html"),
                         ("X-Version", "2"),
                     ]))
             _ = try await s.get("/u")
@@ -278,7 +303,7 @@ import Testing
             #expect(hit.text == "body")
             #expect(hit.header("Content-Type") == "text/html")
             #expect(hit.header("X-Version") == "2")
-            #expect(hit.header("ETag") == "\"a\"")
+            #expect(hit.header("ETag") == "W/\"a\"")
             #expect(hit.header("Cache-Control") == "max-age=100")
             // Fields the 304 did not carry stay.
             #expect(hit.header("Expires") == "Sun, 06 Nov 2094 08:49:37 GMT")
@@ -288,8 +313,28 @@ import Testing
                     == true)
             // A client's conditional is compared weakly, tag by tag, commas inside tags included.
             #expect(try await s.get("/u", [("If-None-Match", "\"x\", W/\"a\"")]).status == 304)
-            #expect(try await s.get("/u", [("If-None-Match", "\"a,b\"")]).status == 200)
             #expect(try await s.get("/u", [("If-None-Match", "*")]).status == 304)
+            try await s.script(
+                "/comma", Answer(200, [("Cache-Control", "max-age=100"), ("ETag", "\"a,b\"")], body: "c"))
+            _ = try await s.get("/comma")
+            #expect(try await s.get("/comma", [("If-None-Match", "\"x\", \"a,b\"")]).status == 304)
+            #expect(try await s.get("/comma", [("If-None-Match", "\"a\"")]).status == 200)
+
+            // A strong tag in the 304 does not select a weakly validated entry; a Set-Cookie in a 304 reaches this
+            // client only.
+            try await s.script(
+                "/weak",
+                Answer(200, [("Cache-Control", "max-age=1"), ("ETag", "W/\"b\""), ("X-Version", "1")], body: "w"),
+                Answer(304, [("Cache-Control", "max-age=100"), ("ETag", "\"b\""), ("X-Version", "2")]),
+                Answer(304, [("Cache-Control", "max-age=100"), ("ETag", "W/\"b\""), ("Set-Cookie", "s=1")]))
+            _ = try await s.get("/weak")
+            try await Task.sleep(for: .milliseconds(1100))
+            #expect(try await s.get("/weak").header("X-Version") == "1")
+            let cookie = try await s.get("/weak")
+            #expect(cookie.header("Set-Cookie") == "s=1")
+            #expect(cookie.header("Cache-Status")?.contains("fwd-status=304") == true)
+            let later = try await s.get("/weak")
+            #expect(Self.isHit(later) && later.header("Set-Cookie") == nil, "\(later.headers)")
         }
     }
 
@@ -321,6 +366,16 @@ import Testing
             _ = try await s.get("/h2", method: "HEAD")
             let after = try await s.get("/h2", [("Cache-Control", "max-stale=60")])
             #expect(after.header("X-Version") == "1")
+
+            // A HEAD past a fresh entry (no-cache) that finds another representation marks the entry stale.
+            try await s.script(
+                "/h3", Answer(200, [("Cache-Control", "max-age=100"), ("ETag", "\"v\"")], body: "old"),
+                Answer(200, [("Cache-Control", "max-age=100"), ("ETag", "\"w\"")], body: "new"))
+            _ = try await s.get("/h3")
+            _ = try await s.get("/h3", method: "HEAD", [("Cache-Control", "no-cache")])
+            let next = try await s.get("/h3")
+            #expect(next.header("Cache-Status")?.hasPrefix("gatehouse; fwd=stale") == true, "\(next.headers)")
+            #expect(next.text == "new")
         }
     }
 
@@ -346,6 +401,15 @@ import Testing
                 "/bad", Answer(200, [("Cache-Control", "no-store"), ("CDN-Cache-Control", "max-age=\"1")], body: "b"))
             _ = try await s.get("/bad")
             #expect(!Self.isHit(try await s.get("/bad")))
+            // A qualified private is private; an empty targeted field is no field.
+            try await s.script(
+                "/private", Answer(200, [("CDN-Cache-Control", "private=\"Set-Cookie\", max-age=60")], body: "p"))
+            _ = try await s.get("/private")
+            #expect(!Self.isHit(try await s.get("/private")))
+            try await s.script(
+                "/empty", Answer(200, [("Cache-Control", "no-store"), ("CDN-Cache-Control", " ")], body: "e"))
+            _ = try await s.get("/empty")
+            #expect(!Self.isHit(try await s.get("/empty")))
         }
         try await Self.run(cache: "ttl: 30s, targeted_fields: [Gatehouse-Cache-Control, CDN-Cache-Control]") { s in
             // The first field of the route's list wins, and none of them reaches the client.
@@ -437,8 +501,14 @@ import Testing
     // MARK: interim responses
 
     @Test func interimResponsesReachTheClientAndAreNeverStored() async throws {
-        try await Self.run { s in
-            let hints = Interim(status: 103, headers: [["Link", "</style.css>; rel=preload; as=style"]])
+        try await Self.run(route: "    response_headers: { remove: [X-Internal] }") { s in
+            // Filtered as a final answer is: hop-by-hop fields, those Connection names, the route's removals.
+            let hints = Interim(
+                status: 103,
+                headers: [
+                    ["Link", "</style.css>; rel=preload; as=style"], ["Connection", "X-Secret"], ["X-Secret", "1"],
+                    ["Keep-Alive", "timeout=5"], ["X-Internal", "2"],
+                ])
             /// Every head curl got, interim ones included, and the body.
             func heads(_ path: String, _ flags: [String]) async throws -> (heads: [String], body: String) {
                 let (code, out, error) = try await ChildProcess.run(
@@ -454,6 +524,9 @@ import Testing
                 #expect(heads.count == 2, "\(flags): \(heads)")
                 #expect(heads.first?.contains(" 103") == true, "\(flags): \(heads)")
                 #expect(heads.first?.contains("link: </style.css>; rel=preload") == true)
+                for hidden in ["x-secret", "keep-alive", "x-internal", "connection:"] {
+                    #expect(heads.first?.contains(hidden) == false, "\(flags): \(hidden) in \(heads)")
+                }
                 #expect(heads.last?.contains(" 200") == true)
                 #expect(body == "page")
             }

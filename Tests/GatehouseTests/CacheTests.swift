@@ -630,17 +630,24 @@ import Testing
         #expect(HTTPDate.parse("0") == nil)
         #expect(HTTPDate.parse("SUN, 06 NOV 1994 08:49:37 gmt") == 784_111_777, "names in any case")
         for invalid in [
-            "Sun, 06 Nov 1994 8:49:37 GMT", "Sun, 06 Nov 94 08:49:37 GMT", "Sun, 06-Nov-1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 8:49:37 GMT", "Sat, 06 Nov 60 08:49:37 GMT", "Sun, 31 Feb 1994 08:49:37 GMT",
+            "Sun, 06-Nov-1994 08:49:37 GMT",
             "Sun, 06 Nov 1994  08:49:37 GMT", "Sun 06 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 08:49:37 UTC",
             "Sun, 6 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 08:49:37", "Sun Nov 6 08:49:37 1994",
             "Sun, 32 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 24:00:00 GMT", "Funday, 06-Nov-94 08:49:37 GMT",
+            "Sunday, 06-Nov-+9 08:49:37 GMT",
         ] {
             #expect(HTTPDate.parse(invalid) == nil, "\(invalid)")
         }
         #expect(CacheControl(["max-age = 5"]).maxAge == 0 && CacheControl(["max-age=5, max-age=6"]).maxAge == 0)
-        #expect(CacheControl(["no-cache=\"a, b\", max-age=7"]).maxAge == 7, "a comma inside quotes separates nothing")
+        #expect(
+            CacheControl(["no-cache=\"a, max-age=1\", max-age=7"]).maxAge == 7,
+            "a comma inside quotes separates nothing")
+        #expect(CacheControl(["max-age=60, x=\"y, private"]).isPrivate, "an unclosed quote hides no directive")
+        #expect(CacheControl(targeted: "private=\"Set-Cookie\", max-age=60")?.isPrivate == true)
+        #expect(CacheControl(targeted: "max-age=1.5")?.maxAge == 0 && CacheControl(targeted: "") == nil)
         #expect(CacheControl(targeted: "max-age=60, no-store").map { $0.maxAge == 60 && $0.noStore } == true)
-        #expect(CacheControl(targeted: "max-age=\"60\"")?.maxAge == nil, "a string is not a max-age")
+        #expect(CacheControl(targeted: "max-age=\"60\"")?.maxAge == 0, "a string is not a max-age: stale")
         #expect(CacheControl(targeted: "max-age=6 0") == nil, "not a dictionary: ignored")
         #expect(EntityTag.list("\"a,b\", W/\"c\"") == [EntityTag("\"a,b\""), EntityTag("W/\"c\"")])
         #expect(

@@ -48,18 +48,23 @@ struct CacheControl: Equatable {
         }
     }
 
-    /// An RFC 9213 targeted field's value, a Structured Fields dictionary; nil when it does not parse, so that
-    /// `Cache-Control` applies instead. Directives of the wrong type are left out.
+    /// An RFC 9213 targeted field's value, a Structured Fields dictionary; nil when it does not parse or is empty,
+    /// so that `Cache-Control` applies instead. A directive with a value of another type than it takes reads as its
+    /// stricter meaning: `private="Set-Cookie"` as `private`, `max-age=1.5` as stale; `?0` turns a directive off.
     init?(targeted value: String) {
         var parser = StructuredFieldValueParser(Array(value.utf8))
-        guard let dictionary = try? parser.parseDictionaryFieldValue() else { return nil }
+        guard let dictionary = try? parser.parseDictionaryFieldValue(), !dictionary.isEmpty else { return nil }
         for (name, member) in dictionary {
-            guard case .item(let item) = member else { continue }
+            guard case .item(let item) = member else {
+                apply(name, seconds: nil, hasArgument: true)
+                continue
+            }
             switch item.rfc9651BareItem {
+            case .bool(false): continue
             case .bool(true): apply(name, seconds: nil, hasArgument: false)
             case .integer(let value) where value >= 0:
                 apply(name, seconds: min(value, Self.maxDeltaSeconds), hasArgument: true)
-            default: continue
+            default: apply(name, seconds: nil, hasArgument: true)
             }
         }
     }
@@ -112,6 +117,8 @@ struct CacheControl: Equatable {
             index = value.index(after: index)
         }
         members.append(value[start...])
+        // A quote that is never closed: split at every comma, so that no directive hides inside it.
+        if quoted { members = value.split(separator: ",", omittingEmptySubsequences: false) }
         return members.map(\.trimmedSpaces).filter { !$0.isEmpty }
     }
 
@@ -177,7 +184,8 @@ enum HTTPDate {
                 let parts = rest.split(separator: " ", omittingEmptySubsequences: false)
                 guard parts.count == 4, parts[0].isEmpty, parts[3] == "gmt" else { return nil }
                 let date = parts[1].split(separator: "-", omittingEmptySubsequences: false)
-                guard date.count == 3, date[2].count == 2, let short = Int(date[2]) else { return nil }
+                guard date.count == 3, date[2].count == 2, date[2].allSatisfy(\.isASCIIDigit), let short = Int(date[2])
+                else { return nil }
                 // A two-digit year more than 50 years ahead is in the past century (RFC 9110 §5.6.7).
                 let thisYear = Calendar(identifier: .gregorian).component(.year, from: Date())
                 var year = thisYear / 100 * 100 + short
@@ -208,7 +216,10 @@ enum HTTPDate {
         var fields = tm()
         (fields.tm_year, fields.tm_mon, fields.tm_mday) = (Int32(year - 1900), Int32(month), Int32(day))
         (fields.tm_hour, fields.tm_min, fields.tm_sec) = (Int32(hour), Int32(minute), Int32(second))
-        return Int64(timegm(&fields))
+        let seconds = timegm(&fields)
+        // timegm moves 31 Feb to 3 Mar: a day the month does not have is not a date.
+        guard fields.tm_mday == Int32(day), fields.tm_mon == Int32(month) else { return nil }
+        return Int64(seconds)
     }
 
     /// Now, in Unix milliseconds (wall clock: entries are shared by instances on different machines).

@@ -6,7 +6,8 @@ import UpstreamClient
 /// Times are wall-clock Unix milliseconds, because every gateway instance reads the same entries.
 struct CacheEntry: Sendable {
     var status: Int
-    /// End-to-end headers as the client gets them, without Content-Length, Age and the per-request ones.
+    /// End-to-end headers as the upstream gave them (targeted fields included), without Content-Length, Age and the
+    /// per-request ones.
     var headers: [(name: String, value: String)]
     var body: ByteBuffer
     /// When the response was received (`response_time`, RFC 9111 §4.2.3).
@@ -26,6 +27,9 @@ struct CacheEntry: Sendable {
         var noCache: Bool
         /// `must-revalidate`/`proxy-revalidate`: never used stale.
         var mustRevalidate: Bool
+        /// `s-maxage`, which carries proxy-revalidate (RFC 9111 §5.2.2.10): a client's `max-stale` does not reach
+        /// past freshness; the origin's own `stale-*` windows still apply.
+        var sharedMaxAge = false
     }
 
     /// The age now, in milliseconds (RFC 9111 §4.2.3 `current_age`).
@@ -81,7 +85,8 @@ struct CacheEntry: Sendable {
         out.writeInteger(freshness.lifetime)
         out.writeInteger(freshness.staleWhileRevalidate)
         out.writeInteger(freshness.staleIfError)
-        out.writeInteger(UInt8((freshness.noCache ? 1 : 0) | (freshness.mustRevalidate ? 2 : 0)))
+        out.writeInteger(
+            UInt8((freshness.noCache ? 1 : 0) | (freshness.mustRevalidate ? 2 : 0) | (freshness.sharedMaxAge ? 4 : 0)))
         Self.write(headers, to: &out)
         Self.write(vary, to: &out)
         var body = body
@@ -110,7 +115,7 @@ struct CacheEntry: Sendable {
             status: Int(status), headers: headers, body: input, responseTime: responseTime, initialAge: initialAge,
             freshness: Freshness(
                 lifetime: lifetime, staleWhileRevalidate: swr, staleIfError: sie, noCache: flags & 1 != 0,
-                mustRevalidate: flags & 2 != 0),
+                mustRevalidate: flags & 2 != 0, sharedMaxAge: flags & 4 != 0),
             vary: vary)
     }
 

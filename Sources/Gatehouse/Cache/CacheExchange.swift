@@ -111,14 +111,17 @@ final class CacheExchange {
             }
             if entry.freshness.mustRevalidate { return forward(revalidating: entry, status: "gatehouse; fwd=stale") }
             // The client accepts this much staleness (max-stale), within its own max-age.
-            if let maxStale = request.maxStale, -left <= maxStale * 1000,
+            if let maxStale = request.maxStale, !entry.freshness.sharedMaxAge, -left <= maxStale * 1000,
                 request.maxAge.map({ entry.age(now: now) <= $0 * 1000 }) ?? true
             {
                 metrics.hits.increment()
                 return (.serve(entry, status: "gatehouse; hit; stale; \(ttl); detail=max-stale", refresh: false), "")
             }
-            // A client's max-age or min-fresh asks for a fresh answer: no stale one in its place (RFC 9111 §4.2.4).
-            if request.maxAge == nil, request.minFresh == nil, -left <= entry.freshness.staleWhileRevalidate {
+            // A client's max-age, min-fresh or (exceeded) max-stale bounds staleness: no stale answer past it from the
+            // route's windows either (RFC 9111 §4.2.4).
+            if request.maxAge == nil, request.minFresh == nil, request.maxStale == nil,
+                -left <= entry.freshness.staleWhileRevalidate
+            {
                 metrics.staleWhileRevalidate.increment()
                 let status = "gatehouse; hit; stale; \(ttl); detail=stale-while-revalidate"
                 return (.serve(entry, status: status, refresh: true), "")
@@ -127,8 +130,15 @@ final class CacheExchange {
         }
     }
 
+    /// Whether an entry another request just fetched or stored may answer this one as a fresh hit would: no
+    /// `no-cache` on either side, fresh, and within the request's `max-age` and `min-fresh`.
+    func mayAnswerFresh(_ entry: CacheEntry, now: Int64) -> Bool {
+        !requestNoCache && !entry.freshness.noCache && entry.freshnessLeft(now: now) > 0
+            && satisfiesRequest(entry, now: now)
+    }
+
     /// Whether a fresh entry also meets the request's `max-age` and `min-fresh` (RFC 9111 §5.2.1).
-    func satisfiesRequest(_ entry: CacheEntry, now: Int64) -> Bool {
+    private func satisfiesRequest(_ entry: CacheEntry, now: Int64) -> Bool {
         if let maxAge = request.maxAge, entry.age(now: now) > maxAge * 1000 { return false }
         if let minFresh = request.minFresh, entry.freshnessLeft(now: now) < minFresh * 1000 { return false }
         return true
@@ -274,7 +284,7 @@ final class CacheExchange {
     }
 
     /// The upstream answered 304 to a revalidation: the stored entry, with the new headers and freshness
-    /// (RFC 9111 §4.3.4), is stored again and returned.
+    /// (RFC 9111 §4.3.4), is stored again and returned to answer this client.
     func refresh(with notModified: UpstreamResponseHead, responseHeaders: HTTPHeaders, on eventLoop: EventLoop)
         -> CacheEntry?
     {
@@ -284,71 +294,80 @@ final class CacheExchange {
             return nil
         }
         // A 304 for another version (RFC 9111 §4.3.4): answer with what is stored, but do not update it.
-        if let tag = CachePolicy.header("ETag", in: notModified.headers), let storedTag = entry.etag,
-            !EntityTag(Substring(tag)).weaklyMatches(EntityTag(Substring(storedTag)))
-        {
+        if let tag = CachePolicy.header("ETag", in: notModified.headers), !Self.selects(tag, entry) {
             land(nil)
             return entry
         }
-        guard let updated = update(entry, with: notModified, responseHeaders: responseHeaders, on: eventLoop) else {
-            land(nil)
-            return entry
-        }
-        land(updated)
-        return updated
+        let (answer, written) = update(entry, with: notModified, responseHeaders: responseHeaders, on: eventLoop)
+        land(written)
+        return answer
+    }
+
+    /// Whether a 304's or HEAD's entity tag selects the stored response for an update: by strong comparison when
+    /// the new tag is strong, so a weakly validated body never becomes strongly validated (RFC 9111 §4.3.4).
+    private static func selects(_ tag: String, _ entry: CacheEntry) -> Bool {
+        guard let stored = entry.etag else { return false }
+        let new = EntityTag(Substring(tag))
+        let old = EntityTag(Substring(stored))
+        return new.isWeak ? new.weaklyMatches(old) : new.stronglyMatches(old)
     }
 
     /// A HEAD request went upstream past a stored GET response and got 200: when it describes the same
-    /// representation (the same validators and length), the stored response takes its header fields and freshness
-    /// (RFC 9111 §4.3.5); otherwise it is left as it is.
+    /// representation (every validator it carries matches, and its Content-Length, when it gives one), the stored
+    /// response takes its header fields and freshness (RFC 9111 §4.3.5); otherwise the stored response is marked
+    /// stale, so the next GET validates it.
     func freshen(with head: UpstreamResponseHead, responseHeaders: HTTPHeaders, on eventLoop: EventLoop) {
-        guard isHead, head.status == 200, let entry = stored else { return }
+        guard isHead, head.status == 200, var entry = stored else { return }
         let etag = CachePolicy.header("ETag", in: head.headers)
         let modified = CachePolicy.header("Last-Modified", in: head.headers)
         let length = CachePolicy.header("Content-Length", in: head.headers).flatMap(Int.init)
-        let same =
-            switch (etag, entry.etag) {
-            case (let new?, let old?): EntityTag(Substring(new)).weaklyMatches(EntityTag(Substring(old)))
-            case (nil, nil) where modified != nil || entry.lastModified != nil: modified == entry.lastModified
-            case (nil, nil): length != nil
-            default: false
-            }
-        guard same, length == nil || length == entry.body.readableBytes else { return }
-        _ = update(entry, with: head, responseHeaders: responseHeaders, on: eventLoop)
+        // Every validator the HEAD answer carries must match; with none, its length must.
+        let tagMatches = etag.map { Self.selects($0, entry) } ?? true
+        let dateMatches = modified.map { $0 == entry.lastModified } ?? true
+        let lengthMatches = length.map { $0 == entry.body.readableBytes } ?? (etag != nil || modified != nil)
+        if tagMatches, dateMatches, lengthMatches {
+            _ = update(entry, with: head, responseHeaders: responseHeaders, on: eventLoop)
+        } else {
+            entry.freshness.lifetime = 0
+            entry.freshness.staleWhileRevalidate = 0
+            pendingWrite = cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
+        }
     }
 
-    /// Stores `entry` updated by a 304 or HEAD response: each header field the response carries replaces the
-    /// stored one (but `Content-Length`, which describes the stored body), and freshness is judged again on the
-    /// merged fields with the response's `Age`. Nil when the merged response may no longer be stored.
+    /// `entry` updated by a 304 or HEAD response: each header field the response carries replaces the stored one
+    /// (but `Content-Length`, which describes the stored body), and freshness is judged again on the merged fields
+    /// with the response's `Age`. Returns the answer for this client and, when the merged response may still be
+    /// stored, what was stored: that keeps the stored `Set-Cookie`, never this caller's.
     private func update(
         _ entry: CacheEntry, with response: UpstreamResponseHead, responseHeaders: HTTPHeaders, on eventLoop: EventLoop
-    ) -> CacheEntry? {
-        var entry = entry
-        var headers = entry.headers
+    ) -> (answer: CacheEntry, written: CacheEntry?) {
+        var answer = entry
+        var kept = entry.headers
         var replaced = Set<String>()
         for (name, value) in Self.storable(responseHeaders) where !name.caseInsensitiveEquals("Content-Length") {
             // Every value of a field the response carries replaces all the stored ones, in the response's order.
             if replaced.insert(name.lowercased()).inserted {
-                headers.removeAll { $0.name.caseInsensitiveEquals(name) }
+                answer.headers.removeAll { $0.name.caseInsensitiveEquals(name) }
+                if !name.caseInsensitiveEquals("Set-Cookie") { kept.removeAll { $0.name.caseInsensitiveEquals(name) } }
             }
-            headers.append((name, value))
+            answer.headers.append((name, value))
+            if !name.caseInsensitiveEquals("Set-Cookie") { kept.append((name, value)) }
         }
         let now = HTTPDate.nowMilliseconds()
-        var judged = headers
+        var judged = kept
         judged.append(contentsOf: response.headers.filter { $0.name.caseInsensitiveEquals("Age") })
         switch CachePolicy.evaluate(
             status: entry.status, headers: judged, request: facts, responseTime: now, route: config)
         {
         case .success(let storable):
-            entry.headers = headers
-            entry.responseTime = now
-            entry.initialAge = storable.initialAge
-            entry.freshness = storable.freshness
-            pendingWrite = cache.write(entry, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
-            return entry
+            (answer.responseTime, answer.initialAge, answer.freshness) = (now, storable.initialAge, storable.freshness)
+            var written = answer
+            written.headers = kept
+            pendingWrite = cache.write(written, key: key, token: token, config: config, metrics: metrics, on: eventLoop)
+            return (answer, written)
         case .failure(let reason):
             skip(reason)
-            return nil
+            return (answer, nil)
         }
     }
 

@@ -20,9 +20,13 @@ enum CacheInvalidation {
         _ context: RequestContext, response: [(name: String, value: String)], runtime: Runtime
     ) -> [(route: String, path: String)] {
         var paths = [context.path]
-        for (name, value) in response
-        where name.caseInsensitiveEquals("Location") || name.caseInsensitiveEquals("Content-Location") {
-            if let path = sameOriginPath(value, context), !paths.contains(path) { paths.append(path) }
+        // Each is a single-value field: its first line counts, however many the upstream sends.
+        for name in ["Location", "Content-Location"] {
+            if let value = response.first(where: { $0.name.caseInsensitiveEquals(name) })?.value,
+                let path = sameOriginPath(value, context), !paths.contains(path)
+            {
+                paths.append(path)
+            }
         }
         return paths.compactMap { path in
             guard case .found(let index, _) = runtime.table.match(host: context.host, path: path, method: "GET"),
@@ -38,9 +42,15 @@ enum CacheInvalidation {
         var rest = Substring(reference.trimmedSpaces)
         if let end = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) { rest = rest[..<end] }
         let origin = ForwardPhase.forwardedOrigin(context)
-        let authority = (origin.host ?? context.hostHeader).lowercased()
+        let scheme = origin.proto.lowercased()
+        // `host:80` for http and `host:443` for https name the same origin as `host`.
+        func withoutDefaultPort(_ authority: Substring) -> Substring {
+            let port = scheme == "https" ? ":443" : ":80"
+            return authority.hasSuffix(port) ? authority.dropLast(port.count) : authority
+        }
+        let authority = withoutDefaultPort(Substring((origin.host ?? context.hostHeader).lowercased()))
         if let schemeEnd = rest.range(of: "://") {
-            guard rest[..<schemeEnd.lowerBound].lowercased() == origin.proto.lowercased() else { return nil }
+            guard rest[..<schemeEnd.lowerBound].lowercased() == scheme else { return nil }
             rest = rest[schemeEnd.upperBound...]
         } else if rest.hasPrefix("//") {
             rest = rest.dropFirst(2)
@@ -54,7 +64,7 @@ enum CacheInvalidation {
             return PathNormalizer.normalize(Substring(base + rest))
         }
         let slash = rest.firstIndex(of: "/") ?? rest.endIndex
-        guard rest[..<slash].lowercased() == authority else { return nil }
+        guard withoutDefaultPort(Substring(rest[..<slash].lowercased())) == authority else { return nil }
         return PathNormalizer.normalize(slash < rest.endIndex ? rest[slash...] : "/")
     }
 }

@@ -29,8 +29,8 @@ enum CacheSkip: String, Error, Sendable, CaseIterable {
 
 /// RFC 9111 for a shared cache: whether a response may be stored, and for how long it is fresh.
 enum CachePolicy {
-    /// Statuses that may be stored without explicit freshness (RFC 9110 §15.1); any other final status may be
-    /// stored when the response gives explicit freshness (`max-age`, `s-maxage`, `Expires`).
+    /// Statuses that may be stored without explicit freshness (RFC 9110 §15.1), as may any with `public`; any other
+    /// final status may be stored when the response gives explicit freshness (`max-age`, `s-maxage`, `Expires`).
     static let heuristicallyCacheable: Set<Int> = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501]
     /// Statuses whose caching semantics this cache knows, for `must-understand`.
     static let understood = heuristicallyCacheable.union([302, 303, 307, 400, 403, 500, 502, 503, 504])
@@ -135,7 +135,8 @@ enum CachePolicy {
             staleIfError: window(
                 control.staleIfError, route.staleIfError,
                 cap: max(route.maxTTL.milliseconds, route.staleIfError.milliseconds)),
-            noCache: control.noCache, mustRevalidate: control.mustRevalidate)
+            noCache: control.noCache, mustRevalidate: control.mustRevalidate,
+            sharedMaxAge: control.sharedMaxAge != nil)
         // An entry that can never be used without a full download is not worth storing.
         let usableWithoutOrigin =
             !control.noCache
@@ -217,21 +218,23 @@ enum CachePolicy {
                     return nil
                 }
             } else {
-                // A date validates only as the exact Last-Modified of the stored response.
+                // A date validates only as the exact Last-Modified of the stored response, and only when that is
+                // strong: at least a second before the response's Date (RFC 9110 §13.1.5, §8.8.2.2).
                 guard let modified = entry.lastModified.flatMap(HTTPDate.parse),
-                    HTTPDate.parse(String(condition)) == modified
+                    HTTPDate.parse(String(condition)) == modified,
+                    let date = entry.header("Date").flatMap(HTTPDate.parse), modified <= date - 1
                 else { return nil }
             }
         }
         let length = entry.body.readableBytes
         guard let bounds = range.bounds(length: length) else { return .unsatisfiable(length: length) }
-        return .part(bounds, length: length)
+        return .part(bounds)
     }
 
     /// What a `Range` request gets from a stored response.
     enum RangeAnswer: Equatable {
-        /// 206 with these bytes of a body of `length`.
-        case part(ClosedRange<Int>, length: Int)
+        /// 206 with these bytes.
+        case part(ClosedRange<Int>)
         /// 416: no byte of the range exists.
         case unsatisfiable(length: Int)
     }

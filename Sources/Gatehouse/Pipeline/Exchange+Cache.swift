@@ -69,10 +69,7 @@ extension Exchange {
             forward()
         case .landed(let entry):
             // Only what a fresh lookup could have served: no `no-cache` on either side, still fresh.
-            let now = HTTPDate.nowMilliseconds()
-            if !cache.requestNoCache, !entry.freshness.noCache, entry.freshnessLeft(now: now) > 0,
-                cache.satisfiesRequest(entry, now: now)
-            {
+            if cache.mayAnswerFresh(entry, now: HTTPDate.nowMilliseconds()) {
                 answerFromFlight(entry)
             } else {
                 forward()
@@ -123,7 +120,7 @@ extension Exchange {
             ).and(store.isLocked(cache.key.fleetLock, on: loop))
             exchange.whenLive(polled, waitingFor: .phase) { exchange, result in
                 if case .success((.found(let entry, _), _)) = result,
-                    entry.freshnessLeft(now: HTTPDate.nowMilliseconds()) > 0
+                    cache.mayAnswerFresh(entry, now: HTTPDate.nowMilliseconds())
                 {
                     cache.metrics.coalesced.increment()
                     cache.land(entry)
@@ -165,7 +162,7 @@ extension Exchange {
         let notModified = CachePolicy.notModified(context.head.headers, entry: entry)
         if !notModified {
             switch CachePolicy.range(context.head, entry: entry) {
-            case .part(let bounds, _): part = bounds
+            case .part(let bounds): part = bounds
             case .unsatisfiable(let length):
                 respondError(.rangeNotSatisfiable(length: length))
                 return

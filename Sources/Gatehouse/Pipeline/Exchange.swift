@@ -476,18 +476,7 @@ final class Exchange {
     private func relayInterim(_ interim: UpstreamResponseHead) {
         let version = context.head.version
         guard !state.answerStarted, version.major > 1 || version.minor >= 1, !context.isGRPC else { return }
-        var headers = HTTPHeaders()
-        for (name, value) in interim.headers
-        where !RespondPhase.droppedResponseHeaders.contains(name.lowercased())
-            && !name.caseInsensitiveEquals("Content-Length")
-        {
-            headers.add(name: name, value: value)
-        }
-        connection?.write(
-            .head(
-                HTTPResponseHead(
-                    version: version, status: HTTPResponseStatus(statusCode: interim.status), headers: headers)),
-            flush: true)
+        connection?.write(.head(RespondPhase.head(forInterim: interim, context)), flush: true)
     }
 
     private func upstreamCompleted(_ completion: UpstreamCompletion) {

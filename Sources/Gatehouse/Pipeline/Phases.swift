@@ -656,6 +656,23 @@ enum RespondPhase {
         }
     }
 
+    /// RFC 9213 targeted fields are this cache's instructions, not the client's (unless a CDN in front reads them).
+    private static func removeTargetedFields(_ headers: inout HTTPHeaders, _ context: RequestContext) {
+        guard let cache = context.route?.config.cache, !cache.forwardTargetedFields else { return }
+        for name in cache.targetedFields { headers.remove(name: name) }
+    }
+
+    /// An interim answer (103, 102): the upstream's fields as a final answer's are filtered, and the route's
+    /// `response_headers` edits.
+    static func head(forInterim interim: UpstreamResponseHead, _ context: RequestContext) -> HTTPResponseHead {
+        var headers = headers(for: interim, context)
+        headers.remove(name: "Content-Length")
+        removeTargetedFields(&headers, context)
+        context.route?.responseEdits?.apply(to: &headers)
+        return HTTPResponseHead(
+            version: context.head.version, status: HTTPResponseStatus(statusCode: interim.status), headers: headers)
+    }
+
     /// A `respond` route's answer.
     static func head(for direct: DirectAnswer, _ context: RequestContext) -> HTTPResponseHead {
         var headers = direct.headers
@@ -691,10 +708,7 @@ enum RespondPhase {
         if let cors = context.route?.cors, !CORSPolicy.isPreflight(context.head) {
             cors.apply(to: &headers, request: context.head.headers)
         }
-        // RFC 9213 targeted fields are this cache's instructions, not the client's (unless a CDN in front uses them).
-        if let cache = context.route?.config.cache, !cache.forwardTargetedFields {
-            for name in cache.targetedFields { headers.remove(name: name) }
-        }
+        removeTargetedFields(&headers, context)
         headers.add(name: "X-Request-ID", value: context.requestID)
         if let cacheStatus = context.cacheStatus {
             headers.add(name: "Cache-Status", value: cacheStatus)
