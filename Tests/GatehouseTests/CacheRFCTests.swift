@@ -319,6 +319,10 @@ import Testing
             _ = try await s.get("/comma")
             #expect(try await s.get("/comma", [("If-None-Match", "\"x\", \"a,b\"")]).status == 304)
             #expect(try await s.get("/comma", [("If-None-Match", "\"a\"")]).status == 200)
+            // `*` matches a stored response without an entity tag too.
+            try await s.script("/untagged", Answer(200, [("Cache-Control", "max-age=100")], body: "u"))
+            _ = try await s.get("/untagged")
+            #expect(try await s.get("/untagged", [("If-None-Match", "*")]).status == 304)
 
             // A strong tag in the 304 does not select a weakly validated entry; a Set-Cookie in a 304 reaches this
             // client only.

@@ -191,12 +191,11 @@ enum CachePolicy {
         guard entry.status == 200 else { return false }
         let matches = request["If-None-Match"]
         if !matches.isEmpty {
+            // `*` matches any stored response, with an entity tag or without.
+            let lists = matches.map(EntityTag.list)
+            if lists.contains(where: { $0 == nil }) { return true }
             guard let stored = entry.etag.map({ EntityTag(Substring($0)) }) else { return false }
-            for value in matches {
-                guard let tags = EntityTag.list(value) else { return true }
-                if tags.contains(where: { $0.weaklyMatches(stored) }) { return true }
-            }
-            return false
+            return lists.contains { $0?.contains { $0.weaklyMatches(stored) } == true }
         }
         // Without Last-Modified, the response's Date, else when it was received (RFC 9111 §4.3.2).
         guard let since = request.first(name: "If-Modified-Since").flatMap(HTTPDate.parse),
