@@ -342,9 +342,10 @@ import Testing
                 response_headers: { add: { X-Edge: "1" } }
             """
         try await Harness.run(Self.yaml(routes)) { h in
-            let path = "/cache/r?cc=max-age%3D1&etag=%22v1%22"
+            // Fresh for 3 s, so the hit after the refresh is still fresh on a loaded machine.
+            let path = "/cache/r?cc=max-age%3D3&etag=%22v1%22"
             _ = try await request(port: h.port, path, headers: [("Origin", "https://a.example")])
-            try await Task.sleep(for: .milliseconds(1200))
+            try await Task.sleep(for: .milliseconds(3200))
             // Stale: revalidated, the origin answers 304, the entry is refreshed by this answer.
             let revalidated = try await request(port: h.port, path, headers: [("Origin", "https://a.example")])
             #expect(revalidated.header("Cache-Status")?.contains("fwd-status=304") == true, "\(revalidated.headers)")
