@@ -145,7 +145,7 @@ enum CachePolicy {
             $0.name.caseInsensitiveEquals("ETag") || $0.name.caseInsensitiveEquals("Last-Modified")
         }
         if !usableWithoutOrigin, !hasValidator { return .failure(.notReusable) }
-        let vary = varyNames.map { name in (name, request.headers[name].joined(separator: ", ")) }
+        let vary = varyNames.map { name in (name, CacheKey.headerValue(request.headers, name)) }
         return .success(Storable(freshness: freshness, initialAge: max(apparentAge, correctedAge), vary: vary))
     }
 

@@ -48,7 +48,7 @@ final class HotCache: Sendable {
             guard state.live, let fields = state.routes[key.route]?[key.path] else { return nil }
             var item = fields[key.base]
             if let marker = fields[key.markerField], marker.until > now, case .marker(let names) = marker.value {
-                item = fields[key.variantField(names.map { ($0, headers[$0].joined(separator: ", ")) })]
+                item = fields[key.variantField(names.map { ($0, CacheKey.headerValue(headers, $0)) })]
             }
             guard let item, item.until > now, case .entry(let entry) = item.value,
                 !entry.freshness.noCache, entry.freshnessLeft(now: nowMilliseconds) > 0

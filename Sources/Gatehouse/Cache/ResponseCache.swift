@@ -34,9 +34,18 @@ struct CacheKey: Sendable, Hashable {
             }
             base += pairs.sorted().joined(separator: "&")
         }
-        for name in keyHeaders { base += "\n" + name.lowercased() + ": " + headers[name].joined(separator: ", ") }
+        for name in keyHeaders { base += "\n" + name.lowercased() + ": " + Self.headerValue(headers, name) }
         if let consumer { base += "\n@" + consumer }
         self.base = base
+    }
+
+    /// A request header's value as the cache compares it (`key_headers`, `Vary`): all its lines as one list, each
+    /// member trimmed, joined by ", ", so that `a,b`, `a , b` and two lines `a` and `b` are one variant.
+    static func headerValue(_ headers: HTTPHeaders, _ name: String) -> String {
+        let lines = headers[name]
+        if lines.count == 1, !lines[0].contains(",") { return String(lines[0].trimmedSpaces) }
+        return lines.flatMap { $0.split(separator: ",", omittingEmptySubsequences: false) }.map(\.trimmedSpaces)
+            .joined(separator: ", ")
     }
 
     /// The field listing the headers this resource varies on.
@@ -129,7 +138,7 @@ final class ResponseCache: Sendable {
                 if let marker = record.values.count > 1 ? record.values[1] : nil,
                     let names = VaryMarker.decode(marker)
                 {
-                    let vary = names.map { ($0, headers[$0].joined(separator: ", ")) }
+                    let vary = names.map { ($0, CacheKey.headerValue(headers, $0)) }
                     let field = key.variantField(vary)
                     return store.cacheRead(route: key.route, path: key.path, fields: [field], on: eventLoop).map {
                         variant in

@@ -146,7 +146,7 @@ extension Exchange {
     /// upstream.
     private func answerFromFlight(_ entry: CacheEntry?) {
         let headers = context.head.headers
-        if let entry, let cache, entry.vary.allSatisfy({ headers[$0.name].joined(separator: ", ") == $0.value }) {
+        if let entry, let cache, entry.vary.allSatisfy({ CacheKey.headerValue(headers, $0.name) == $0.value }) {
             cache.metrics.coalesced.increment()
             serveCached(entry, status: "gatehouse; fwd=miss; collapsed")
             return
